@@ -1,0 +1,66 @@
+"""Errors raised by diffusers-breakscene.
+
+Every error the library raises on purpose is a :class:`BreakSceneError`, and also the built-in
+exception that fits (``ValueError``, ``FileNotFoundError``, ...), so ``except ValueError`` keeps
+working in code that does not know this library. Messages name the input and say how to fix it.
+
+Example:
+    >>> from diffusers_breakscene.errors import BreakSceneError, InvalidSceneError
+    >>> issubclass(InvalidSceneError, ValueError) and issubclass(InvalidSceneError, BreakSceneError)
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BreakSceneError",
+    "IncompatibleBaseError",
+    "InvalidBundleError",
+    "InvalidConfigError",
+    "InvalidSceneError",
+    "MissingFileError",
+    "NonFiniteLossError",
+    "TokenConflictError",
+    "TrainingError",
+    "UnwritableOutputError",
+]
+
+
+class BreakSceneError(Exception):
+    """Base class of every error raised on purpose by diffusers-breakscene."""
+
+
+class InvalidSceneError(BreakSceneError, ValueError):
+    """The image, masks or tokens of a :class:`~diffusers_breakscene.Scene` are unusable."""
+
+
+class InvalidConfigError(BreakSceneError, ValueError):
+    """A :class:`~diffusers_breakscene.BreakASceneConfig` field has an invalid value."""
+
+
+class InvalidBundleError(BreakSceneError, ValueError):
+    """A bundle file is corrupt, truncated, of an unknown version or has wrong tensors."""
+
+
+class IncompatibleBaseError(BreakSceneError, ValueError):
+    """A bundle was trained on a base model that does not fit the pipeline it is loaded into."""
+
+
+class TokenConflictError(BreakSceneError, ValueError):
+    """A handle token already exists in the tokenizer (or in another loaded bundle)."""
+
+
+class MissingFileError(BreakSceneError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class UnwritableOutputError(BreakSceneError, PermissionError):
+    """An output location cannot be written."""
+
+
+class TrainingError(BreakSceneError, RuntimeError):
+    """Training cannot continue."""
+
+
+class NonFiniteLossError(TrainingError, FloatingPointError):
+    """A loss became NaN or infinite; the message names the step and the last good checkpoint."""

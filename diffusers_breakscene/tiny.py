@@ -1,0 +1,305 @@
+"""Tiny SD-family pipelines with random weights, built offline.
+
+They have the real architectures (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``,
+a real ``CLIPTokenizer``) at a few hundred thousand parameters, so the demo, the tests and the
+benchmarks run the same code paths as a full Stable Diffusion model, in seconds, on a CPU and with
+no model hub. They show the workflow, not image quality: the weights are random.
+
+Two families exist today; the table in :data:`FAMILIES` is the one place to add another (an
+SDXL-style family needs a second text encoder and ``addition_embed_type="text_time"``):
+
+* ``"sd1"``: epsilon prediction, convolutional ``proj_in``/``proj_out`` in the transformer blocks.
+* ``"sd2"``: v-prediction, linear projections, upcast attention and a wider text encoder.
+
+Both mirror Stable Diffusion's block layout: four UNet levels, cross-attention on the first three,
+a VAE that downsamples by 8. At the default 256 px the latent is 32x32 and the cross-attention level
+the Break-A-Scene loss uses (latent / 4) is 8x8, found at ``down_blocks.2`` and ``up_blocks.1``
+exactly as in SD1/SD2.
+
+Example:
+    >>> from diffusers_breakscene.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline("sd1", seed=0)
+    >>> image = pipe("a photo of a dog on the beach", num_inference_steps=2, height=64, width=64,
+    ...              output_type="np").images[0]
+    >>> image.shape
+    (64, 64, 3)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FAMILIES",
+    "TINY_WORDS",
+    "TinySpec",
+    "save_tiny_pipeline",
+    "tiny_components",
+    "tiny_pipeline",
+    "tiny_tokenizer",
+]
+
+#: Default image size of the tiny pipelines (latent 32x32, attention-loss maps 8x8).
+DEFAULT_RESOLUTION = 256
+
+#: Whole words that the tiny tokenizer knows as single tokens. Every other word still tokenizes
+#: without unknown tokens (the byte alphabet is in the vocabulary), just into more pieces.
+TINY_WORDS: tuple[str, ...] = tuple(
+    """
+    a an the of and on in at with by to from for next under over near behind beside inside
+    photo picture image painting drawing sketch render rendering illustration portrait oil
+    watercolor pencil cartoon anime style art artwork close up view shot high quality detailed
+    beach forest city street snow mountain mountains sea ocean lake river garden room kitchen park
+    sky night sunset sunrise desert field grass floor table desk wall window road bridge space
+    moon jungle studio background scene water sand rain fog
+    dog cat bear teddy toy doll car ball cube sphere vase bowl cup mug book bag hat shoe shoes
+    shirt chair sofa lamp tree flower flowers house bird fish horse man woman person child robot
+    plant pot bottle box clock bike boat
+    red orange yellow green blue purple pink brown black white gray grey gold silver wooden
+    plastic metal glass small big large tiny old new
+    sitting standing lying walking floating flying playing
+    van gogh monet picasso
+    asset bg concept handle token
+    """.split()
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of one tiny family. Field names follow the diffusers/transformers configs they feed."""
+
+    prediction_type: str
+    text_hidden_size: int
+    text_intermediate_size: int
+    text_hidden_act: str
+    unet_block_out_channels: tuple[int, ...]
+    unet_attention_head_dim: int | tuple[int, ...]
+    use_linear_projection: bool
+    upcast_attention: bool
+    vae_block_out_channels: tuple[int, ...]
+
+
+#: The tiny families. Cross-attention dim = text hidden size, as in SD1 (768) and SD2 (1024).
+FAMILIES: dict[str, TinySpec] = {
+    "sd1": TinySpec(
+        prediction_type="epsilon",
+        text_hidden_size=32,
+        text_intermediate_size=64,
+        text_hidden_act="quick_gelu",
+        unet_block_out_channels=(32, 32, 64, 64),
+        unet_attention_head_dim=4,
+        use_linear_projection=False,
+        upcast_attention=False,
+        vae_block_out_channels=(16, 16, 32, 32),
+    ),
+    "sd2": TinySpec(
+        prediction_type="v_prediction",
+        text_hidden_size=48,
+        text_intermediate_size=96,
+        text_hidden_act="gelu",
+        unet_block_out_channels=(32, 32, 64, 64),
+        unet_attention_head_dim=(2, 4, 8, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+        vae_block_out_channels=(16, 16, 32, 32),
+    ),
+}
+
+
+def _spec(family: str) -> TinySpec:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ValueError(
+            f"Unknown tiny family {family!r}; choose one of {sorted(FAMILIES)}."
+        ) from None
+
+
+def _bpe_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary in CLIP's layout in which each of ``words`` is one token.
+
+    CLIP marks the end of a word with ``</w>``. The vocabulary holds every byte symbol, alone and
+    word-final, so any text tokenizes without unknown tokens. Merges spell each word left to
+    right; where an earlier merge splits a word differently (``"to"`` inside ``"photo"``), a merge
+    of the pieces BPE actually produced is appended, until every word is one token. Deterministic
+    (the ``tokenizers`` BPE trainer breaks ties differently from run to run).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in alphabet + [symbol + "</w>" for symbol in alphabet]:
+        vocab.setdefault(symbol, len(vocab))
+    merges: list[tuple[str, str]] = []
+
+    def add_merges(pieces: list[str]) -> None:
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in merges:
+                merges.append((current, piece))
+            current += piece
+            vocab.setdefault(current, len(vocab))
+
+    for word in words:
+        add_merges([*list(word[:-1]), word[-1] + "</w>"])
+    for _ in range(len(words)):
+        bpe = Tokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>"))
+        split = [[t.value for t in bpe.model.tokenize(word)] for word in words]
+        unfinished = [pieces for pieces in split if len(pieces) > 1]
+        if not unfinished:
+            break
+        for pieces in unfinished:
+            add_merges(pieces)
+    return vocab, merges
+
+
+def tiny_tokenizer(words: tuple[str, ...] = TINY_WORDS) -> Any:
+    """A real ``CLIPTokenizer`` with a tiny BPE vocabulary (about 1,000 entries).
+
+    Example:
+        >>> tok = tiny_tokenizer()
+        >>> ids = tok("a photo of a dog on the beach").input_ids
+        >>> len(ids)  # start, 8 words, end
+        10
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _bpe_vocab_and_merges(words)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_components(
+    family: str = "sd1", seed: int = 0, resolution: int = DEFAULT_RESOLUTION
+) -> dict[str, Any]:
+    """The components of a tiny pipeline (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+    ``scheduler``, ``safety_checker=None``, ``feature_extractor=None``), deterministic for ``seed``.
+
+    The global torch random state is left as it was.
+
+    Example:
+        >>> parts = tiny_components("sd2", seed=1)
+        >>> parts["scheduler"].config.prediction_type
+        'v_prediction'
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = _spec(family)
+    tokenizer = tiny_tokenizer()
+    levels = len(spec.unet_block_out_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=resolution // 8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=spec.unet_block_out_channels,
+            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+            cross_attention_dim=spec.text_hidden_size,
+            attention_head_dim=spec.unet_attention_head_dim,
+            use_linear_projection=spec.use_linear_projection,
+            upcast_attention=spec.upcast_attention,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_block_out_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_block_out_channels),
+            block_out_channels=spec.vae_block_out_channels,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=resolution,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=spec.text_hidden_size,
+                intermediate_size=spec.text_intermediate_size,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                hidden_act=spec.text_hidden_act,
+                projection_dim=spec.text_hidden_size,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=spec.prediction_type,
+    )
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+
+
+def tiny_pipeline(
+    family: str = "sd1",
+    seed: int = 0,
+    pipeline_cls: type | None = None,
+    resolution: int = DEFAULT_RESOLUTION,
+    **extra_components: Any,
+) -> Any:
+    """A tiny pipeline of ``pipeline_cls`` (default: ``StableDiffusionPipeline``), random weights.
+
+    ``extra_components`` go to the pipeline constructor as well (for example ``controlnet=``).
+
+    Example:
+        >>> from diffusers import StableDiffusionImg2ImgPipeline
+        >>> pipe = tiny_pipeline("sd1", pipeline_cls=StableDiffusionImg2ImgPipeline)
+        >>> type(pipe).__name__
+        'StableDiffusionImg2ImgPipeline'
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipeline_cls = pipeline_cls or StableDiffusionPipeline
+    components = tiny_components(family, seed=seed, resolution=resolution)
+    pipe = pipeline_cls(**components, requires_safety_checker=False, **extra_components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(
+    directory: str | os.PathLike[str],
+    family: str = "sd1",
+    seed: int = 0,
+    resolution: int = DEFAULT_RESOLUTION,
+) -> Path:
+    """Build a tiny pipeline and ``save_pretrained`` it into ``directory``; returns the path.
+
+    Load it back like any local model:
+    ``StableDiffusionPipeline.from_pretrained(path, local_files_only=True)``.
+
+    Example:
+        >>> import tempfile
+        >>> from diffusers import StableDiffusionPipeline
+        >>> path = save_tiny_pipeline(tempfile.mkdtemp(), "sd1")
+        >>> pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    """
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_pipeline(family, seed=seed, resolution=resolution).save_pretrained(path)
+    return path

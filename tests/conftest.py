@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny SD-family pipelines built offline, and saved to disk once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """``{"sd1": path, "sd2": path}``: tiny pipelines saved with ``save_pretrained``."""
+    from diffusers_breakscene.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: save_tiny_pipeline(root / family, family) for family in ("sd1", "sd2")}
+
+
+@pytest.fixture()
+def sd1_pipe():
+    from diffusers_breakscene.tiny import tiny_pipeline
+
+    return tiny_pipeline("sd1")
+
+
+@pytest.fixture()
+def sd2_pipe():
+    from diffusers_breakscene.tiny import tiny_pipeline
+
+    return tiny_pipeline("sd2")
