@@ -124,15 +124,16 @@ def _bpe_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[
     """A byte-level BPE vocabulary in CLIP's layout in which each of ``words`` is one token.
 
     CLIP marks the end of a word with ``</w>``. The vocabulary holds every byte symbol, alone and
-    word-final, so any text tokenizes without unknown tokens. Merges spell each word left to
-    right; where an earlier merge splits a word differently (``"to"`` inside ``"photo"``), a merge
-    of the pieces BPE actually produced is appended, until every word is one token. Deterministic
-    (the ``tokenizers`` BPE trainer breaks ties differently from run to run).
+    word-final, so any text tokenizes without unknown tokens; the special tokens come last.
+    Merges spell each word left to right; where an earlier merge splits a word differently
+    (``"to"`` inside ``"photo"``), a merge of the pieces BPE actually produced is appended, until
+    every word is one token. Deterministic (the ``tokenizers`` BPE trainer breaks ties
+    differently from run to run).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab: dict[str, int] = {}
     for symbol in alphabet + [symbol + "</w>" for symbol in alphabet]:
         vocab.setdefault(symbol, len(vocab))
     merges: list[tuple[str, str]] = []
@@ -155,6 +156,10 @@ def _bpe_vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[
             break
         for pieces in unfinished:
             add_merges(pieces)
+    # The special tokens come last, as in CLIP's real vocabulary (49406, 49407): diffusers'
+    # unload_textual_inversion renumbers added tokens from the last special id on.
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
     return vocab, merges
 
 

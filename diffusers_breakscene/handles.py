@@ -1,0 +1,262 @@
+"""Handle tokens: add them to a tokenizer and text encoder, train only their rows, read them back.
+
+A handle (``"<asset0>"``) is one new token whose embedding row is learned. Training goes through
+:class:`HandleEmbedding`, which wraps the text encoder's input embedding and keeps the handle rows
+as a small trainable parameter: the optimizer never sees (or copies) the vocabulary matrix, and
+every other row stays bit-identical by construction, not by restoring it after each step.
+
+Initialisation rule: a handle with an initializer word starts at the MEAN of the embeddings of
+the word's sub-tokens (a word the tokenizer splits into several pieces keeps all of them, unlike
+the reference code, which silently used the first). A handle without one starts at the row of a
+random ordinary vocabulary token drawn from ``generator`` (the reference code's default).
+
+Example:
+    >>> from diffusers_breakscene.handles import add_handles, get_handle_embeddings
+    >>> from diffusers_breakscene.tiny import tiny_pipeline
+    >>> pipe = tiny_pipeline("sd1")
+    >>> ids = add_handles(pipe.tokenizer, pipe.text_encoder, ["<asset0>"], ["dog"])
+    >>> rows = get_handle_embeddings(pipe.tokenizer, pipe.text_encoder, ["<asset0>"])
+    >>> tuple(rows["<asset0>"].shape)
+    (1, 32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidSceneError, TokenConflictError
+
+__all__ = [
+    "HandleEmbedding",
+    "add_handles",
+    "get_handle_embeddings",
+    "initial_handle_rows",
+    "set_handle_embeddings",
+    "token_ids",
+]
+
+
+def token_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """The ids of ``tokens`` in ``tokenizer``, each of which must be a single known token."""
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    missing = [
+        t for t, i in zip(tokens, ids, strict=True) if i is None or i == tokenizer.unk_token_id
+    ]
+    if missing:
+        raise TokenConflictError(f"Tokens {missing} are not in the tokenizer; add them first.")
+    return list(ids)
+
+
+def _existing(tokenizer: Any, tokens: Sequence[str]) -> list[str]:
+    vocab = tokenizer.get_vocab()
+    return [t for t in tokens if t in vocab]
+
+
+def initial_handle_rows(
+    tokenizer: Any,
+    text_encoder: Any,
+    initializer_tokens: Sequence[str | None],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``(n, d)`` starting rows for ``n`` handles, by the module's initialisation rule.
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_pipeline
+        >>> pipe = tiny_pipeline("sd1")
+        >>> initial_handle_rows(pipe.tokenizer, pipe.text_encoder, ["dog", None]).shape
+        torch.Size([2, 32])
+    """
+    weight = text_encoder.get_input_embeddings().weight.detach()
+    special = set(tokenizer.all_special_ids)
+    ordinary = torch.tensor([i for i in range(weight.shape[0]) if i not in special])
+    rows = []
+    for position, word in enumerate(initializer_tokens):
+        if word is None:
+            pick = torch.randint(len(ordinary), (1,), generator=generator).item()
+            rows.append(weight[ordinary[pick]].float())
+            continue
+        if not isinstance(word, str) or not word.strip():
+            raise InvalidSceneError(
+                f"initializer_tokens[{position}]={word!r} must be a non-empty word or None."
+            )
+        pieces = tokenizer(word, add_special_tokens=False).input_ids
+        if not pieces:
+            raise InvalidSceneError(
+                f"initializer_tokens[{position}]={word!r} tokenizes to nothing; use a real word."
+            )
+        rows.append(weight[pieces].float().mean(dim=0))
+    return torch.stack(rows).to(weight.dtype)
+
+
+def add_handles(
+    tokenizer: Any,
+    text_encoder: Any,
+    tokens: Sequence[str],
+    initializer_tokens: Sequence[str | None] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Add ``tokens`` to the tokenizer, grow the embedding matrix, initialise the new rows.
+
+    Tokens that already exist are refused (:class:`TokenConflictError`) before anything changes.
+    Returns the new token ids, in order.
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_pipeline
+        >>> pipe = tiny_pipeline("sd1")
+        >>> add_handles(pipe.tokenizer, pipe.text_encoder, ["<a>", "<b>"]) == [
+        ...     len(pipe.tokenizer) - 2, len(pipe.tokenizer) - 1]
+        True
+    """
+    tokens = list(tokens)
+    initializer_tokens = list(initializer_tokens or [None] * len(tokens))
+    if len(initializer_tokens) != len(tokens):
+        raise InvalidSceneError(
+            f"Got {len(initializer_tokens)} initializer tokens for {len(tokens)} handles; give "
+            "one word (or None) per handle."
+        )
+    if len(set(tokens)) != len(tokens):
+        raise TokenConflictError(f"Handle tokens {tokens} contain duplicates; make them unique.")
+    clash = _existing(tokenizer, tokens)
+    if clash:
+        raise TokenConflictError(
+            f"Tokens {clash} already exist in the tokenizer; choose other handle names (for "
+            "example '<scene1_asset0>') or unload what added them."
+        )
+    rows = initial_handle_rows(tokenizer, text_encoder, initializer_tokens, generator)
+
+    tokenizer.add_tokens(tokens)
+    ids = token_ids(tokenizer, tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[ids] = rows
+    return ids
+
+
+def get_handle_embeddings(
+    tokenizer: Any, text_encoder: Any, tokens: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """``{token: (1, d) float32 tensor}`` copies of the current rows of ``tokens``.
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_pipeline
+        >>> pipe = tiny_pipeline("sd1")
+        >>> _ = add_handles(pipe.tokenizer, pipe.text_encoder, ["<a>"])
+        >>> list(get_handle_embeddings(pipe.tokenizer, pipe.text_encoder, ["<a>"]))
+        ['<a>']
+    """
+    embedding = text_encoder.get_input_embeddings()
+    if isinstance(embedding, HandleEmbedding):
+        return embedding.rows_by_token(tokenizer, tokens)
+    ids = token_ids(tokenizer, tokens)
+    weight = embedding.weight.detach()
+    return {t: weight[i : i + 1].float().cpu().clone() for t, i in zip(tokens, ids, strict=True)}
+
+
+def set_handle_embeddings(
+    tokenizer: Any, text_encoder: Any, rows: Mapping[str, torch.Tensor]
+) -> None:
+    """Write ``{token: (1, d) tensor}`` rows into the embedding matrix (tokens must exist).
+
+    Example:
+        >>> import torch
+        >>> from diffusers_breakscene.tiny import tiny_pipeline
+        >>> pipe = tiny_pipeline("sd1")
+        >>> _ = add_handles(pipe.tokenizer, pipe.text_encoder, ["<a>"])
+        >>> set_handle_embeddings(pipe.tokenizer, pipe.text_encoder, {"<a>": torch.ones(1, 32)})
+    """
+    ids = token_ids(tokenizer, list(rows))
+    weight = text_encoder.get_input_embeddings().weight
+    for token, row in rows.items():
+        if tuple(row.shape) not in ((weight.shape[1],), (1, weight.shape[1])):
+            raise ValueError(
+                f"Row for {token!r} has shape {tuple(row.shape)}; expected (1, {weight.shape[1]})."
+            )
+    with torch.no_grad():
+        for row, index in zip(rows.values(), ids, strict=True):
+            weight[index] = row.reshape(-1).to(weight.device, weight.dtype)
+
+
+class HandleEmbedding(nn.Module):
+    """An input embedding whose handle rows are a separate trainable parameter.
+
+    ``forward`` looks every id up in the frozen base embedding and swaps in ``handle_weight`` at
+    handle positions, so gradients reach only the handle rows and the base matrix is never
+    written. :meth:`install` puts it into a text encoder; :meth:`uninstall` writes the learned
+    rows into the base matrix and puts the base embedding back.
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_pipeline
+        >>> pipe = tiny_pipeline("sd1")
+        >>> ids = add_handles(pipe.tokenizer, pipe.text_encoder, ["<a>"])
+        >>> wrapper = HandleEmbedding.install(pipe.text_encoder, ids)
+        >>> [name for name, p in pipe.text_encoder.named_parameters() if p.requires_grad]
+        ['text_model.embeddings.token_embedding.handle_weight']
+        >>> wrapper.uninstall(pipe.text_encoder)
+    """
+
+    def __init__(self, base: nn.Embedding, handle_ids: Sequence[int]) -> None:
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.register_buffer("handle_ids", torch.tensor(list(handle_ids), dtype=torch.long))
+        # Trainable rows are kept in float32 whatever the base dtype (mixed precision).
+        self.handle_weight = nn.Parameter(base.weight.detach()[list(handle_ids)].float().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base matrix (read-only view for code that inspects ``.weight``)."""
+        return self.base.weight
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @classmethod
+    def install(cls, text_encoder: Any, handle_ids: Sequence[int]) -> HandleEmbedding:
+        """Wrap ``text_encoder``'s input embedding and freeze everything else in it."""
+        base = text_encoder.get_input_embeddings()
+        if isinstance(base, HandleEmbedding):
+            raise RuntimeError("This text encoder already has a HandleEmbedding installed.")
+        text_encoder.requires_grad_(False)
+        wrapper = cls(base, handle_ids).to(base.weight.device)
+        text_encoder.set_input_embeddings(wrapper)
+        return wrapper
+
+    def uninstall(self, text_encoder: Any) -> None:
+        """Write the learned rows into the base matrix and restore the base embedding."""
+        self.write_back()
+        text_encoder.set_input_embeddings(self.base)
+
+    def write_back(self) -> None:
+        """Copy the learned rows into the base matrix (no other row changes)."""
+        with torch.no_grad():
+            self.base.weight[self.handle_ids] = self.handle_weight.detach().to(
+                self.base.weight.dtype
+            )
+
+    def rows_by_token(self, tokenizer: Any, tokens: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{token: (1, d) float32}`` copies of the learned rows of ``tokens``."""
+        position = {int(i): k for k, i in enumerate(self.handle_ids.tolist())}
+        rows = {}
+        for token, index in zip(tokens, token_ids(tokenizer, tokens), strict=True):
+            if index in position:
+                row = self.handle_weight[position[index]]
+            else:
+                row = self.base.weight[index]
+            rows[token] = row.detach().float().cpu().clone().reshape(1, -1)
+        return rows
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.base(input_ids)
+        matches = input_ids.unsqueeze(-1) == self.handle_ids  # (..., n_handles)
+        handle_rows = matches.to(self.handle_weight.dtype) @ self.handle_weight
+        is_handle = matches.any(dim=-1, keepdim=True)
+        return torch.where(is_handle, handle_rows.to(embeds.dtype), embeds)
