@@ -557,7 +557,7 @@ def _validate(bundle: Bundle) -> None:
         for key in _JSON_FIELDS:
             if key in meta:
                 json.dumps(meta[key], allow_nan=False)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RecursionError) as err:
         _fail(f"metadata {key!r} cannot be stored as JSON: {err}")
 
 
@@ -1048,7 +1048,9 @@ class Bundle:
         * ``learned_embeds.safetensors``: ``{"clip_l": (n, d)}`` (+ ``"clip_g"``), rows in token
           order; its ``__metadata__`` records ``tokens`` and ``vectors_per_token`` (JSON).
 
-        Returns ``{"lora": path, "embeddings": path}`` (``"lora"`` only when written). Load with
+        Returns ``{"lora": path, "embeddings": path}`` (``"lora"`` only when written; for a
+        bundle without LoRA weights, a LoRA file left there by an earlier export is removed so
+        that the folder never pairs these handles with another LoRA). Load with
         ``pipe.load_lora_weights(directory, weight_name="pytorch_lora_weights.safetensors")``
         and ``pipe.load_textual_inversion(load_file(path)["clip_l"], token=bundle.tokens, ...)``
         (for handles of k > 1 rows pass :meth:`embedding_tokens` instead of ``tokens``).
@@ -1098,6 +1100,9 @@ class Bundle:
                 final = directory / tmp.name
                 os.replace(tmp, final)
                 out[key] = final
+            stale = directory / DIFFUSERS_LORA_NAME
+            if "lora" not in out and stale.is_file():
+                stale.unlink()  # an earlier export's LoRA must not pair with these handles
         except OSError as err:
             raise UnwritableOutputError(f"exporting into {str(directory)!r} failed: {err}") from err
         finally:
