@@ -1,0 +1,268 @@
+"""BreakASceneTrainer end to end on the tiny pipelines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+import diffusers_breakscene as bas
+from diffusers_breakscene.attention import AttentionStore
+from diffusers_breakscene.handles import token_ids
+from diffusers_breakscene.step import encode_scene, sample_batch, training_step
+from diffusers_breakscene.tiny import tiny_pipeline
+
+RES = 128  # latent 16x16, attention-loss maps 4x4
+
+
+def make_scene(res: int = RES) -> bas.Scene:
+    """Two coloured quadrants aligned to the 4x4 attention grid."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, res, res, generator=g)
+    m0, m1 = torch.zeros(res, res), torch.zeros(res, res)
+    half = res // 2
+    m0[:half, :half] = 1
+    m1[half:, half:] = 1
+    image[:, m0.bool()] = torch.tensor([0.9, 0.1, 0.1])[:, None]
+    image[:, m1.bool()] = torch.tensor([0.1, 0.1, 0.9])[:, None]
+    return bas.Scene(image, [m0, m1])
+
+
+def config(**changes) -> bas.BreakASceneConfig:
+    base = {"phase1_steps": 3, "phase2_steps": 3, "resolution": RES, "lora_rank": 4}
+    return bas.BreakASceneConfig(**{**base, **changes})
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_phase_one_changes_only_the_handle_rows(tmp_path):
+    pipe = tiny_pipeline("sd1")
+    unet, vae, te = snapshot(pipe.unet), snapshot(pipe.vae), snapshot(pipe.text_encoder)
+    vocab = len(pipe.tokenizer)
+    path = bas.BreakASceneTrainer(pipe, make_scene(), config(phase2_steps=0)).train(
+        tmp_path, progress=False
+    )
+    assert same(snapshot(pipe.unet), unet) and same(snapshot(pipe.vae), vae)
+    te_after = snapshot(pipe.text_encoder)
+    key = next(k for k in te if k.endswith("token_embedding.weight"))
+    assert torch.equal(te_after[key][:vocab], te[key])  # old rows bit-identical
+    assert all(torch.equal(te_after[k], te[k]) for k in te if k != key)
+    bundle = bas.Bundle.load(path)
+    assert bundle.tokens == ["<asset0>", "<asset1>"] and not bundle.lora
+    initial = pipe.text_encoder.get_input_embeddings().weight  # learned rows were written back
+    assert torch.equal(bundle.handles["<asset0>"][0], initial[vocab].float())
+
+
+def test_phase_two_changes_only_handles_and_lora(tmp_path):
+    pipe = tiny_pipeline("sd2")  # v-prediction
+    unet = snapshot(pipe.unet)
+    trainer = bas.BreakASceneTrainer(pipe, make_scene(), config(phase2_learning_rate=1e-2))
+    path = trainer.train(tmp_path, progress=False)
+    after = snapshot(pipe.unet)
+    base_keys = {k.replace(".base_layer", ""): k for k in after if "lora_" not in k}
+    assert set(base_keys) == set(unet)
+    assert all(torch.equal(after[v], unet[k]) for k, v in base_keys.items())
+    bundle = bas.Bundle.load(path)
+    assert bundle.metadata["base_fingerprint"]["prediction_type"] == "v_prediction"
+    assert bundle.metadata["lora"]["unet"]["r"] == 4
+    assert any(v.abs().sum() > 0 for k, v in bundle.lora.items() if "up" in k)  # B moved off 0
+    assert [h["phase"] for h in trainer.history] == [1, 1, 1, 2, 2, 2]
+    assert all({"loss", "loss_rec", "loss_attn"} <= h.keys() for h in trainer.history)
+
+
+def test_batch_size_accumulation_and_prior_preservation(tmp_path):
+    cfg = config(
+        train_batch_size=3,
+        gradient_accumulation_steps=2,
+        prior_preservation=True,
+        num_class_images=2,
+        validation_num_inference_steps=2,
+        phase1_steps=2,
+        phase2_steps=1,
+    )
+    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg)
+    trainer.train(tmp_path, progress=False)
+    assert len(sorted((tmp_path / "class_images").glob("*.png"))) == 2
+    assert len(trainer.history) == 3 and all("loss_prior" in h for h in trainer.history)
+
+
+def _evaluate(pipe, scene):
+    """Mean masked loss and mean attention-map IoU with the own mask, on fixed draws."""
+    ids = token_ids(pipe.tokenizer, scene.tokens)
+    encoded = encode_scene(pipe.vae, scene, RES)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    losses, ious = [], []
+    with torch.no_grad(), AttentionStore.attach(pipe.unet) as store:
+        for seed in range(6):
+            generator = torch.Generator().manual_seed(100 + seed)
+            batch = sample_batch(
+                scene, encoded, pipe.tokenizer, ids, generator, union_sampling=False,
+                flip_probability=0.0,
+            )  # fmt: skip
+            _, logs = training_step(
+                pipe.unet, pipe.text_encoder, scheduler, batch, generator, attention_store=store
+            )
+            losses.append(logs["loss_rec"])
+            maps = store.aggregate()[0]
+            for i, position in enumerate(batch.token_positions[0]):
+                attention = maps[..., position]
+                mask = torch.nn.functional.interpolate(
+                    batch.masks[0][i][None, None], size=attention.shape
+                )[0, 0].bool()
+                hot = attention / attention.max() > 0.5
+                ious.append(((hot & mask).sum() / (hot | mask).sum()).item())
+    return sum(losses) / len(losses), sum(ious) / len(ious)
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_aligns_attention_with_masks(tmp_path):
+    scene = make_scene()
+    untrained = tiny_pipeline("sd1")
+    # the same handles, added and (not) trained: the "before" state
+    barely = config(phase1_steps=1, phase2_steps=0, phase1_learning_rate=1e-12)
+    bas.BreakASceneTrainer(untrained, scene, barely).train(tmp_path / "0", progress=False)
+    loss_before, iou_before = _evaluate(untrained, scene)
+
+    pipe = tiny_pipeline("sd1")
+    cfg = config(
+        phase1_steps=100,
+        phase2_steps=200,
+        lora_rank=8,
+        phase1_learning_rate=5e-3,
+        phase2_learning_rate=1e-3,
+        phase2_handle_learning_rate=1e-3,
+        lambda_attention=1.0,
+    )
+    bas.BreakASceneTrainer(pipe, scene, cfg).train(tmp_path / "1", progress=False)
+    loss_after, iou_after = _evaluate(pipe, scene)
+    assert loss_after < loss_before
+    assert iou_after > iou_before + 0.1
+
+
+def _final_tensors(path) -> dict[str, torch.Tensor]:
+    bundle = bas.Bundle.load(path)
+    return {**{f"h.{k}": v for k, v in bundle.handles.items()}, **bundle.lora}
+
+
+def test_resume_in_either_phase_gives_the_same_final_tensors(tmp_path):
+    cfg = config(
+        phase1_steps=3, phase2_steps=3, checkpointing_steps=1, lr_scheduler="linear",
+        train_batch_size=2,
+    )  # fmt: skip
+    reference = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(
+        tmp_path / "ref", progress=False
+    )
+    expected = _final_tensors(reference)
+    checkpoints = tmp_path / "ref" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{i}" for i in range(1, 7)]
+    for step in (2, 3, 4):
+        resumed_dir = tmp_path / f"resume-{step}"
+        resumed_cfg = cfg.replace(resume_from_checkpoint=str(checkpoints / f"checkpoint-{step}"))
+        path = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), resumed_cfg).train(
+            resumed_dir, progress=False
+        )
+        got = _final_tensors(path)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got), f"resume from {step}"
+
+
+def test_resume_latest_and_checkpoint_limit(tmp_path):
+    cfg = config(checkpointing_steps=2, checkpoints_total_limit=1)
+    bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-6"]
+    trainer = bas.BreakASceneTrainer(
+        tiny_pipeline("sd1"), make_scene(), cfg.replace(resume_from_checkpoint="latest")
+    )
+    trainer.train(tmp_path, progress=False)
+    assert trainer.history == []  # nothing left to do
+
+
+def test_validation_images_are_written(tmp_path):
+    cfg = config(phase1_steps=2, phase2_steps=0, validation_steps=2,
+                 validation_num_inference_steps=2)  # fmt: skip
+    bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(tmp_path, progress=False)
+    folder = tmp_path / "validation" / "step-2"
+    assert (folder / "00.png").is_file()
+    assert (folder / "00.txt").read_text().strip() == "a photo of <asset0> and <asset1>"
+
+
+def test_bad_inputs_are_refused_before_training(tmp_path):
+    pipe = tiny_pipeline("sd1")
+    with pytest.raises(bas.InvalidSceneError, match="Scene"):
+        bas.BreakASceneTrainer(pipe, "not a scene", config())
+    with pytest.raises(bas.InvalidConfigError, match="BreakASceneConfig"):
+        bas.BreakASceneTrainer(pipe, make_scene(), {"phase1_steps": 1})
+    with pytest.raises(bas.MissingFileError, match=r"model_index\.json"):
+        bas.BreakASceneTrainer(tmp_path, make_scene(), config())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    trainer = bas.BreakASceneTrainer(pipe, make_scene(), config())
+    with pytest.raises(bas.UnwritableOutputError, match="output_dir"):
+        trainer.train(blocker / "out", progress=False)
+    assert "<asset0>" not in pipe.tokenizer.get_vocab()  # nothing changed
+
+
+def test_trains_from_a_saved_model_folder(tmp_model_dirs_cached, tmp_path):
+    path = bas.BreakASceneTrainer(
+        str(tmp_model_dirs_cached["sd1"]), make_scene(), config(phase1_steps=1, phase2_steps=1)
+    ).train(tmp_path, progress=False)
+    assert bas.Bundle.load(path).metadata["base_model"] == str(tmp_model_dirs_cached["sd1"])
+
+
+@pytest.fixture()
+def tmp_model_dirs_cached(tiny_model_dirs):
+    return tiny_model_dirs
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from accelerate import Accelerator
+    import diffusers_breakscene as bas
+    from diffusers_breakscene.tiny import tiny_pipeline
+    from test_trainer import config, make_scene
+    accelerator = Accelerator(cpu=True)
+    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(),
+                                     config(phase1_steps=2, phase2_steps=2),
+                                     accelerator=accelerator)
+    trainer.train({out!r}, progress=False)
+    rows = trainer.pipeline.text_encoder.get_input_embeddings().weight[-2:].detach()
+    lora = [p.detach() for n, p in trainer.pipeline.unet.named_parameters() if "lora_" in n]
+    state = {{"rows": rows, **{{f"lora{{i}}": t for i, t in enumerate(lora)}}}}
+    from safetensors.torch import save_file
+    save_file({{k: v.contiguous() for k, v in state.items()}},
+              {out!r} + f"/rank{{accelerator.process_index}}.safetensors")
+    print("world", accelerator.num_processes, "rank", accelerator.process_index)
+    """
+)
+
+
+@pytest.mark.distributed
+def test_two_process_torchrun_completes_and_ranks_agree(tmp_path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29533", str(script)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("world 2") == 2
+    a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "break_a_scene.safetensors").is_file()
