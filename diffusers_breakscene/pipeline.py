@@ -190,13 +190,17 @@ def _fuse(pipe, name: str) -> None:
     for key, module in _lora_layers(pipe, info.components).items():
         if name in module.lora_A and key not in state.backups:
             state.backups[key] = module.base_layer.weight.detach().to("cpu", copy=True)
-    pipe.fuse_lora(components=info.components, lora_scale=info.scale, adapter_names=[name])
+    # The per-bundle scale is already in the layers' scaling (set_adapters); fuse_lora's
+    # lora_scale would multiply it again, and that of every other active adapter too.
+    pipe.fuse_lora(components=info.components, lora_scale=1.0, adapter_names=[name])
     info.fused = True
 
 
 def _unfuse_all(pipe) -> None:
     state = _break_a_scene(pipe)
-    components = sorted({c for i in state.loaded.values() if i.fused for c in i.components})
+    components = sorted({key.split(".", 1)[0] for key in state.backups})
+    if not components:
+        return
     pipe.unfuse_lora(components=components)
     layers = _lora_layers(pipe, components)
     with torch.no_grad():
@@ -265,16 +269,30 @@ class BreakAScenePipelineMixin:
         _check_can_load(self, bundle, tokens, name, scale)
 
         components = sorted({key.split(".", 1)[0] for key in bundle.lora})
+        # set_adapters unmerges fused layers (inexactly), so fused bundles are unfused (exactly,
+        # from the backups) while the new adapter goes in and fused again afterwards.
+        refuse = [n for n, i in state.loaded.items() if i.fused] if components else []
         try:
             _load_handles(self, bundle, tokens)
             if components:
+                _unfuse_all(self)
                 _load_lora(self, bundle, name)
             state.loaded[name] = _Loaded(tokens, float(scale), False, components)
             _apply_scales(self)
+            for other in refuse:
+                _fuse(self, other)
             if fuse and components:
                 _fuse(self, name)
         except Exception:
+            # Roll back: take every fused delta out (pristine weights back), remove this
+            # bundle's adapter and tokens, then fuse the others again.
+            state.loaded.pop(name, None)
+            _unfuse_all(self)
             _remove(self, name, tokens, components)
+            if state.loaded:
+                _apply_scales(self)
+            for other in refuse:
+                _fuse(self, other)
             raise
         return tokens
 
@@ -295,15 +313,16 @@ class BreakAScenePipelineMixin:
             )
         names = [adapter_name] if adapter_name is not None else list(state.loaded)
         refuse = [n for n in state.loaded if state.loaded[n].fused and n not in names]
-        if any(state.loaded[n].fused for n in names):
-            _unfuse_all(self)
+        # Deleting adapters and set_adapters unmerge fused layers inexactly: unfuse everything
+        # exactly first, then fuse the remaining fused bundles again after the scales are set.
+        _unfuse_all(self)
         for name in names:
             info = state.loaded.pop(name)
             _remove(self, name, info.tokens, info.components)
-        for name in refuse:
-            _fuse(self, name)
         if state.loaded:
             _apply_scales(self)
+        for name in refuse:
+            _fuse(self, name)
 
 
 def register() -> None:
