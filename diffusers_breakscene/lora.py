@@ -32,7 +32,6 @@ __all__ = [
     "add_unet_lora",
     "lora_metadata",
     "lora_state_dict",
-    "remove_lora",
 ]
 
 #: Adapter name used while training (loading a bundle uses its own names).
@@ -53,12 +52,20 @@ def _lora_config(rank: int, alpha: float, target_modules: Sequence[str], dropout
 
 def _add(model: Any, config: Any, what: str) -> list[torch.nn.Parameter]:
     try:
-        model.add_adapter(config, adapter_name=ADAPTER_NAME)
+        if hasattr(model, "set_adapters"):  # diffusers models: their PEFT integration
+            model.add_adapter(config, adapter_name=ADAPTER_NAME)
+        else:
+            # transformers 5's own add_adapter needs peft >= 0.22; peft's injection works with
+            # every supported peft and yields the same layers and state-dict keys.
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     except ValueError as error:  # peft: "Target modules ... not found in the base model"
         raise InvalidConfigError(
             f"The {what} LoRA target_modules={sorted(config.target_modules)} match no layer of "
             f"the {what} ({error}); use module names such as 'to_q', 'to_k', 'to_v', 'to_out.0', "
-            "'ff.net.0.proj', 'ff.net.2', 'proj_in', 'proj_out'."
+            "'ff.net.0.proj', 'ff.net.2', 'proj_in', 'proj_out' (UNet) or 'q_proj', 'k_proj', "
+            "'v_proj', 'out_proj' (text encoder)."
         ) from None
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for param in params:
@@ -134,9 +141,15 @@ def lora_state_dict(unet: Any = None, text_encoder: Any = None) -> dict[str, tor
         'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight'
     """
     out: dict[str, torch.Tensor] = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is not None and ADAPTER_NAME in getattr(model, "peft_config", {}):
-            out.update({f"{prefix}.{k}": v for k, v in _diffusers_layout(model).items()})
+    if unet is not None and ADAPTER_NAME in getattr(unet, "peft_config", {}):
+        out.update({f"unet.{k}": v for k, v in _diffusers_layout(unet).items()})
+    if text_encoder is not None and ADAPTER_NAME in getattr(text_encoder, "peft_config", {}):
+        for key, value in _diffusers_layout(text_encoder).items():
+            # transformers 5 dropped CLIPTextModel.text_model; LoRA files keep the classic
+            # "text_model." keys, which diffusers maps onto either transformers version.
+            if not key.startswith("text_model."):
+                key = f"text_model.{key}"
+            out[f"text_encoder.{key}"] = value
     return out
 
 
@@ -158,9 +171,3 @@ def lora_metadata(model: Any) -> dict[str, Any]:
         "lora_alpha": config.lora_alpha,
         "target_modules": sorted(config.target_modules),
     }
-
-
-def remove_lora(model: Any) -> None:
-    """Remove the training adapter from ``model`` (its base weights are untouched)."""
-    if ADAPTER_NAME in getattr(model, "peft_config", {}):
-        model.delete_adapters(ADAPTER_NAME)

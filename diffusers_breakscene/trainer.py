@@ -577,6 +577,14 @@ class BreakASceneTrainer:
         from accelerate.utils import ProjectConfiguration
 
         cfg = self.config
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != (
+            cfg.mixed_precision
+        ):
+            # accelerate keeps one process-wide state; a second trainer in the same process
+            # (a notebook) with another precision would be refused. Pass accelerator= to share.
+            AcceleratorState._reset_state()
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
