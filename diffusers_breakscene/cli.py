@@ -1,27 +1,385 @@
-"""The ``breakscene`` command line."""
+"""The ``breakscene`` command line.
+
+Subcommands: ``demo``, ``generate``, ``inspect``, ``export``, ``attention``, ``train`` and
+``tiny-model``. Exit codes: 0 success, 1 error (one line ``breakscene <cmd>: error: ...`` on
+stderr; ``--debug`` shows the traceback), 2 usage error.
+
+Example:
+    >>> from diffusers_breakscene.cli import build_parser
+    >>> build_parser().parse_args(["demo", "--steps", "2"]).steps
+    2
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 from . import __version__
-from .errors import BreakSceneError
+from .config import BreakASceneConfig
+from .demo import DEFAULT_MODEL, TINY_MODEL
+from .errors import BreakSceneError, IncompatibleBaseError
 
 EPILOG = """examples:
+  breakscene demo                                  # offline: tiny model, ~1 minute on a CPU
+  breakscene demo --model stabilityai/stable-diffusion-2-1-base --output demo-sd21   # on a GPU
+  breakscene train --scene-dir my_scene --model stabilityai/stable-diffusion-2-1-base \\
+      --output out --phase1-steps 400 --phase2-steps 400
+  breakscene generate --bundle out/break_a_scene.safetensors \\
+      --prompt "a photo of <asset0> on the beach" --output images
+  breakscene inspect out/break_a_scene.safetensors --model stabilityai/stable-diffusion-2-1-base
+  breakscene export out/break_a_scene.safetensors exported/
+  breakscene attention --bundle out/break_a_scene.safetensors \\
+      --prompt "a photo of <asset0> and <asset1>" --output attention.png
   breakscene tiny-model ./tiny-sd1                 # save an offline tiny SD1-style pipeline
   breakscene tiny-model ./tiny-sd2 --family sd2    # ... or an SD2-style (v-prediction) one
 """
+
+
+def _say(args: argparse.Namespace, text: str = "") -> None:
+    if not args.quiet:
+        print(text, flush=True)
+
+
+# --- tiny-model ------------------------------------------------------------------------------
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import save_tiny_pipeline
 
     path = save_tiny_pipeline(args.directory, args.family, seed=args.seed)
-    if not args.quiet:
-        print(f"Saved a tiny {args.family} pipeline (random weights) to {path}")
+    _say(args, f"Saved a tiny {args.family} pipeline (random weights) to {path}")
     return 0
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(
+        args.output,
+        model=args.model,
+        steps=args.steps,
+        inference_steps=args.inference_steps,
+        resolution=args.resolution,
+        progress=not args.quiet,
+        echo=None if args.quiet else (lambda text: print(text, flush=True)),
+    )
+    _say(args, f"Done. Every file is under {Path(args.output).expanduser()}/.")
+    del result
+    return 0
+
+
+# --- generate --------------------------------------------------------------------------------
+
+
+def _load_with_bundles(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    from .bundle import Bundle
+    from .demo import load_pipeline
+
+    bundles = [Bundle.load(source) for source in args.bundle]  # fail fast, before the model
+    _say(args, f"Loading {args.model} ...")
+    pipe = load_pipeline(args.model)
+    tokens: list[str] = []
+    for source, bundle in zip(args.bundle, bundles, strict=True):
+        loaded = pipe.load_break_a_scene(bundle, scale=args.scale)
+        _say(args, f"Loaded {source}: tokens {loaded}")
+        tokens += loaded
+    return pipe, tokens
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .demo import generate_images
+    from .viz import save_png
+
+    pipe, tokens = _load_with_bundles(args)
+    for prompt in args.prompt:
+        if not any(t in prompt for t in tokens):
+            _say(args, f"note: the prompt {prompt!r} uses none of the handles {tokens}")
+    out = Path(args.output).expanduser()
+    images = generate_images(
+        pipe,
+        args.prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        progress=not args.quiet,
+    )
+    for i, (prompt, image) in enumerate(zip(args.prompt, images, strict=True)):
+        path = save_png(image, out / f"{i:02d}.png")
+        _say(args, f"{prompt!r} (seed {args.seed + i}) -> {path}")
+    return 0
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from .demo import attention_picture
+    from .viz import save_png
+
+    pipe, tokens = _load_with_bundles(args)
+    masks = mask_image = None
+    if args.scene_dir is not None:
+        from .scene import Scene
+
+        scene = Scene.from_dir(args.scene_dir)
+        masks, mask_image = scene.masks, scene.image
+        if len(masks) != len(tokens):
+            raise ValueError(
+                f"{args.scene_dir} holds {len(masks)} masks but the bundles have "
+                f"{len(tokens)} tokens {tokens}; pass the scene the bundle was trained on."
+            )
+    image, picture = attention_picture(
+        pipe,
+        args.prompt,
+        tokens,
+        masks,
+        mask_image,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        progress=not args.quiet,
+    )
+    path = save_png(picture, args.output)
+    image_path = save_png(image, Path(args.output).with_suffix(".image.png"))
+    _say(args, f"Generated image -> {image_path}")
+    _say(args, f"Attention of each handle in {args.prompt!r} -> {path}")
+    return 0
+
+
+# --- inspect / export ------------------------------------------------------------------------
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    meta = bundle.metadata
+    _say(args, f"Bundle:          {args.bundle}")
+    _say(args, f"Size:            {bundle.size_bytes / 1024:.1f} KiB ({bundle.size_bytes} bytes)")
+    _say(args, f"Format:          {meta.get('format')} v{meta.get('format_version')}")
+    _say(args, f"Library version: {meta.get('library_version')}")
+    _say(args, f"Base model:      {meta.get('base_model') or '(not recorded)'}")
+    _say(args, f"Tokens:          {', '.join(bundle.tokens)}")
+    concepts = meta.get("concepts") or {}
+    for token in bundle.tokens:
+        info = concepts.get(token) if isinstance(concepts, dict) else None
+        rows = tuple(bundle.handles[token].shape)
+        _say(args, f"  {token}: embedding {rows}" + (f", {_compact(info)}" if info else ""))
+    fingerprint = meta.get("base_fingerprint") or {}
+    _say(args, f"Fingerprint:     {_compact(fingerprint) if fingerprint else '(none)'}")
+    lora = meta.get("lora") or {}
+    if not lora:
+        _say(args, "LoRA:            none (handles only)")
+    for component, info in lora.items():
+        targets = info.get("target_modules")
+        if isinstance(targets, list | tuple):
+            targets = ", ".join(map(str, targets))
+        _say(
+            args,
+            f"LoRA {component}: r={info.get('r')} alpha={info.get('lora_alpha')} targets={targets}",
+        )
+    if args.model is not None:
+        from .demo import load_pipeline
+
+        pipe = load_pipeline(args.model)
+        try:
+            bundle.check_compatible(pipe)
+        except IncompatibleBaseError as err:
+            raise IncompatibleBaseError(f"not compatible with {args.model}: {err}") from err
+        _say(args, f"Compatible with {args.model}: yes")
+    return 0
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, list) else str(value)
+
+
+RECIPE = """Use it with stock diffusers (no diffusers-breakscene needed):
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained("{base}")
+{lora}    embeds = load_file("{embeddings}")
+    pipe.load_textual_inversion(embeds["clip_l"], token={tokens},
+                                text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    image = pipe("a photo of {first}").images[0]
+"""
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    files = bundle.export_diffusers(args.directory)
+    for kind, path in files.items():
+        _say(args, f"{kind:10s} -> {path}")
+    lora = ""
+    if "lora" in files:
+        lora = (
+            f'    pipe.load_lora_weights("{Path(args.directory)}", '
+            f'weight_name="{files["lora"].name}")\n'
+        )
+    _say(args)
+    _say(
+        args,
+        RECIPE.format(
+            base=bundle.metadata.get("base_model") or "<the base model the bundle was trained on>",
+            lora=lora,
+            embeddings=files["embeddings"],
+            tokens=bundle.embedding_tokens(),
+            first=bundle.tokens[0],
+        ),
+    )
+    return 0
+
+
+# --- train -----------------------------------------------------------------------------------
+
+_CFG = "cfg__"
+
+
+def _optional(kind: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``BreakASceneConfig`` field, with the field's help text and default."""
+    group = parser.add_argument_group(
+        "training settings (BreakASceneConfig fields; override --config)"
+    )
+    hints = typing.get_type_hints(BreakASceneConfig)
+    for f in dataclasses.fields(BreakASceneConfig):
+        hint = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": _CFG + f.name, "default": argparse.SUPPRESS}
+        optional = False
+        if typing.get_origin(hint) in (types.UnionType, typing.Union):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint, optional = args[0], True
+        origin = typing.get_origin(hint)
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(typing.get_args(hint))
+        elif origin is tuple:
+            kwargs["nargs"] = "+"
+            kwargs["metavar"] = "NAME"
+        else:
+            kwargs["type"] = _optional(hint) if optional else hint
+            kwargs["metavar"] = getattr(hint, "__name__", "VALUE").upper()
+            if optional:
+                help_text += "; 'none' for None"
+        group.add_argument(flag, help=help_text, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> BreakASceneConfig:
+    """The config of ``breakscene train``: ``--config`` file (or defaults) + flag overrides.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--scene-dir", "s", "--output", "o",
+        ...                                   "--phase1-steps", "3", "--no-union-sampling"])
+        >>> config = config_from_args(args)
+        >>> config.phase1_steps, config.union_sampling
+        (3, False)
+    """
+    base = BreakASceneConfig.from_file(args.config) if args.config else BreakASceneConfig()
+    changes = {k.removeprefix(_CFG): v for k, v in vars(args).items() if k.startswith(_CFG)}
+    return base.replace(**changes) if changes else base
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .demo import load_pipeline
+    from .scene import Scene
+    from .trainer import BreakASceneTrainer
+
+    config = config_from_args(args)
+    extra: dict[str, Any] = {}
+    if args.token:
+        extra["tokens"] = args.token
+    if args.initializer:
+        extra["initializer_tokens"] = args.initializer
+    if args.scene_dir is not None:
+        if args.image or args.mask:
+            raise ValueError("pass either --scene-dir or --image with --mask, not both")
+        scene = Scene.from_dir(args.scene_dir, **extra)
+    else:
+        if not args.image or not args.mask:
+            raise ValueError("pass --scene-dir DIR, or --image IMG with one --mask per object")
+        scene = Scene(args.image, args.mask, **extra)
+    _say(args, f"Scene: {scene.num_concepts} concepts, tokens {scene.tokens}")
+    _say(args, f"Loading {args.model} ...")
+    tiny = args.model == TINY_MODEL
+    # A model id/folder goes in as text so that the bundle records it as its base model.
+    trainer = BreakASceneTrainer(load_pipeline(None) if tiny else args.model, scene, config)
+    _say(
+        args,
+        f"Training {config.phase1_steps} + {config.phase2_steps} steps at "
+        f"{config.resolution} px into {args.output} ...",
+    )
+    path = trainer.train(args.output, progress=not args.quiet)
+    _say(args, f"Bundle written to {path}")
+    _say(args, f'Try: breakscene generate --model {args.model} --bundle {path} --prompt "a photo '
+               f'of {scene.tokens[0]} on the beach"')  # fmt: skip
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="print nothing on success")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks"
+    )
+    return common
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser, steps: int = 25) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"base pipeline: hub id, local folder or {TINY_MODEL!r} (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--bundle",
+        action="append",
+        required=True,
+        help="bundle file, folder or hub repo id; repeat to load several",
+    )
+    parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    parser.add_argument("--height", type=int, default=None, help="image height (model default)")
+    parser.add_argument("--width", type=int, default=None, help="image width (model default)")
+    parser.add_argument("--scale", type=float, default=1.0, help="LoRA strength of each bundle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,16 +393,144 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_common()]
+    raw = argparse.RawDescriptionHelpFormatter
 
-    tiny = sub.add_parser(
-        "tiny-model", help="save an offline tiny SD-family pipeline (random weights)"
+    def add(name: str, help: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=common,
+            epilog=f"example:\n  {example}",
+            formatter_class=raw,
+        )
+
+    demo = add(
+        "demo",
+        "the whole workflow on a built-in scene, offline with the built-in tiny model",
+        "breakscene demo --output ./breakscene-demo",
+    )
+    demo.add_argument("--output", default="breakscene-demo", help="folder for every file")
+    demo.add_argument(
+        "--model",
+        default=None,
+        help="hub id or folder of an SD pipeline (default: the built-in tiny random model)",
+    )
+    demo.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps of each training phase"
+    )
+    demo.add_argument(
+        "--inference-steps",
+        type=int,
+        default=None,
+        help="denoising steps of each image (default: 25)",
+    )
+    demo.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="image and training size in pixels (default: 256 on the tiny model, else 512)",
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    gen = add(
+        "generate",
+        "generate images with one or more bundles",
+        'breakscene generate --bundle out --prompt "a photo of <asset0> on the beach"',
+    )
+    _add_generation_flags(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt; repeatable")
+    gen.add_argument("--output", default="breakscene-images", help="folder for the PNGs")
+    gen.set_defaults(func=_cmd_generate)
+
+    inspect = add(
+        "inspect",
+        "show what a bundle holds; with --model, check that it fits that model",
+        "breakscene inspect out/break_a_scene.safetensors --model ./my-sd21",
+    )
+    inspect.add_argument("bundle", help="bundle file, folder or hub repo id")
+    inspect.add_argument("--model", default=None, help="check compatibility with this pipeline")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    export = add(
+        "export",
+        "write the bundle as stock-diffusers LoRA + textual-inversion files",
+        "breakscene export out/break_a_scene.safetensors exported/",
+    )
+    export.add_argument("bundle", help="bundle file, folder or hub repo id")
+    export.add_argument("directory", help="folder to write into")
+    export.set_defaults(func=_cmd_export)
+
+    att = add(
+        "attention",
+        "picture where each handle attends while generating a prompt",
+        'breakscene attention --bundle out --prompt "a photo of <asset0> and <asset1>"',
+    )
+    _add_generation_flags(att)
+    att.add_argument("--prompt", required=True, help="prompt that uses the handles")
+    att.add_argument("--output", default="attention.png", help="PNG to write")
+    att.add_argument(
+        "--scene-dir", default=None, help="training scene folder: show each mask beside its map"
+    )
+    att.set_defaults(func=_cmd_attention)
+
+    train = add(
+        "train",
+        "learn one handle token per masked object of one image",
+        "breakscene train --image img.png --mask m0.png --mask m1.png --output out",
+    )
+    train.add_argument("--image", default=None, help="the scene image")
+    train.add_argument("--mask", action="append", default=[], help="one mask per object")
+    train.add_argument("--scene-dir", default=None, help="folder with img.* and mask*.png")
+    train.add_argument("--token", action="append", default=[], help="handle names, in order")
+    train.add_argument(
+        "--initializer", action="append", default=[], help="initializer word per handle"
+    )
+    train.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"base pipeline: hub id, local folder or {TINY_MODEL!r} (default: {DEFAULT_MODEL})",
+    )
+    train.add_argument("--output", required=True, help="output folder")
+    train.add_argument("--config", default=None, help="a .json/.yaml BreakASceneConfig file")
+    _add_config_flags(train)
+    train.set_defaults(func=_cmd_train)
+
+    tiny = add(
+        "tiny-model",
+        "save an offline tiny SD-family pipeline (random weights)",
+        "breakscene tiny-model ./tiny-sd1",
     )
     tiny.add_argument("directory", help="folder to write the pipeline into")
     tiny.add_argument("--family", choices=("sd1", "sd2"), default="sd1")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--quiet", action="store_true", help="print nothing on success")
     tiny.set_defaults(func=_cmd_tiny_model)
     return parser
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """With ``--quiet``: no progress bars or info logs from diffusers and transformers (restored
+    afterwards, so that ``main()`` called from Python leaves the process as it was)."""
+    if not quiet:
+        yield
+        return
+    import diffusers
+    import transformers
+
+    libs = (diffusers.utils.logging, transformers.utils.logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    for lib in libs:
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, (verbosity, bars) in zip(libs, saved, strict=True):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,11 +538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _quiet_libraries(args.quiet):
+            return args.func(args)
     except (BreakSceneError, OSError, ValueError) as error:
         if args.debug:
             raise
-        print(f"breakscene {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"breakscene {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -462,16 +462,32 @@ class BreakASceneTrainer:
     def _validate(
         self, step: int, accelerator: Any, store: AttentionStore | None, output_dir: Path
     ) -> None:
+        """Generate the validation prompts; with ``save_attention_maps``, also draw where each
+        handle of the prompt attends next to its mask (``NN-attention.png``)."""
         if not accelerator.is_main_process:
             return
+        from PIL import Image
+
+        from .viz import mask_vs_attention_grid, save_png, token_attention_maps
+
         cfg = self.config
+        everything = list(range(self.scene.num_concepts))
         prompts = list(cfg.validation_prompts) or [
-            self.scene.prompt(list(range(self.scene.num_concepts)), cfg.prompt_template,
-                              cfg.token_joiner)
-        ]  # fmt: skip
+            self.scene.prompt(everything, cfg.prompt_template, cfg.token_joiner)
+        ]
         folder = output_dir / "validation" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         pipe = self.pipeline
+        pixels, masks = self.scene.prepare(cfg.resolution)
+        array = ((pixels.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        training_image = Image.fromarray(array)
+        own_store = store is None and cfg.save_attention_maps
+        if own_store:
+            store = AttentionStore.attach(
+                pipe.unet, resolution_divisor=cfg.attention_resolution_divisor
+            )
+        handle_ids = dict(zip(self.scene.tokens, pipe.tokenizer.convert_tokens_to_ids(
+            self.scene.tokens), strict=True))  # fmt: skip
         unet_mode, te_mode = pipe.unet.training, pipe.text_encoder.training
         pipe.unet.eval()
         pipe.text_encoder.eval()
@@ -488,11 +504,25 @@ class BreakASceneTrainer:
                         width=cfg.resolution,
                         generator=torch.Generator().manual_seed(cfg.seed),
                     ).images[0]
-                image.save(folder / f"{index:02d}.png")
+                save_png(image, folder / f"{index:02d}.png")
                 (folder / f"{index:02d}.txt").write_text(prompt + "\n")
+                ids = pipe.tokenizer(prompt, truncation=True).input_ids
+                present = [t for t in self.scene.tokens if handle_ids[t] in ids]
+                if not (cfg.save_attention_maps and store is not None and present):
+                    continue
+                part = "cond" if cfg.validation_guidance_scale > 1 else "all"
+                maps = store.aggregate(part=part, over_steps=True)[0]
+                heat = token_attention_maps(maps, [ids.index(handle_ids[t]) for t in present])
+                chosen = [masks[self.scene.tokens.index(t)] for t in present]
+                grid = mask_vs_attention_grid(
+                    image, chosen, heat, present, mask_image=training_image
+                )
+                save_png(grid, folder / f"{index:02d}-attention.png")
         finally:
             if store is not None:
                 store.reset()
+                if own_store:
+                    store.detach()
             pipe.unet.train(unet_mode)
             pipe.text_encoder.train(te_mode)
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
+import pytest
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
-from diffusers_breakscene.cli import main
+from diffusers_breakscene import BreakASceneConfig, Bundle
+from diffusers_breakscene.cli import build_parser, config_from_args, main
+from diffusers_breakscene.demo import NOTICE, draw_demo_scene
 
 
 def test_tiny_model_saves_a_loadable_pipeline(tmp_path, capsys):
@@ -31,8 +37,195 @@ def test_errors_are_one_line_and_exit_non_zero(tmp_path):
 
 
 def test_help_shows_examples(capsys):
-    try:
+    with pytest.raises(SystemExit) as stop:
         main(["--help"])
-    except SystemExit as stop:
-        assert stop.code == 0
-    assert "examples:" in capsys.readouterr().out
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    for command in ("demo", "generate", "inspect", "export", "attention", "train"):
+        assert f"breakscene {command}" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--prompt", "x"])  # --bundle is missing
+    assert stop.value.code == 2
+    assert "--bundle" in capsys.readouterr().err
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+def test_demo_writes_every_promised_file_and_says_where(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--output", str(out), "--steps", "1", "--inference-steps", "2"]
+    assert main([*argv, "--resolution", "64"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    promised = [
+        out / "scene" / "img.png",
+        out / "scene" / "mask0.png",
+        out / "scene" / "mask1.png",
+        out / "break_a_scene.safetensors",
+        out / "images" / "0.png",
+        out / "images" / "1.png",
+        out / "images" / "2.png",
+        out / "attention.png",
+    ]
+    for path in promised:
+        assert path.is_file(), path
+        assert str(path) in printed, path
+    assert NOTICE in printed
+    assert Bundle.load(out / "break_a_scene.safetensors").tokens == ["<asset0>", "<asset1>"]
+    assert Image.open(out / "images" / "0.png").size == (64, 64)
+    assert Image.open(out / "attention.png").height > 2 * 192  # one row per handle
+
+
+def test_demo_scene_masks_cover_the_objects():
+    image, (ball, box) = draw_demo_scene(256)
+    assert image.getpixel((70, 150))[0] > 200 and ball.getpixel((70, 150)) == 255
+    assert image.getpixel((180, 150))[2] > 200 and box.getpixel((180, 150)) == 255
+    assert ball.getpixel((180, 150)) == 0 and box.getpixel((70, 150)) == 0
+
+
+def test_demo_rejects_bad_steps_and_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path), "--steps", "0"]) == 1
+    assert capsys.readouterr().err.startswith("breakscene demo: error: --steps 0")
+    for argv in (["--debug", "demo"], ["demo", "--debug"]):
+        with pytest.raises(ValueError, match="--steps 0"):
+            main([*argv, "--output", str(tmp_path), "--steps", "0"])
+
+
+# --- a bundle trained once with `breakscene train` --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-train")
+    image, masks = draw_demo_scene(64)
+    scene = root / "scene"
+    scene.mkdir()
+    image.save(scene / "img.png")
+    for i, mask in enumerate(masks):
+        mask.save(scene / f"mask{i}.png")
+    out = root / "out"
+    argv = ["train", "--scene-dir", str(scene), "--model", str(tiny_model_dirs["sd1"])]
+    argv += ["--output", str(out), "--phase1-steps", "2", "--phase2-steps", "2"]
+    argv += ["--resolution", "64", "--lora-rank", "4", "--no-union-sampling", "--quiet"]
+    assert main(argv) == 0
+    return {"model": str(tiny_model_dirs["sd1"]), "bundle": out / "break_a_scene.safetensors",
+            "scene": scene, "sd2": str(tiny_model_dirs["sd2"])}  # fmt: skip
+
+
+def test_train_writes_a_bundle_with_the_flags_applied(trained):
+    bundle = Bundle.load(trained["bundle"])
+    assert bundle.tokens == ["<asset0>", "<asset1>"]
+    assert bundle.metadata["lora"]["unet"]["r"] == 4
+    assert bundle.metadata["training"]["union_sampling"] is False
+
+
+def test_generate_writes_one_png_per_prompt(trained, tmp_path, capsys):
+    out = tmp_path / "images"
+    argv = ["generate", "--model", trained["model"], "--bundle", str(trained["bundle"])]
+    argv += ["--prompt", "a photo of <asset0>", "--prompt", "a photo of <asset1> on the beach"]
+    argv += ["--output", str(out), "--steps", "2", "--height", "64", "--width", "64"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for i in range(2):
+        path = out / f"{i:02d}.png"
+        assert Image.open(path).size == (64, 64)
+        assert str(path) in printed
+
+
+def test_generate_with_a_missing_bundle_is_a_one_line_error(trained, tmp_path, capsys):
+    argv = ["generate", "--model", trained["model"], "--bundle", str(tmp_path / "nope")]
+    assert main([*argv, "--prompt", "x", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("breakscene generate: error:") and err.count("\n") == 1
+
+
+def test_inspect_prints_what_the_bundle_holds(trained, capsys):
+    assert main(["inspect", str(trained["bundle"]), "--model", trained["model"]]) == 0
+    out = capsys.readouterr().out
+    for text in ("<asset0>", "<asset1>", "r=4", "to_q", "Fingerprint", "Library version"):
+        assert text in out
+    assert "Compatible with" in out and "yes" in out
+    assert f"Base model:      {trained['model']}" in out
+
+
+def test_inspect_refuses_an_incompatible_model_with_exit_1(trained, capsys):
+    assert main(["inspect", str(trained["bundle"]), "--model", trained["sd2"], "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("breakscene inspect: error: not compatible with")
+    assert err.count("\n") == 1
+
+
+def test_export_writes_stock_diffusers_files_and_a_recipe(trained, tmp_path, capsys):
+    assert main(["export", str(trained["bundle"]), str(tmp_path / "exp")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "exp" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "exp" / "learned_embeds.safetensors").is_file()
+    assert "load_lora_weights" in out and "load_textual_inversion" in out
+
+
+def test_attention_picture_with_masks(trained, tmp_path, capsys):
+    target = tmp_path / "att.png"
+    argv = ["attention", "--model", trained["model"], "--bundle", str(trained["bundle"])]
+    argv += ["--prompt", "a photo of <asset0> and <asset1>", "--output", str(target)]
+    argv += [
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--scene-dir",
+        str(trained["scene"]),
+    ]
+    assert main(argv) == 0
+    picture = Image.open(target)
+    assert picture.width == 2 * 192 and picture.height > 2 * 192
+    assert str(target) in capsys.readouterr().out
+
+
+def test_attention_picture_without_masks_and_a_prompt_without_handles(trained, tmp_path):
+    target = tmp_path / "att.png"
+    argv = ["attention", "--model", trained["model"], "--bundle", str(trained["bundle"])]
+    argv += ["--output", str(target), "--steps", "1", "--height", "64", "--width", "64"]
+    assert main([*argv, "--prompt", "a photo of <asset1>", "--quiet"]) == 0
+    assert Image.open(target).height < 2 * 192  # one row: the only handle in the prompt
+    assert main([*argv, "--prompt", "a photo of a dog", "--quiet"]) == 1
+
+
+# --- train flags ------------------------------------------------------------------------------
+
+
+def test_train_has_a_flag_per_config_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(BreakASceneConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    assert "--no-union-sampling" in out
+
+
+def test_config_file_and_flags_merge(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"phase1_steps": 7, "lora_rank": 2, "flip_probability": 0.0}))
+    argv = ["train", "--scene-dir", "s", "--output", "o", "--config", str(cfg)]
+    argv += ["--lora-rank", "3", "--lora-alpha", "none", "--lora-target-modules", "to_q", "to_v"]
+    argv += ["--phase2", "full", "--no-use-masked-loss", "--checkpointing-steps", "5"]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.phase1_steps == 7 and config.flip_probability == 0.0
+    assert config.lora_rank == 3 and config.lora_alpha is None
+    assert config.lora_target_modules == ("to_q", "to_v")
+    assert config.phase2 == "full" and config.use_masked_loss is False
+    assert config.checkpointing_steps == 5
+
+
+def test_train_reports_a_bad_config_value_on_one_line(tmp_path, capsys):
+    argv = ["train", "--scene-dir", str(tmp_path), "--output", str(tmp_path / "o")]
+    assert main([*argv, "--flip-probability", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("breakscene train: error: flip_probability=2.0 is invalid")
+    assert main(["train", "--output", str(tmp_path / "o")]) == 1
+    assert "--scene-dir" in capsys.readouterr().err

@@ -195,6 +195,10 @@ def test_validation_images_are_written(tmp_path):
     folder = tmp_path / "validation" / "step-2"
     assert (folder / "00.png").is_file()
     assert (folder / "00.txt").read_text().strip() == "a photo of <asset0> and <asset1>"
+    from PIL import Image
+
+    picture = Image.open(folder / "00-attention.png")
+    assert picture.height > picture.width  # one row (mask | attention) per handle
 
 
 def test_bad_inputs_are_refused_before_training(tmp_path):
