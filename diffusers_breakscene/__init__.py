@@ -16,6 +16,7 @@ from .config import BreakASceneConfig
 from .errors import (
     BreakSceneError,
     IncompatibleBaseError,
+    InvalidArgumentError,
     InvalidBundleError,
     InvalidConfigError,
     InvalidSceneError,
@@ -41,6 +42,7 @@ __all__ = [
     "BreakSceneError",
     "Bundle",
     "IncompatibleBaseError",
+    "InvalidArgumentError",
     "InvalidBundleError",
     "InvalidConfigError",
     "InvalidSceneError",

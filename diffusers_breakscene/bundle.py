@@ -729,7 +729,11 @@ def _resolve_source(
         if file.is_file():
             return file
         others = sorted(x.name for x in p.glob("*.safetensors"))
-        hint = f"; it holds {others}: pass weight_name=..." if others else ""
+        hint = (
+            f"; it holds {others}: pass weight_name=..."
+            if others
+            else "; pass the .safetensors file itself, or the output_dir that training wrote"
+        )
         raise MissingFileError(f"folder {text!r} has no bundle file {name!r}{hint}")
     if isinstance(source, str) and _looks_like_repo_id(text):
         return _download(text, name, revision, local_files_only, cache_dir, token)

@@ -109,14 +109,28 @@ def save_checkpoint(
     save_file(tensors, tmp / STATE_FILE, metadata=metadata)
     with open(tmp / STATE_FILE, "rb") as handle:
         os.fsync(handle.fileno())
-    if final.exists():
-        old = root / f".checkpoint-{step}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+    if final.is_dir():
+        # A folder cannot be renamed over a non-empty one atomically; the checkpoint is one
+        # file, so replace that file atomically instead: a crash leaves the old or the new.
+        os.replace(tmp / STATE_FILE, final / STATE_FILE)
+        shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(final)
+    _fsync_dir(root)
     return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> CheckpointState:
@@ -129,11 +143,19 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> CheckpointState:
         )
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get("format") != "break-a-scene-checkpoint":
-        raise TrainingError(f"{path} is not a diffusers-breakscene checkpoint.")
-    tensors = load_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != "break-a-scene-checkpoint":
+            raise TrainingError(f"{path} is not a diffusers-breakscene checkpoint.")
+        tensors = load_file(path)
+    except TrainingError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise TrainingError(
+            f"{path} cannot be read ({err}); resume from another checkpoint-N folder or delete "
+            "this one."
+        ) from None
     opt_meta = json.loads(metadata["optimizer"])
     opt_state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

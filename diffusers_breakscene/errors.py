@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "BreakSceneError",
     "IncompatibleBaseError",
+    "InvalidArgumentError",
     "InvalidBundleError",
     "InvalidConfigError",
     "InvalidSceneError",
@@ -36,6 +37,10 @@ class InvalidSceneError(BreakSceneError, ValueError):
 
 class InvalidConfigError(BreakSceneError, ValueError):
     """A :class:`~diffusers_breakscene.BreakASceneConfig` field has an invalid value."""
+
+
+class InvalidArgumentError(BreakSceneError, ValueError):
+    """An argument of a call (``scale``, ``adapter_name``, a prompt index...) is unusable."""
 
 
 class InvalidBundleError(BreakSceneError, ValueError):

@@ -34,7 +34,12 @@ from typing import Any
 import torch
 
 from .bundle import Bundle
-from .errors import BreakSceneError, IncompatibleBaseError, InvalidBundleError, TokenConflictError
+from .errors import (
+    IncompatibleBaseError,
+    InvalidArgumentError,
+    InvalidBundleError,
+    TokenConflictError,
+)
 
 __all__ = ["BreakAScenePipelineMixin", "register"]
 
@@ -101,9 +106,11 @@ def _check_can_load(pipe, bundle: Bundle, tokens: list[str], name: str, scale: f
             "SD-family pipelines."
         )
     if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise ValueError(f"scale={scale!r} must be a finite number, e.g. 1.0.")
+        raise InvalidArgumentError(f"scale={scale!r} must be a finite number, e.g. 1.0.")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"adapter_name={name!r} may only use letters, digits, '_', '.', '-'.")
+        raise InvalidArgumentError(
+            f"adapter_name={name!r} may only use letters, digits, '_', '.', '-'; e.g. 'scene_1'."
+        )
     if name in _break_a_scene(pipe).loaded or name in _peft_adapters(pipe):
         raise TokenConflictError(
             f"An adapter named {name!r} is already loaded; pass another adapter_name or "
@@ -307,9 +314,9 @@ class BreakAScenePipelineMixin:
         """
         state = _break_a_scene(self)
         if adapter_name is not None and adapter_name not in state.loaded:
-            raise BreakSceneError(
+            raise InvalidArgumentError(
                 f"No Break-A-Scene bundle is loaded as adapter {adapter_name!r}; loaded: "
-                f"{sorted(state.loaded) or 'none'}."
+                f"{sorted(state.loaded) or 'none'}. Pass one of those names, or none to unload all."
             )
         names = [adapter_name] if adapter_name is not None else list(state.loaded)
         refuse = [n for n in state.loaded if state.loaded[n].fused and n not in names]

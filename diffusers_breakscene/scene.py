@@ -441,7 +441,7 @@ class Scene:
             '<asset1> on the beach'
         """
         if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(
+            raise InvalidSceneError(
                 f"template must contain exactly one '{{}}' where the tokens go, got {template!r}; "
                 f"e.g. 'a photo of {{}}'."
             )
@@ -452,17 +452,17 @@ class Scene:
                     raise TypeError
                 i = operator.index(index)
             except TypeError:
-                raise ValueError(
+                raise InvalidSceneError(
                     f"indices[{position}] must be an integer concept index, got {index!r}."
                 ) from None
             if not 0 <= i < self.num_concepts:
-                raise ValueError(
+                raise InvalidSceneError(
                     f"indices[{position}] = {i} is out of range: this scene has "
                     f"{self.num_concepts} concepts (indices 0..{self.num_concepts - 1})."
                 )
             chosen.append(self._tokens[i])
         if not chosen:
-            raise ValueError("indices is empty; pass at least one concept index.")
+            raise InvalidSceneError("indices is empty; pass at least one concept index.")
         return template.replace("{}", joiner.join(chosen))
 
     def __repr__(self) -> str:
@@ -696,7 +696,10 @@ def _image_array_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
         return arr.astype(np.uint8)
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
-            raise InvalidSceneError(f"{what} contains NaN or infinite values.")
+            raise InvalidSceneError(
+                f"{what} contains NaN or infinite values; pass finite pixels in [0, 1] (e.g. "
+                "np.nan_to_num(x) before clipping)."
+            )
         lo, hi = float(arr.min()), float(arr.max())
         if lo < -_FLOAT_TOLERANCE or hi > 1.0 + _FLOAT_TOLERANCE:
             raise InvalidSceneError(
@@ -785,7 +788,10 @@ def _mask_scale(arr: np.ndarray, what: str) -> float:
         return 1.0
     if kind == "f":
         if not np.isfinite(arr).all():
-            raise InvalidSceneError(f"{what} contains NaN or infinite values.")
+            raise InvalidSceneError(
+                f"{what} contains NaN or infinite values; a mask must be finite: 0 for "
+                "background, 1 for the object (e.g. np.nan_to_num(mask))."
+            )
         lo, hi = float(arr.min()), float(arr.max())
         if lo < -_FLOAT_TOLERANCE or hi > 1.0 + _FLOAT_TOLERANCE:
             raise InvalidSceneError(

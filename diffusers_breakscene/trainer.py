@@ -67,9 +67,18 @@ def _load_pipeline(source: Any) -> Any:
         raise MissingFileError(
             f"{source} has no model_index.json; pass a diffusers pipeline folder or a hub id."
         )
-    return StableDiffusionPipeline.from_pretrained(
-        source, safety_checker=None, requires_safety_checker=False
-    )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as err:
+        # diffusers says "neither a valid local path nor a valid repo id" (ValueError) or
+        # cannot find/download the files (OSError): the user named something that is not there.
+        raise MissingFileError(
+            f"Cannot load a pipeline from {str(source)!r} ({err}); pass an existing diffusers "
+            "pipeline folder (with model_index.json) or a Hub repo id such as "
+            "'stabilityai/stable-diffusion-2-1-base'."
+        ) from err
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -81,6 +90,22 @@ def _check_writable(output_dir: Path) -> None:
             f"Cannot write to output_dir={str(output_dir)!r} ({probe_root} is not a writable "
             "folder); choose another output folder."
         )
+
+
+def _use_configured_learning_rates(optimizer: Any, lr_scheduler: Any, configured: list) -> None:
+    """After loading a checkpoint, use the config's base learning rates, not the saved ones.
+
+    Resuming with the same config changes nothing; resuming with a lowered learning rate (the
+    fix NonFiniteLossError suggests) really lowers it, keeping the schedule's position.
+    """
+    for index, (group, base) in enumerate(zip(optimizer.param_groups, configured, strict=True)):
+        saved = group.get("initial_lr", base)
+        if saved == base:
+            continue
+        group["lr"] = group["lr"] * (base / saved) if saved else base
+        group["initial_lr"] = base
+        lr_scheduler.base_lrs[index] = base
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 class BreakASceneTrainer:
@@ -449,8 +474,10 @@ class BreakASceneTrainer:
                 param = trainable[name]
                 param.copy_(resume.params[name].to(param.device, param.dtype))
         if same_phase:
+            configured = [group["initial_lr"] for group in optimizer.param_groups]
             optimizer.load_state_dict(resume.optimizer)
             lr_scheduler.load_state_dict(resume.scheduler)
+            _use_configured_learning_rates(optimizer, lr_scheduler, configured)
         index = min(accelerator.process_index, resume.generator_states.shape[0] - 1)
         generator.set_state(resume.generator_states[index].clone())
         if resume.torch_rng_state is not None:

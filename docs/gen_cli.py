@@ -1,0 +1,171 @@
+"""Generate docs/cli.md from the ``breakscene`` argument parser.
+
+    python docs/gen_cli.py > docs/cli.md
+
+tests/test_docs.py checks that docs/cli.md names every subcommand and flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+os.environ["COLUMNS"] = "80"  # argparse wraps usage lines at the terminal width
+
+from diffusers_breakscene.cli import build_parser
+
+NOTES = {
+    "demo": (
+        "Draws a scene (a red ball and a blue box), trains on it, saves the bundle, generates"
+        " three images and an attention picture, all under `--output`. On the tiny model each"
+        " phase runs 50 steps at 256 px unless `--steps` / `--resolution` say otherwise; on a"
+        " real model the `BreakASceneConfig` defaults apply (400 + 400 steps, 512 px)."
+    ),
+    "generate": (
+        "Writes `OUTPUT/00.png`, `01.png`, ... one per `--prompt`, with seeds `--seed`, "
+        "`--seed + 1`, .... Every `--bundle` is loaded with the same `--scale`. The CLI has "
+        "no token-prefix option: two bundles whose tokens collide (both `<asset0>`) cannot be"
+        " loaded together here; use `load_break_a_scene(..., token_prefix=...)` from Python "
+        "([Loading bundles](loading.md#several-bundles-and-token-prefixes), "
+        "`examples/generate_with_bundles.py`)."
+    ),
+    "inspect": (
+        "Prints the size, format version, library version, base model, tokens (with their "
+        "embedding shape, initializer and mask area), the base fingerprint and the LoRA "
+        "settings. With `--model`, also loads that pipeline and runs "
+        "`Bundle.check_compatible`; exit code 1 and the differing numbers when it does not "
+        "fit."
+    ),
+    "export": (
+        "Writes `pytorch_lora_weights.safetensors` (when the bundle has a LoRA) and "
+        "`learned_embeds.safetensors` into `directory` and prints a stock-diffusers loading "
+        "snippet; see [Stock diffusers interop](interop.md)."
+    ),
+    "attention": (
+        "Generates the prompt once with an `AttentionStore` attached and writes `--output` "
+        "(one row per handle: its training mask with `--scene-dir`, beside its attention over"
+        " the image) and the image itself as `<output>.image.png`; see [Attention "
+        "maps](attention.md)."
+    ),
+    "train": (
+        "Give the scene as `--scene-dir DIR` (`img.*` + `mask*.png`, see [Making "
+        "masks](masks.md)) or as `--image IMG` with one `--mask` per object, in order. "
+        "`--token` and `--initializer` are repeated once per mask. Writes "
+        "`OUTPUT/break_a_scene.safetensors`. Under `accelerate launch` / `torchrun` it trains"
+        " data parallel ([Training](training.md#several-gpus))."
+    ),
+    "tiny-model": (
+        "Saves the built-in tiny pipeline with `save_pretrained`, so it can be used like any "
+        "local model folder (`--model ./tiny-sd1`, "
+        "`StableDiffusionPipeline.from_pretrained(path, local_files_only=True)`). `sd1` is "
+        "epsilon-prediction, `sd2` v-prediction with linear projections."
+    ),
+}
+
+HEADER = """\
+The `breakscene` command is installed with the package (`python -m diffusers_breakscene.cli`
+runs the same). Every subcommand accepts `--quiet` (print nothing on success) and `--debug`
+(show the full traceback on errors). Exit codes: 0 success, 1 error (one line
+`breakscene <command>: error: ...` on stderr), 2 usage error. `breakscene --version` prints
+the version.
+
+Models (`--model`) are a hub id, a local diffusers folder, or `tiny-sd1`: the built-in tiny
+model with random weights (offline; shows the workflow, not image quality). Bundles
+(`--bundle`, `bundle`) are a bundle file, a folder holding `break_a_scene.safetensors`, or a
+hub repo id.
+"""
+
+
+def _default(action: argparse.Action) -> str:
+    default = action.default
+    if default is argparse.SUPPRESS or default is None or default is False or action.required:
+        return ""
+    if default == []:
+        return ""
+    return f"`{default}`"
+
+
+def _flag(action: argparse.Action) -> str:
+    if not action.option_strings:
+        return f"`{action.dest}`"
+    names = ", ".join(f"`{o}`" for o in action.option_strings)
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        return names
+    if action.metavar:
+        metavar = action.metavar
+    elif action.choices:
+        metavar = "{" + ",".join(map(str, action.choices)) + "}"
+    else:
+        metavar = action.dest.upper()
+    if action.nargs == "+":
+        metavar = f"{metavar} [{metavar} ...]"
+    return f"{names} `{metavar}`"
+
+
+def _row(action: argparse.Action) -> str:
+    text = (action.help or "").replace("|", "\\|").replace("%%", "%")
+    default = _default(action)
+    match = re.search(r"\(default: (.*?)\)(; 'none' for None)?$", text)
+    if match:
+        default = f"`{match.group(1)}`"
+        text = text[: match.start()].rstrip() + (" `none` for None." if match.group(2) else "")
+    repeatable = isinstance(action, argparse._AppendAction)
+    if action.required:
+        default = "required" + (", repeatable" if repeatable else "")
+    elif repeatable:
+        default = (default + ", " if default else "") + "repeatable"
+    return f"| {_flag(action)} | {default} | {text} |"
+
+
+def generate() -> str:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = [
+        "# Command line",
+        "",
+        "<!-- generated by docs/gen_cli.py from the argument parser; edit that script -->",
+        "",
+        *HEADER.splitlines(),
+        "",
+        "| command | what it does |",
+        "|---|---|",
+    ]
+    out += [f"| [`{name}`](#{name}) | {p.description} |" for name, p in sub.choices.items()]
+    out.append("")
+    for name, p in sub.choices.items():
+        out += [f"## {name}", "", p.description[0].upper() + p.description[1:] + ".", ""]
+        if name in NOTES:
+            out += [NOTES[name], ""]
+        out += ["```text", p.format_usage().strip(), "```", ""]
+        for group in p._action_groups:
+            actions = [
+                a
+                for a in group._group_actions
+                if not isinstance(a, argparse._HelpAction) and a.dest not in ("quiet", "debug")
+            ]
+            if not actions:
+                continue
+            if group.title == "positional arguments":
+                out += ["Arguments:", ""]
+            elif group.title.startswith("training settings"):
+                out += [
+                    "Training settings: every `BreakASceneConfig` field, as `--field-name`; they "
+                    "override `--config`. Booleans come as `--flag` / `--no-flag`, optional "
+                    "numbers accept `none`. Defaults and sources: "
+                    "[Training](training.md#every-setting).",
+                    "",
+                ]
+            else:
+                out += ["Options:", ""]
+            out += ["| flag | default | meaning |", "|---|---|---|"]
+            out += [_row(a) for a in actions]
+            out.append("")
+        example = (p.epilog or "").replace("example:\n", "").strip()
+        if example:
+            out += ["Example:", "", "```bash", example, "```", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(generate(), end="")
