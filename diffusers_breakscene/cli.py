@@ -26,10 +26,15 @@ from typing import Any, Literal
 from . import __version__
 from .config import BreakASceneConfig
 from .demo import DEFAULT_MODEL, TINY_MODEL
-from .errors import BreakSceneError, IncompatibleBaseError
+from .errors import (
+    BreakSceneError,
+    IncompatibleBaseError,
+    InvalidArgumentError,
+    TokenConflictError,
+)
 
 EPILOG = """examples:
-  breakscene demo                                  # offline: tiny model, ~1 minute on a CPU
+  breakscene demo                                  # offline: tiny model, ~20 s on a CPU
   breakscene demo --model stabilityai/stable-diffusion-2-1-base --output demo-sd21   # on a GPU
   breakscene train --scene-dir my_scene --model stabilityai/stable-diffusion-2-1-base \\
       --output out --phase1-steps 400 --phase2-steps 400
@@ -87,15 +92,36 @@ def _load_with_bundles(args: argparse.Namespace) -> tuple[Any, list[str]]:
     from .bundle import Bundle
     from .demo import load_pipeline
 
+    count = len(args.bundle)
+    scales = _per_bundle(args.scale or [1.0], count, "--scale")
+    prefixes = _per_bundle(args.token_prefix or [None], count, "--token-prefix")
     bundles = [Bundle.load(source) for source in args.bundle]  # fail fast, before the model
     _say(args, f"Loading {args.model} ...")
     pipe = load_pipeline(args.model)
     tokens: list[str] = []
-    for source, bundle in zip(args.bundle, bundles, strict=True):
-        loaded = pipe.load_break_a_scene(bundle, scale=args.scale)
-        _say(args, f"Loaded {source}: tokens {loaded}")
+    for source, bundle, scale, prefix in zip(args.bundle, bundles, scales, prefixes, strict=True):
+        try:
+            loaded = pipe.load_break_a_scene(bundle, scale=scale, token_prefix=prefix or None)
+        except TokenConflictError as error:
+            raise TokenConflictError(
+                f"{source}: {error} On the command line: give each --bundle a "
+                "--token-prefix, e.g. --token-prefix '' --token-prefix s2_."
+            ) from None
+        _say(args, f"Loaded {source}: tokens {loaded} (scale {scale})")
         tokens += loaded
     return pipe, tokens
+
+
+def _per_bundle(values: list[Any], count: int, flag: str) -> list[Any]:
+    """One value for every bundle, or one value per bundle, in --bundle order."""
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise InvalidArgumentError(
+            f"{flag} was given {len(values)} times for {count} --bundle options; give it once "
+            "(applies to all) or once per --bundle, in the same order."
+        )
+    return values
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -379,7 +405,18 @@ def _add_generation_flags(parser: argparse.ArgumentParser, steps: int = 25) -> N
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
     parser.add_argument("--height", type=int, default=None, help="image height (model default)")
     parser.add_argument("--width", type=int, default=None, help="image width (model default)")
-    parser.add_argument("--scale", type=float, default=1.0, help="LoRA strength of each bundle")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        action="append",
+        help="LoRA strength: once for all bundles or once per --bundle (default 1.0)",
+    )
+    parser.add_argument(
+        "--token-prefix",
+        action="append",
+        help="rename a bundle's tokens (<asset0> -> <PREFIXasset0>): once per --bundle, in "
+        "order ('' keeps a bundle's names); needed when two bundles use the same tokens",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,11 +24,11 @@ NOTES = {
     ),
     "generate": (
         "Writes `OUTPUT/00.png`, `01.png`, ... one per `--prompt`, with seeds `--seed`, "
-        "`--seed + 1`, .... Every `--bundle` is loaded with the same `--scale`. The CLI has "
-        "no token-prefix option: two bundles whose tokens collide (both `<asset0>`) cannot be"
-        " loaded together here; use `load_break_a_scene(..., token_prefix=...)` from Python "
-        "([Loading bundles](loading.md#several-bundles-and-token-prefixes), "
-        "`examples/generate_with_bundles.py`)."
+        "`--seed + 1`, .... `--scale` and `--token-prefix` are given once (for every "
+        "`--bundle`) or once per `--bundle`, in order. Two bundles whose tokens collide (both "
+        "`<asset0>`) need a prefix on one of them: `--bundle a --bundle b --token-prefix '' "
+        "--token-prefix s2_` makes the second one's tokens `<s2_asset0>`, ... "
+        "([Loading bundles](loading.md#several-bundles-and-token-prefixes))."
     ),
     "inspect": (
         "Prints the size, format version, library version, base model, tokens (with their "

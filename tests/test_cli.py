@@ -136,6 +136,22 @@ def test_generate_writes_one_png_per_prompt(trained, tmp_path, capsys):
         assert str(path) in printed
 
 
+def test_generate_with_two_bundles_needs_and_takes_token_prefixes(trained, tmp_path, capsys):
+    bundle = str(trained["bundle"])
+    argv = ["generate", "--model", trained["model"], "--bundle", bundle, "--bundle", bundle]
+    argv += ["--output", str(tmp_path), "--steps", "2", "--height", "64", "--width", "64"]
+    prompt = ["--prompt", "a photo of <asset0> and <s2_asset1>"]
+    assert main([*argv, *prompt, "--quiet"]) == 1
+    assert "--token-prefix" in capsys.readouterr().err
+    ok = [*argv, *prompt, "--token-prefix", "", "--token-prefix", "s2_"]
+    assert main([*ok, "--scale", "1.0", "--scale", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "<s2_asset1>" in printed and "scale 0.5" in printed
+    assert (tmp_path / "00.png").is_file()
+    assert main([*ok, "--scale", "1", "--scale", "1", "--scale", "1", "--quiet"]) == 1
+    assert "--scale was given 3 times for 2 --bundle" in capsys.readouterr().err
+
+
 def test_generate_with_a_missing_bundle_is_a_one_line_error(trained, tmp_path, capsys):
     argv = ["generate", "--model", trained["model"], "--bundle", str(tmp_path / "nope")]
     assert main([*argv, "--prompt", "x", "--quiet"]) == 1
