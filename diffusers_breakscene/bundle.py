@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from .errors import (
     MissingFileError,
     UnwritableOutputError,
 )
+from .files import atomic_write, check_writable, fsync_dir
 from .fingerprint import FINGERPRINT_FIELDS, base_fingerprint, check_compatible
 
 __all__ = [
@@ -565,70 +565,15 @@ def _validate(bundle: Bundle) -> None:
 # writing atomically
 
 
-def _check_writable(file: Path) -> None:
-    """Raise :class:`UnwritableOutputError` unless ``file`` can be created or replaced."""
-    if file.is_dir():
-        raise UnwritableOutputError(
-            f"cannot write {str(file)!r}: it is a folder; pass a file name or its parent folder"
-        )
-    ancestor = file.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UnwritableOutputError(
-            f"cannot write {str(file)!r}: {str(ancestor)!r} is a file, not a folder; "
-            "choose another output location"
-        )
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UnwritableOutputError(
-            f"cannot write {str(file)!r}: no write permission in {str(ancestor)!r}; "
-            "choose another output location"
-        )
-
-
-def _make_parent(file: Path) -> None:
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UnwritableOutputError(f"cannot create the folder of {str(file)!r}: {err}") from err
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _atomic_save_file(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], file: Path
 ) -> None:
     """``safetensors.torch.save_file`` into a temporary file next to ``file``, then rename."""
-    _check_writable(file)
-    _make_parent(file)
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    except OSError as err:
-        raise UnwritableOutputError(f"cannot write {str(file)!r}: {err}") from err
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        with tmp.open("rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UnwritableOutputError(
-            f"writing {str(file)!r} failed: {err}; any previous file there is unchanged"
-        ) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(file.parent)
+
+    atomic_write(file, write, "bundle")
 
 
 def _output_file(path: str | os.PathLike[str], default_name: str) -> Path:
@@ -1029,7 +974,7 @@ class Bundle:
             'break_a_scene.safetensors'
         """
         file = _output_file(path, DEFAULT_WEIGHT_NAME)
-        _check_writable(file)
+        check_writable(file, "bundle")
         tensors, metadata = self._serialize(dtype)
         _atomic_save_file(tensors, metadata, file)
         self._file = file
@@ -1071,7 +1016,7 @@ class Bundle:
             raise UnwritableOutputError(
                 f"cannot export into {str(directory)!r}: it is a file; pass a folder"
             )
-        _check_writable(directory / DIFFUSERS_EMBEDDINGS_NAME)
+        check_writable(directory / DIFFUSERS_EMBEDDINGS_NAME, "export")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".breakscene-export-", dir=directory))
@@ -1111,7 +1056,7 @@ class Bundle:
             raise UnwritableOutputError(f"exporting into {str(directory)!r} failed: {err}") from err
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return out
 
     def _write_diffusers_lora(self, directory: Path) -> None:

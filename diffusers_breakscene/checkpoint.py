@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import MissingFileError, TrainingError
+from .files import fsync_dir
 
 __all__ = [
     "CheckpointState",
@@ -116,21 +117,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(directory: str | os.PathLike[str]) -> CheckpointState:

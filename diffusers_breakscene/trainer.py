@@ -40,8 +40,8 @@ from .errors import (
     InvalidSceneError,
     MissingFileError,
     NonFiniteLossError,
-    UnwritableOutputError,
 )
+from .files import check_writable
 from .handles import HandleEmbedding, add_handles, get_handle_embeddings
 from .lora import add_text_encoder_lora, add_unet_lora, lora_metadata, lora_state_dict
 from .scene import Scene
@@ -79,17 +79,6 @@ def _load_pipeline(source: Any) -> Any:
             "pipeline folder (with model_index.json) or a Hub repo id such as "
             "'stabilityai/stable-diffusion-2-1-base'."
         ) from err
-
-
-def _check_writable(output_dir: Path) -> None:
-    probe_root = output_dir
-    while not probe_root.exists():
-        probe_root = probe_root.parent
-    if not probe_root.is_dir() or not os.access(probe_root, os.W_OK | os.X_OK):
-        raise UnwritableOutputError(
-            f"Cannot write to output_dir={str(output_dir)!r} ({probe_root} is not a writable "
-            "folder); choose another output folder."
-        )
 
 
 def _use_configured_learning_rates(optimizer: Any, lr_scheduler: Any, configured: list) -> None:
@@ -176,7 +165,7 @@ class BreakASceneTrainer:
         one exactly where it stopped.
         """
         output_dir = Path(output_dir)
-        _check_writable(output_dir)
+        check_writable(output_dir, "output_dir")
         resume = self._resolve_resume(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_write
 
 __all__ = [
     "attention_overlay",
@@ -243,15 +244,10 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:
         'a.png'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
             image.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write, "picture")
     return path

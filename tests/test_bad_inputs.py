@@ -307,7 +307,7 @@ CASES = [
          bas.TokenConflictError, ValueError, "<taken>", "choose other handle names"),
     Case("trainer-unwritable-output", "BreakASceneTrainer", "output_dir under a regular file",
          lambda c: _train(c, out="a-file/out") if c.blocker() else None,
-         bas.UnwritableOutputError, PermissionError, "a-file", "another output folder"),
+         bas.UnwritableOutputError, PermissionError, "a-file", "choose another location"),
     Case("trainer-missing-checkpoint", "BreakASceneTrainer",
          "resume_from_checkpoint naming a missing folder",
          lambda c: _train(c, config=_config(resume_from_checkpoint=str(c.tmp / "ckpt-9"))),
