@@ -1,0 +1,349 @@
+"""Break-A-Scene benchmarks: ratios measured side by side in one run (issue #7).
+
+    python benchmarks/run.py --quick     # CPU, < 5 min: 256 px, few repeats
+    python benchmarks/run.py             # full mode (meant for a GPU): 256 + 512 px, fp16/bf16
+    python benchmarks/run.py --smoke     # seconds: tiny models only (the test suite runs this)
+
+Writes ``<out>/<mode>.json`` and ``<out>/<mode>.md`` (default out: benchmarks/results). Every
+training-step and inference configuration runs in its own subprocess so memory peaks do not mix;
+times are medians of several repeats after warm-up. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: (key, target text, predicate) for the report.
+TARGETS: list[tuple[str, str, Any]] = [
+    ("lora_vs_full_step_time", "<= 0.25", lambda v: v <= 0.25),
+    ("lora_vs_full_peak_memory", "<= 0.35", lambda v: v <= 0.35),
+    ("bas_vs_plain_lora_step_time", "<= 1.10", lambda v: v <= 1.10),
+    ("reference_capture_vs_ours_step_time", ">= 1.5 (at 512 px)", lambda v: v >= 1.5),
+    ("reference_capture_vs_ours_step_memory", ">= 2 (at 512 px)", lambda v: v >= 2.0),
+    ("fused_inference_vs_base", "<= 1.01", lambda v: v <= 1.01),
+    ("unfused_inference_vs_base", "<= 1.10", lambda v: v <= 1.10),
+    ("idle_store_inference_vs_base", "(report)", None),
+    ("bundle_vs_full_pipeline_size", "<= 1/500 (0.002)", lambda v: v <= 1 / 500),
+    ("alignment_iou_with_attention_loss", "> without", None),
+    ("alignment_iou_without_attention_loss", "(report)", None),
+    ("alignment_iou_without_union_sampling", "(report)", None),
+    ("lora_vs_full_loss_reduction", "(report; 1.0 = as much as full)", None),
+]
+
+MODES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "step_model": "tiny",
+        "step_res": [64],
+        "step_repeats": {"lora": (1, 2), "full": (1, 2)},
+        "dtypes": ["fp32"],
+        "inference": {"model": "tiny", "res": 64, "rounds": 1, "warmup": 1, "repeats": 2},
+        "tiny": {"res": 64, "phase1_steps": 1, "phase2_steps": 1, "seeds": [0]},
+    },
+    "quick": {
+        "step_model": "sd15",
+        "step_res": [256],
+        "step_repeats": {"lora": (1, 2), "full": (0, 2)},
+        "dtypes": ["fp32"],
+        "inference": {"model": "sd15", "res": 128, "rounds": 3, "warmup": 1, "repeats": 1},
+        "tiny": {"res": 128, "phase1_steps": 30, "phase2_steps": 60, "seeds": [0, 1, 2]},
+    },
+    "full": {
+        "step_model": "sd15",
+        "step_res": [256, 512],
+        "step_repeats": {"lora": (2, 10), "full": (2, 5)},
+        "dtypes": ["fp32", "fp16", "bf16"],
+        "inference": {"model": "sd15", "res": 512, "rounds": 10, "warmup": 1, "repeats": 3},
+        "tiny": {"res": 128, "phase1_steps": 100, "phase2_steps": 200, "seeds": [0, 1, 2]},
+    },
+}
+FULL_LR = 1e-4  # phase2="full" learning rate in the capacity comparison (tiny model)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+THREADS = 0  # torch threads of the workers (0: torch's default)
+IN_PROCESS = False  # smoke mode: run workers in this process (memory peaks then mix)
+
+
+def worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in a fresh Python process; returns its result dict."""
+    t0 = time.perf_counter()
+    if IN_PROCESS:
+        import workers
+
+        return {**workers.WORKERS[kind](spec), "wall_s": time.perf_counter() - t0}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {kind} {spec} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def machine(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    for name in ("diffusers", "transformers", "peft"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _has_xformers() -> bool:
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def step_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> None:
+    details: dict[str, Any] = {}
+    xformers = device == "cuda" and _has_xformers()
+    dtypes = mode["dtypes"] if device == "cuda" else ["fp32"]
+    for res in mode["step_res"]:
+        for dtype in dtypes:
+            # One process for the three LoRA steps (same model: plain DreamBooth, ours, the
+            # reference-style capture, in that order), one for full fine-tuning.
+            for phase2, captures in (("lora", ["none", "ours", "reference"]), ("full", ["ours"])):
+                if dtype == "fp16" and phase2 == "full":
+                    continue  # fp16 full fine-tuning needs fp32 master weights: bf16 row only
+                warmup, repeats = mode["step_repeats"][phase2]
+                spec = {
+                    "model": mode["step_model"], "res": res, "phase2": phase2,
+                    "captures": captures, "warmup": warmup, "repeats": repeats,
+                    "device": device, "dtype": dtype, "xformers": xformers,
+                    "threads": THREADS,
+                }  # fmt: skip
+                log(f"step {phase2} {captures} {res}px {dtype} ...")
+                out = worker("step", spec)
+                for capture in captures:
+                    name = f"{phase2}_{capture}_{res}px_{dtype}"
+                    d = details[name] = {"spec": {**spec, "captures": [capture]}, **out[capture]}
+                    log(
+                        f"  {name}: {d['step_time_s']:.3f} s/step, peak "
+                        f"{d['peak_bytes'] / 1e9:.2f} GB, step mem {d['step_bytes'] / 1e9:.2f} GB"
+                    )
+                log(f"  ({out['wall_s']:.0f} s wall)")
+    results["details"]["steps"] = details
+
+    # Headline ratios: the largest resolution measured, fp32 (fp16/bf16 rows stay in details).
+    res = max(mode["step_res"])
+
+    def get(phase2: str, capture: str) -> dict[str, Any]:
+        return details[f"{phase2}_{capture}_{res}px_fp32"]
+
+    lora, full = get("lora", "ours"), get("full", "ours")
+    plain, ref = get("lora", "none"), get("lora", "reference")
+    results["lora_vs_full_step_time"] = lora["step_time_s"] / full["step_time_s"]
+    results["lora_vs_full_peak_memory"] = lora["peak_bytes"] / full["peak_bytes"]
+    results["lora_vs_full_step_memory"] = (
+        lora["peak_over_loaded_bytes"] / full["peak_over_loaded_bytes"]
+    )
+    results["bas_vs_plain_lora_step_time"] = lora["step_time_s"] / plain["step_time_s"]
+    results["bas_vs_plain_lora_step_memory"] = lora["step_bytes"] / max(plain["step_bytes"], 1)
+    results["reference_capture_vs_ours_step_time"] = ref["step_time_s"] / lora["step_time_s"]
+    results["reference_capture_vs_ours_step_memory"] = ref["step_bytes"] / max(
+        lora["step_bytes"], 1
+    )
+    results["step_ratios_measured_at"] = f"{mode['step_model']} UNet, {res} px, fp32, batch 1"
+
+
+def inference_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> None:
+    from workers import sd21_base_pipeline_bytes
+
+    spec = {**mode["inference"], "device": device, "threads": THREADS}
+    spec["dtype"] = "fp16" if device == "cuda" else "fp32"
+    spec["xformers"] = device == "cuda" and _has_xformers()
+    log(f"inference {spec} ...")
+    inf = worker("inference", spec)
+    t = inf["unet_step_s"]
+    log(f"  UNet step s: {t}; load s: {inf['load_s']}; bundle {inf['bundle_bytes']} bytes")
+    results["details"]["inference"] = {"spec": spec, **inf}
+    results["fused_inference_vs_base"] = t["fused"] / t["base"]
+    results["unfused_inference_vs_base"] = t["unfused"] / t["base"]
+    results["idle_store_inference_vs_base"] = t["store"] / t["base"]
+    full = sd21_base_pipeline_bytes()
+    results["details"]["full_pipeline"] = {
+        **full,
+        "how": "stable-diffusion-2-1-base parameter counts (UNet, VAE, OpenCLIP-H text encoder "
+        "with 23 layers) built on the meta device, times 4 bytes (fp32, as the reference saves)",
+    }
+    results["bundle_vs_full_pipeline_size"] = inf["bundle_bytes"] / full["bytes_fp32"]
+    results["bundle_bytes"] = inf["bundle_bytes"]
+    results["bundle_load_unfused_s"] = inf["load_s"]["load_unfused"]
+    results["bundle_load_fused_s"] = inf["load_s"]["load_fused"]
+    results["bundle_unload_s"] = inf["load_s"]["unload"]
+
+
+def alignment_section(mode: dict[str, Any], results: dict[str, Any]) -> None:
+    import alignment
+
+    processes = 1 if mode is MODES["smoke"] else max(1, min(2, os.cpu_count() or 1))
+    settings = {**mode["tiny"], "full_lr": FULL_LR, "processes": processes}
+    log(f"tiny alignment/capacity {settings} ...")
+    out = alignment.run(settings, log=log)
+    results["details"]["alignment"] = out
+    results["alignment_iou_with_attention_loss"] = out["iou"]["with_attention_loss"]["mean"]
+    results["alignment_iou_without_attention_loss"] = out["iou"]["without_attention_loss"]["mean"]
+    results["alignment_iou_without_union_sampling"] = out["iou"]["without_union_sampling"]["mean"]
+    results["lora_vs_full_loss_reduction"] = out["lora_vs_full_loss_reduction"]["mean"]
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def report(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"# Break-A-Scene benchmarks: {results['mode']} mode",
+        "",
+        f"- date: {m['date']}; run time {results['total_seconds']:.0f} s",
+        f"- machine: {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), device "
+        f"{m['device']}{' (' + m['gpu'] + ')' if m.get('gpu') else ''}, {m['platform']}",
+        f"- torch {m['torch']}, diffusers {m['diffusers']}, transformers {m['transformers']}, "
+        f"peft {m['peft']}, Python {m['python']}",
+        f"- load average (1, 5, 15 min) at start {fmt_load(results['load_average_start'])}, "
+        f"at end {fmt_load(results['load_average_end'])}",
+        f"- training-step ratios: {results.get('step_ratios_measured_at', '-')}; inference: "
+        f"{results['details']['inference']['spec']['model']} UNet at "
+        f"{results['details']['inference']['spec']['res']} px, CFG batch 2",
+        "",
+        "| measurement | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    checks = dict(results["targets_met"])
+    for key, target, _ in TARGETS:
+        met = checks.get(key)
+        mark = "-" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {key} | {fmt(results.get(key))} | {target} | {mark} |")
+    a = results["details"]["alignment"]
+    lines += [
+        "",
+        f"Alignment IoU over seeds {a['config']['seeds']} (mean ± std): "
+        + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in a["iou"].items())
+        + ".",
+        f"Masked-loss reduction in phase two: LoRA {a['loss_reduction_lora']['mean']:.4g} ± "
+        f"{a['loss_reduction_lora']['std']:.2g}, full {a['loss_reduction_full']['mean']:.4g} ± "
+        f"{a['loss_reduction_full']['std']:.2g}.",
+        f"Bundle: {results['bundle_bytes'] / 1e6:.1f} MB; load unfused "
+        f"{results['bundle_load_unfused_s']:.2f} s, fused {results['bundle_load_fused_s']:.2f} s, "
+        f"unload {results['bundle_unload_s']:.2f} s.",
+        "",
+        "| step configuration | s/step | peak GB | step GB |",
+        "|---|---|---|---|",
+    ]
+    for name, d in results["details"]["steps"].items():
+        lines.append(
+            f"| {name} | {d['step_time_s']:.3f} | {d['peak_bytes'] / 1e9:.2f} | "
+            f"{d['step_bytes'] / 1e9:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def fmt_load(load: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in load)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="CPU-sized run, < 5 min")
+    group.add_argument("--smoke", action="store_true", help="tiny models only, seconds")
+    parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 on CPU, where the cores are shared: two threads on two "
+        "busy cores spin-wait and run 2-3x slower than one; torch's default on CUDA)",
+    )
+    parser.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        import workers
+
+        kind, spec = args.worker
+        result = workers.WORKERS[kind](json.loads(spec))
+        print(json.dumps(result), flush=True)
+        return result
+
+    import torch
+
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = MODES[name]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    global IN_PROCESS, THREADS
+    IN_PROCESS = name == "smoke"
+    THREADS = args.threads if args.threads is not None else (1 if device == "cpu" else 0)
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    results: dict[str, Any] = {
+        "mode": name,
+        "machine": machine(device),
+        "load_average_start": list(os.getloadavg()),
+        "details": {},
+    }
+    step_section(mode, device, results)
+    inference_section(mode, device, results)
+    alignment_section(mode, results)
+    results["load_average_end"] = list(os.getloadavg())
+    results["total_seconds"] = time.perf_counter() - start
+    results["targets"] = {key: target for key, target, _ in TARGETS}
+    results["targets_met"] = {
+        key: (bool(check(results[key])) if check else None) for key, _, check in TARGETS
+    }
+    results["targets_met"]["alignment_iou_with_attention_loss"] = (
+        results["alignment_iou_with_attention_loss"]
+        > results["alignment_iou_without_attention_loss"]
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(report(results))
+    log(report(results))
+    log(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The benchmark harness runs end to end in its smoke mode (tiny models) and writes its report.
+
+No timing is asserted: only that every key of the issue's list is there, numeric, and that the
+markdown table names each one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = [
+    "lora_vs_full_step_time",
+    "lora_vs_full_peak_memory",
+    "bas_vs_plain_lora_step_time",
+    "reference_capture_vs_ours_step_time",
+    "reference_capture_vs_ours_step_memory",
+    "fused_inference_vs_base",
+    "unfused_inference_vs_base",
+    "bundle_vs_full_pipeline_size",
+    "alignment_iou_with_attention_loss",
+    "alignment_iou_without_attention_loss",
+    "lora_vs_full_loss_reduction",
+]
+
+
+def test_smoke_run_writes_json_and_markdown(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    for key in KEYS:
+        assert isinstance(data[key], float | int), key
+        assert math.isfinite(data[key]) or "loss_reduction" in key, key
+    machine = data["machine"]
+    assert {"cpu_count", "torch", "device", "date"} <= machine.keys()
+    assert len(data["load_average_start"]) == 3 and len(data["load_average_end"]) == 3
+    assert set(KEYS) <= data["targets_met"].keys()
+    table = (tmp_path / "smoke.md").read_text()
+    assert all(f"| {key} |" in table for key in KEYS)
