@@ -442,6 +442,19 @@ class BreakASceneConfig:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> BreakASceneConfig:
+        # The generated __init__ would raise a bare TypeError for a misspelt field; check the
+        # names first so the error says which field was meant.
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in names:
+                raise InvalidConfigError(
+                    f"unknown config field {key!r}"
+                    + _did_you_mean(str(key), names)
+                    + "; see dataclasses.fields(BreakASceneConfig) for the valid names"
+                )
+        return super().__new__(cls)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BreakASceneConfig:
         """Build a validated config from a mapping such as :meth:`to_dict`'s output.

@@ -304,7 +304,10 @@ def save_tiny_pipeline(
         >>> path = save_tiny_pipeline(tempfile.mkdtemp(), "sd1")
         >>> pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
     """
-    path = Path(directory)
+    from .files import check_writable
+
+    path = check_writable(directory, "model folder")
+    pipe = tiny_pipeline(family, seed=seed, resolution=resolution)
     path.mkdir(parents=True, exist_ok=True)
-    tiny_pipeline(family, seed=seed, resolution=resolution).save_pretrained(path)
+    pipe.save_pretrained(path)
     return path

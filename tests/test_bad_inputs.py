@@ -474,7 +474,8 @@ CLI_CASES = [
     ("cli-unknown-family", "breakscene tiny-model DIR --family sd9",
      lambda c: ["tiny-model", str(c / "m"), "--family", "sd9"], 2, "invalid choice: 'sd9'"),
     ("cli-unwritable-output", "breakscene tiny-model a-file/model (under a regular file)",
-     lambda c: ["tiny-model", str(c / "a-file" / "model")], 1, r"a-file/model"),
+     lambda c: ["tiny-model", str(c / "a-file" / "model")], 1,
+     r"a-file/model.*is a file, not a folder; choose another location"),
     ("cli-missing-argument", "breakscene tiny-model (no folder)",
      lambda c: ["tiny-model"], 2, "required: directory"),
 ]  # fmt: skip

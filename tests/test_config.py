@@ -291,3 +291,8 @@ def test_validate_after_manual_change() -> None:
     config.flip_probability = 2.0
     with pytest.raises(InvalidConfigError, match="flip_probability"):
         config.validate()
+
+
+def test_misspelt_field_in_the_constructor_suggests_the_closest_name():
+    with pytest.raises(InvalidConfigError, match=r"'lora_rnak' \(did you mean 'lora_rank'\?\)"):
+        BreakASceneConfig(lora_rnak=4)
