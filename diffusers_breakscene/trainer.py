@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,24 @@ def _use_configured_learning_rates(optimizer: Any, lr_scheduler: Any, configured
         group["initial_lr"] = base
         lr_scheduler.base_lrs[index] = base
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+@dataclass
+class _Run:
+    """What one call of :meth:`BreakASceneTrainer.train` works with, built once at its start."""
+
+    accelerator: Any
+    unet: Any
+    text_encoder: Any
+    noise_scheduler: Any
+    handles: HandleEmbedding
+    store: AttentionStore | None
+    encoded: EncodedImages
+    prior: EncodedImages | None
+    handle_ids: list[int]
+    generator: torch.Generator
+    output_dir: Path
+    bar: Any
 
 
 class BreakASceneTrainer:
@@ -214,21 +233,19 @@ class BreakASceneTrainer:
         if resume is not None and resume.step >= cfg.phase1_steps:
             start_step = resume.step
         total = cfg.phase1_steps + cfg.phase2_steps
-        bar = self._progress(total, start_step, accelerator, progress)
+        run = _Run(
+            accelerator, unet, text_encoder, noise_scheduler, handles, store, encoded, prior,
+            handle_ids, generator, output_dir,
+            self._progress(total, start_step, accelerator, progress),
+        )  # fmt: skip
         try:
             if start_step < cfg.phase1_steps:
-                self._run_phase(
-                    1, accelerator, unet, text_encoder, noise_scheduler, handles, store,
-                    encoded, prior, handle_ids, generator, resume, output_dir, bar,
-                )  # fmt: skip
+                self._run_phase(1, run, resume)
                 resume = None
             if cfg.phase2_steps:
-                self._run_phase(
-                    2, accelerator, unet, text_encoder, noise_scheduler, handles, store,
-                    encoded, prior, handle_ids, generator, resume, output_dir, bar,
-                )  # fmt: skip
+                self._run_phase(2, run, resume)
         finally:
-            bar.close()
+            run.bar.close()
             if store is not None:
                 store.detach()
             unet.disable_gradient_checkpointing()
@@ -246,27 +263,13 @@ class BreakASceneTrainer:
 
     # -- the phases ------------------------------------------------------------------------------
 
-    def _run_phase(
-        self,
-        phase: int,
-        accelerator: Any,
-        unet: Any,
-        text_encoder: Any,
-        noise_scheduler: Any,
-        handles: HandleEmbedding,
-        store: AttentionStore | None,
-        encoded: EncodedImages,
-        prior: EncodedImages | None,
-        handle_ids: list[int],
-        generator: torch.Generator,
-        resume: Any,
-        output_dir: Path,
-        bar: Any,
-    ) -> None:
+    def _run_phase(self, phase: int, run: _Run, resume: Any) -> None:
+        """Optimizer, scheduler and loop of one phase; continues from ``resume`` if given."""
         cfg = self.config
+        accelerator = run.accelerator
         first = 0 if phase == 1 else cfg.phase1_steps
         last = cfg.phase1_steps if phase == 1 else cfg.phase1_steps + cfg.phase2_steps
-        groups, trainable = self._param_groups(phase, unet, text_encoder, handles)
+        groups, trainable = self._param_groups(phase, run.unet, run.text_encoder, run.handles)
         from diffusers.optimization import get_scheduler
 
         optimizer = torch.optim.AdamW(
@@ -286,47 +289,47 @@ class BreakASceneTrainer:
         step = first
         if resume is not None:
             step = self._restore(
-                resume, phase, trainable, optimizer, lr_scheduler, generator, accelerator
+                resume, phase, trainable, optimizer, lr_scheduler, run.generator, accelerator
             )
-        models = [text_encoder] if phase == 1 else [unet, text_encoder]
+        models = [run.text_encoder] if phase == 1 else [run.unet, run.text_encoder]
         prepared = accelerator.prepare(*models, optimizer, lr_scheduler)
         *models, optimizer, lr_scheduler = prepared
         ddp_text_encoder = models[-1]
-        ddp_unet = models[0] if phase == 2 else unet
+        ddp_unet = models[0] if phase == 2 else run.unet
 
-        bar.set_description(f"phase {phase}/2")
+        run.bar.set_description(f"phase {phase}/2")
         while step < last:
             with accelerator.accumulate(*models):
                 batch = sample_batch(
                     self.scene,
-                    encoded,
+                    run.encoded,
                     self.pipeline.tokenizer,
-                    handle_ids,
-                    generator,
+                    run.handle_ids,
+                    run.generator,
                     batch_size=cfg.train_batch_size,
                     scaling_factor=self.pipeline.vae.config.scaling_factor,
                     union_sampling=cfg.union_sampling,
                     flip_probability=cfg.flip_probability,
                     prompt_template=cfg.prompt_template,
                     token_joiner=cfg.token_joiner,
-                    prior=prior,
+                    prior=run.prior,
                     class_prompt=cfg.class_prompt,
                 )
                 with accelerator.autocast():
                     loss, logs = training_step(
                         ddp_unet,
                         ddp_text_encoder,
-                        noise_scheduler,
+                        run.noise_scheduler,
                         batch,
-                        generator,
-                        attention_store=store,
+                        run.generator,
+                        attention_store=run.store,
                         use_masked_loss=cfg.use_masked_loss,
                         lambda_attention=cfg.lambda_attention,
                         masked_loss_normalization=cfg.masked_loss_normalization,
                         prior_loss_weight=cfg.prior_loss_weight,
                     )
                 if not math.isfinite(logs["loss"]):
-                    last_ckpt = latest_checkpoint(output_dir / "checkpoints")
+                    last_ckpt = latest_checkpoint(run.output_dir / "checkpoints")
                     raise NonFiniteLossError(
                         f"The loss became {logs['loss']} at step {step + 1} (phase {phase}); "
                         f"last good checkpoint: {last_ckpt or 'none'}. Lower the learning rate, "
@@ -344,13 +347,12 @@ class BreakASceneTrainer:
             logs = {**logs, "phase": phase, "lr": lr_scheduler.get_last_lr()[0]}
             self.history.append({"step": step, **logs})
             accelerator.log(logs, step=step)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")})
+            run.bar.update(1)
+            run.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")})
             if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-                self._save(step, phase, trainable, optimizer, lr_scheduler, generator, accelerator,
-                           output_dir)  # fmt: skip
+                self._save(step, phase, trainable, optimizer, lr_scheduler, run)
             if cfg.validation_steps and step % cfg.validation_steps == 0:
-                self._validate(step, accelerator, store, output_dir)
+                self._validate(step, run)
 
     def _param_groups(
         self, phase: int, unet: Any, text_encoder: Any, handles: HandleEmbedding
@@ -412,14 +414,13 @@ class BreakASceneTrainer:
         trainable: dict[str, torch.nn.Parameter],
         optimizer: Any,
         lr_scheduler: Any,
-        generator: torch.Generator,
-        accelerator: Any,
-        output_dir: Path,
+        run: _Run,
     ) -> None:
-        state = generator.get_state()
+        accelerator = run.accelerator
+        state = run.generator.get_state()
         states = accelerator.gather(state.unsqueeze(0).to(accelerator.device)).cpu()
         if accelerator.is_main_process:
-            root = output_dir / "checkpoints"
+            root = run.output_dir / "checkpoints"
             save_checkpoint(
                 root,
                 step=step,
@@ -475,11 +476,10 @@ class BreakASceneTrainer:
 
     # -- validation, prior preservation, outputs ---------------------------------------------
 
-    def _validate(
-        self, step: int, accelerator: Any, store: AttentionStore | None, output_dir: Path
-    ) -> None:
+    def _validate(self, step: int, run: _Run) -> None:
         """Generate the validation prompts; with ``save_attention_maps``, also draw where each
         handle of the prompt attends next to its mask (``NN-attention.png``)."""
+        accelerator, store, output_dir = run.accelerator, run.store, run.output_dir
         if not accelerator.is_main_process:
             return
         from PIL import Image
