@@ -1,9 +1,9 @@
 """Alignment (attention IoU with the masks) and LoRA capacity, trained on the tiny model.
 
-Each run trains ``BreakASceneTrainer`` on the two-quadrant scene of tests/test_trainer.py and is
-then evaluated on fixed draws exactly as that test's ``_evaluate`` does: two-handle prompts (no
-union sampling, no flip), the latent/4 cross-attention map of each handle thresholded at 0.5 of
-its maximum, IoU with the handle's mask; and the mean masked diffusion loss.
+Each run trains ``BreakASceneTrainer`` on ``tiny_scene`` (two quadrants) and is then evaluated
+with ``diffusers_breakscene.metrics.evaluate_alignment``, the measure tests/test_trainer.py uses:
+two-handle prompts (no union sampling, no flip), the latent/4 cross-attention map of each handle
+thresholded at 0.5 of its maximum, IoU with the handle's mask; and the mean masked diffusion loss.
 """
 
 from __future__ import annotations
@@ -14,59 +14,24 @@ import time
 from typing import Any
 
 import torch
-from workers import make_scene
-
-
-def evaluate(pipe: Any, scene: Any, res: int, draws: int = 6) -> tuple[float, list[float]]:
-    """(mean masked loss, per-handle IoUs) over ``draws`` fixed draws."""
-    from diffusers import DDPMScheduler
-
-    from diffusers_breakscene.attention import AttentionStore
-    from diffusers_breakscene.handles import token_ids
-    from diffusers_breakscene.step import encode_scene, sample_batch, training_step
-
-    ids = token_ids(pipe.tokenizer, scene.tokens)
-    encoded = encode_scene(pipe.vae, scene, res)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    losses: list[float] = []
-    per_handle: list[list[float]] = [[] for _ in scene.tokens]
-    with torch.no_grad(), AttentionStore.attach(pipe.unet) as store:
-        for seed in range(draws):
-            generator = torch.Generator().manual_seed(100 + seed)
-            batch = sample_batch(
-                scene, encoded, pipe.tokenizer, ids, generator, union_sampling=False,
-                flip_probability=0.0,
-            )  # fmt: skip
-            _, logs = training_step(
-                pipe.unet, pipe.text_encoder, scheduler, batch, generator, attention_store=store
-            )
-            losses.append(logs["loss_rec"])
-            maps = store.aggregate()[0]
-            for i, position in enumerate(batch.token_positions[0]):
-                attention = maps[..., position]
-                mask = torch.nn.functional.interpolate(
-                    batch.masks[0][i][None, None], size=attention.shape
-                )[0, 0].bool()
-                hot = attention / attention.max() > 0.5
-                per_handle[i].append(((hot & mask).sum() / (hot | mask).sum()).item())
-    return statistics.mean(losses), [statistics.mean(v) for v in per_handle]
 
 
 def _train(cfg: Any, res: int) -> tuple[float, list[float], float]:
     import diffusers_breakscene as bas
-    from diffusers_breakscene.tiny import tiny_pipeline
+    from diffusers_breakscene.metrics import evaluate_alignment
+    from diffusers_breakscene.tiny import tiny_pipeline, tiny_scene
 
     # Tiny models: one thread (two threads on two shared cores spin-wait: ~100x slower here).
     torch.set_num_threads(1)
 
-    scene = make_scene(res)
+    scene = tiny_scene(res)
     pipe = tiny_pipeline("sd1", resolution=res)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         bas.BreakASceneTrainer(pipe, scene, cfg).train(out, progress=False)
     seconds = time.perf_counter() - t0
-    loss, ious = evaluate(pipe, scene, res)
-    return loss, ious, seconds
+    report = evaluate_alignment(pipe, scene, res)
+    return report.masked_loss, report.iou, seconds
 
 
 def _stats(values: list[float]) -> dict[str, Any]:

@@ -84,21 +84,6 @@ def _median_times(fn: Any, warmup: int, repeats: int, device: str) -> list[float
 # -- models --------------------------------------------------------------------------------------
 
 
-def make_scene(res: int) -> Any:
-    """Two coloured quadrants (the scene of tests/test_trainer.py)."""
-    import diffusers_breakscene as bas
-
-    g = torch.Generator().manual_seed(0)
-    image = torch.rand(3, res, res, generator=g)
-    m0, m1 = torch.zeros(res, res), torch.zeros(res, res)
-    half = res // 2
-    m0[:half, :half] = 1
-    m1[half:, half:] = 1
-    image[:, m0.bool()] = torch.tensor([0.9, 0.1, 0.1])[:, None]
-    image[:, m1.bool()] = torch.tensor([0.1, 0.1, 0.9])[:, None]
-    return bas.Scene(image, [m0, m1])
-
-
 def sd15_components(res: int, seed: int = 0) -> dict[str, Any]:
     """SD1.5-sized UNet (860 M, random weights) and a CLIP-L-sized text encoder from configs.
 
@@ -173,6 +158,7 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from diffusers_breakscene.lora import add_unet_lora
     from diffusers_breakscene.scene import hflip
     from diffusers_breakscene.step import EncodedImages, sample_batch, training_step
+    from diffusers_breakscene.tiny import tiny_scene
 
     device, res = spec.get("device", "cpu"), spec["res"]
     dtype = _dtype(spec.get("dtype", "fp32"))
@@ -182,7 +168,7 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     parts = components(spec["model"], res)
     unet, te, tok = parts["unet"], parts["text_encoder"], parts["tokenizer"]
     scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-    scene = make_scene(res)
+    scene = tiny_scene(res)
     pixels, masks = scene.prepare(res)
     _, flipped = hflip(pixels, masks)
     lat = res // 8

@@ -33,3 +33,12 @@ def sd2_pipe():
     from diffusers_breakscene.tiny import tiny_pipeline
 
     return tiny_pipeline("sd2")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on 2 shared cores, 2 threads per process oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

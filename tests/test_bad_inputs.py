@@ -35,13 +35,7 @@ RES = 64
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, 2 threads per process oversubscribe badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _scene_parts(res: int = RES) -> tuple[torch.Tensor, list[torch.Tensor]]:

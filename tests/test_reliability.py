@@ -30,29 +30,14 @@ from safetensors.torch import load_file
 import diffusers_breakscene as bas
 from diffusers_breakscene import trainer as trainer_module
 from diffusers_breakscene.checkpoint import latest_checkpoint, load_checkpoint
-from diffusers_breakscene.tiny import tiny_pipeline
+from diffusers_breakscene.tiny import tiny_pipeline, tiny_scene
 
 RES = 64
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, 2 threads per process oversubscribe badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_scene(res: int = RES) -> bas.Scene:
-    g = torch.Generator().manual_seed(0)
-    image = torch.rand(3, res, res, generator=g)
-    m0, m1 = torch.zeros(res, res), torch.zeros(res, res)
-    m0[: res // 2, : res // 2] = 1
-    m1[res // 2 :, res // 2 :] = 1
-    return bas.Scene(image, [m0, m1])
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(**changes) -> bas.BreakASceneConfig:
@@ -172,13 +157,14 @@ TRAIN = textwrap.dedent(
     import diffusers_breakscene as bas
     from diffusers_breakscene import trainer as trainer_module
     from diffusers_breakscene.tiny import tiny_pipeline
-    from test_reliability import config, make_scene
+    from test_reliability import RES, config
+    from diffusers_breakscene.tiny import tiny_scene
 
     # Pace the steps (the maths is unchanged) so the parent can kill at a chosen step.
     step = trainer_module.training_step
     trainer_module.training_step = lambda *a, **k: (time.sleep(0.15), step(*a, **k))[1]
     cfg = config(checkpointing_steps=1, lr_scheduler="linear", resume_from_checkpoint="latest")
-    bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(sys.argv[1],
+    bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg).train(sys.argv[1],
                                                                           progress=False)
     print("finished", flush=True)
     """
@@ -212,7 +198,7 @@ def _run_until_killed(script: Path, out: Path, kill_after: int | None, rng: rand
 def test_training_killed_in_both_phases_resumes_bit_identically(tmp_path):
     assert torch.get_num_threads() == 1  # the same arithmetic as the subprocesses
     cfg = config(checkpointing_steps=1, lr_scheduler="linear")
-    reference = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(
+    reference = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg).train(
         tmp_path / "reference", progress=False
     )
     expected = _tensors(reference)
@@ -269,7 +255,7 @@ def test_nan_loss_stops_at_its_step_naming_the_intact_last_checkpoint(tmp_path, 
     pipe = tiny_pipeline("sd1")
     vocab = len(pipe.tokenizer)
     with pytest.raises(bas.NonFiniteLossError) as info:
-        bas.BreakASceneTrainer(pipe, make_scene(), cfg).train(tmp_path, progress=False)
+        bas.BreakASceneTrainer(pipe, tiny_scene(RES), cfg).train(tmp_path, progress=False)
     assert isinstance(info.value, FloatingPointError) and isinstance(info.value, bas.TrainingError)
     bad_step = next(
         i for i, loss in enumerate(losses, 1) if loss != loss or abs(loss) == float("inf")
@@ -293,14 +279,15 @@ def test_nan_loss_stops_at_its_step_naming_the_intact_last_checkpoint(tmp_path, 
 def test_resume_uses_the_configured_learning_rates(tmp_path):
     """NonFiniteLossError says 'lower the learning rate': a resumed run must really use it."""
     cfg = config(checkpointing_steps=1, phase1_steps=4, phase2_steps=2, lr_scheduler="linear")
-    bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg.replace(phase2_steps=0)).train(
-        tmp_path / "a", progress=False
+    first = bas.BreakASceneTrainer(
+        tiny_pipeline("sd1"), tiny_scene(RES), cfg.replace(phase2_steps=0)
     )
+    first.train(tmp_path / "a", progress=False)
     same = cfg.replace(resume_from_checkpoint=str(tmp_path / "a" / "checkpoints" / "checkpoint-2"))
     lower = same.replace(phase1_learning_rate=cfg.phase1_learning_rate / 10)
     runs = {}
     for name, resumed in (("same", same), ("lower", lower)):
-        trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), resumed)
+        trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), resumed)
         trainer.train(tmp_path / name, progress=False)
         runs[name] = [h["lr"] for h in trainer.history if h["phase"] == 1]
     assert len(runs["same"]) == 2 and runs["lower"] == pytest.approx([x / 10 for x in runs["same"]])
@@ -317,7 +304,7 @@ def test_nan_in_the_initial_handle_rows_is_caught_at_step_one(tmp_path, monkeypa
 
     monkeypatch.setattr(trainer_module.HandleEmbedding, "install", staticmethod(poisoned))
     with pytest.raises(bas.NonFiniteLossError, match=r"at step 1 \(phase 1\).*checkpoint: none"):
-        bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), config()).train(
+        bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), config()).train(
             tmp_path, progress=False
         )
     assert not (tmp_path / "checkpoints").exists()
@@ -334,7 +321,7 @@ def two_bundles(tmp_path_factory) -> list[Path]:
     for seed in (0, 1):
         cfg = config(phase1_steps=1, phase2_steps=1, seed=seed, phase2_learning_rate=1e-2)
         paths.append(
-            bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(
+            bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg).train(
                 root / str(seed), progress=False
             )
         )

@@ -9,28 +9,12 @@ import textwrap
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
 import diffusers_breakscene as bas
-from diffusers_breakscene.attention import AttentionStore
-from diffusers_breakscene.handles import token_ids
-from diffusers_breakscene.step import encode_scene, sample_batch, training_step
-from diffusers_breakscene.tiny import tiny_pipeline
+from diffusers_breakscene.metrics import evaluate_alignment
+from diffusers_breakscene.tiny import tiny_pipeline, tiny_scene
 
-RES = 128  # latent 16x16, attention-loss maps 4x4
-
-
-def make_scene(res: int = RES) -> bas.Scene:
-    """Two coloured quadrants aligned to the 4x4 attention grid."""
-    g = torch.Generator().manual_seed(0)
-    image = torch.rand(3, res, res, generator=g)
-    m0, m1 = torch.zeros(res, res), torch.zeros(res, res)
-    half = res // 2
-    m0[:half, :half] = 1
-    m1[half:, half:] = 1
-    image[:, m0.bool()] = torch.tensor([0.9, 0.1, 0.1])[:, None]
-    image[:, m1.bool()] = torch.tensor([0.1, 0.1, 0.9])[:, None]
-    return bas.Scene(image, [m0, m1])
+RES = 128  # latent 16x16, attention-loss maps 4x4: tiny_scene's quadrants fill whole cells
 
 
 def config(**changes) -> bas.BreakASceneConfig:
@@ -50,7 +34,7 @@ def test_phase_one_changes_only_the_handle_rows(tmp_path):
     pipe = tiny_pipeline("sd1")
     unet, vae, te = snapshot(pipe.unet), snapshot(pipe.vae), snapshot(pipe.text_encoder)
     vocab = len(pipe.tokenizer)
-    path = bas.BreakASceneTrainer(pipe, make_scene(), config(phase2_steps=0)).train(
+    path = bas.BreakASceneTrainer(pipe, tiny_scene(RES), config(phase2_steps=0)).train(
         tmp_path, progress=False
     )
     assert same(snapshot(pipe.unet), unet) and same(snapshot(pipe.vae), vae)
@@ -67,7 +51,7 @@ def test_phase_one_changes_only_the_handle_rows(tmp_path):
 def test_phase_two_changes_only_handles_and_lora(tmp_path):
     pipe = tiny_pipeline("sd2")  # v-prediction
     unet = snapshot(pipe.unet)
-    trainer = bas.BreakASceneTrainer(pipe, make_scene(), config(phase2_learning_rate=1e-2))
+    trainer = bas.BreakASceneTrainer(pipe, tiny_scene(RES), config(phase2_learning_rate=1e-2))
     path = trainer.train(tmp_path, progress=False)
     after = snapshot(pipe.unet)
     base_keys = {k.replace(".base_layer", ""): k for k in after if "lora_" not in k}
@@ -91,48 +75,20 @@ def test_batch_size_accumulation_and_prior_preservation(tmp_path):
         phase1_steps=2,
         phase2_steps=1,
     )
-    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg)
+    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg)
     trainer.train(tmp_path, progress=False)
     assert len(sorted((tmp_path / "class_images").glob("*.png"))) == 2
     assert len(trainer.history) == 3 and all("loss_prior" in h for h in trainer.history)
 
 
-def _evaluate(pipe, scene):
-    """Mean masked loss and mean attention-map IoU with the own mask, on fixed draws."""
-    ids = token_ids(pipe.tokenizer, scene.tokens)
-    encoded = encode_scene(pipe.vae, scene, RES)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    losses, ious = [], []
-    with torch.no_grad(), AttentionStore.attach(pipe.unet) as store:
-        for seed in range(6):
-            generator = torch.Generator().manual_seed(100 + seed)
-            batch = sample_batch(
-                scene, encoded, pipe.tokenizer, ids, generator, union_sampling=False,
-                flip_probability=0.0,
-            )  # fmt: skip
-            _, logs = training_step(
-                pipe.unet, pipe.text_encoder, scheduler, batch, generator, attention_store=store
-            )
-            losses.append(logs["loss_rec"])
-            maps = store.aggregate()[0]
-            for i, position in enumerate(batch.token_positions[0]):
-                attention = maps[..., position]
-                mask = torch.nn.functional.interpolate(
-                    batch.masks[0][i][None, None], size=attention.shape
-                )[0, 0].bool()
-                hot = attention / attention.max() > 0.5
-                ious.append(((hot & mask).sum() / (hot | mask).sum()).item())
-    return sum(losses) / len(losses), sum(ious) / len(ious)
-
-
 @pytest.mark.slow
 def test_training_lowers_the_loss_and_aligns_attention_with_masks(tmp_path):
-    scene = make_scene()
+    scene = tiny_scene(RES)
     untrained = tiny_pipeline("sd1")
     # the same handles, added and (not) trained: the "before" state
     barely = config(phase1_steps=1, phase2_steps=0, phase1_learning_rate=1e-12)
     bas.BreakASceneTrainer(untrained, scene, barely).train(tmp_path / "0", progress=False)
-    loss_before, iou_before = _evaluate(untrained, scene)
+    before = evaluate_alignment(untrained, scene, RES)
 
     pipe = tiny_pipeline("sd1")
     cfg = config(
@@ -145,9 +101,9 @@ def test_training_lowers_the_loss_and_aligns_attention_with_masks(tmp_path):
         lambda_attention=1.0,
     )
     bas.BreakASceneTrainer(pipe, scene, cfg).train(tmp_path / "1", progress=False)
-    loss_after, iou_after = _evaluate(pipe, scene)
-    assert loss_after < loss_before
-    assert iou_after > iou_before + 0.1
+    after = evaluate_alignment(pipe, scene, RES)
+    assert after.masked_loss < before.masked_loss
+    assert after.mean_iou > before.mean_iou + 0.1
 
 
 def _final_tensors(path) -> dict[str, torch.Tensor]:
@@ -160,7 +116,7 @@ def test_resume_in_either_phase_gives_the_same_final_tensors(tmp_path):
         phase1_steps=3, phase2_steps=3, checkpointing_steps=1, lr_scheduler="linear",
         train_batch_size=2,
     )  # fmt: skip
-    reference = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(
+    reference = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg).train(
         tmp_path / "ref", progress=False
     )
     expected = _final_tensors(reference)
@@ -169,7 +125,7 @@ def test_resume_in_either_phase_gives_the_same_final_tensors(tmp_path):
     for step in (2, 3, 4):
         resumed_dir = tmp_path / f"resume-{step}"
         resumed_cfg = cfg.replace(resume_from_checkpoint=str(checkpoints / f"checkpoint-{step}"))
-        path = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), resumed_cfg).train(
+        path = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), resumed_cfg).train(
             resumed_dir, progress=False
         )
         got = _final_tensors(path)
@@ -179,10 +135,11 @@ def test_resume_in_either_phase_gives_the_same_final_tensors(tmp_path):
 
 def test_resume_latest_and_checkpoint_limit(tmp_path):
     cfg = config(checkpointing_steps=2, checkpoints_total_limit=1)
-    bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(tmp_path, progress=False)
+    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg)
+    trainer.train(tmp_path, progress=False)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-6"]
     trainer = bas.BreakASceneTrainer(
-        tiny_pipeline("sd1"), make_scene(), cfg.replace(resume_from_checkpoint="latest")
+        tiny_pipeline("sd1"), tiny_scene(RES), cfg.replace(resume_from_checkpoint="latest")
     )
     trainer.train(tmp_path, progress=False)
     assert trainer.history == []  # nothing left to do
@@ -191,7 +148,8 @@ def test_resume_latest_and_checkpoint_limit(tmp_path):
 def test_validation_images_are_written(tmp_path):
     cfg = config(phase1_steps=2, phase2_steps=0, validation_steps=2,
                  validation_num_inference_steps=2)  # fmt: skip
-    bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(), cfg).train(tmp_path, progress=False)
+    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg)
+    trainer.train(tmp_path, progress=False)
     folder = tmp_path / "validation" / "step-2"
     assert (folder / "00.png").is_file()
     assert (folder / "00.txt").read_text().strip() == "a photo of <asset0> and <asset1>"
@@ -206,12 +164,12 @@ def test_bad_inputs_are_refused_before_training(tmp_path):
     with pytest.raises(bas.InvalidSceneError, match="Scene"):
         bas.BreakASceneTrainer(pipe, "not a scene", config())
     with pytest.raises(bas.InvalidConfigError, match="BreakASceneConfig"):
-        bas.BreakASceneTrainer(pipe, make_scene(), {"phase1_steps": 1})
+        bas.BreakASceneTrainer(pipe, tiny_scene(RES), {"phase1_steps": 1})
     with pytest.raises(bas.MissingFileError, match=r"model_index\.json"):
-        bas.BreakASceneTrainer(tmp_path, make_scene(), config())
+        bas.BreakASceneTrainer(tmp_path, tiny_scene(RES), config())
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    trainer = bas.BreakASceneTrainer(pipe, make_scene(), config())
+    trainer = bas.BreakASceneTrainer(pipe, tiny_scene(RES), config())
     with pytest.raises(bas.UnwritableOutputError, match="output_dir"):
         trainer.train(blocker / "out", progress=False)
     assert "<asset0>" not in pipe.tokenizer.get_vocab()  # nothing changed
@@ -219,7 +177,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path):
 
 def test_trains_from_a_saved_model_folder(tmp_model_dirs_cached, tmp_path):
     path = bas.BreakASceneTrainer(
-        str(tmp_model_dirs_cached["sd1"]), make_scene(), config(phase1_steps=1, phase2_steps=1)
+        str(tmp_model_dirs_cached["sd1"]), tiny_scene(RES), config(phase1_steps=1, phase2_steps=1)
     ).train(tmp_path, progress=False)
     assert bas.Bundle.load(path).metadata["base_model"] == str(tmp_model_dirs_cached["sd1"])
 
@@ -236,9 +194,10 @@ SCRIPT = textwrap.dedent(
     from accelerate import Accelerator
     import diffusers_breakscene as bas
     from diffusers_breakscene.tiny import tiny_pipeline
-    from test_trainer import config, make_scene
+    from test_trainer import RES, config
+    from diffusers_breakscene.tiny import tiny_scene
     accelerator = Accelerator(cpu=True)
-    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), make_scene(),
+    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES),
                                      config(phase1_steps=2, phase2_steps=2),
                                      accelerator=accelerator)
     trainer.train({out!r}, progress=False)
@@ -283,7 +242,7 @@ def test_two_process_torchrun_completes_and_ranks_agree(tmp_path):
 )
 def test_training_modes_produce_a_bundle_that_loads(tmp_path, changes):
     trainer = bas.BreakASceneTrainer(
-        tiny_pipeline("sd1"), make_scene(), config(phase2_learning_rate=1e-2, **changes)
+        tiny_pipeline("sd1"), tiny_scene(RES), config(phase2_learning_rate=1e-2, **changes)
     )
     bundle = bas.Bundle.load(trainer.train(tmp_path, progress=False))
     assert all(torch.isfinite(torch.tensor([h["loss"] for h in trainer.history])))
