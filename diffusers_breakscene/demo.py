@@ -102,19 +102,9 @@ def load_pipeline(model: str | os.PathLike[str] | None) -> Any:
         from .tiny import tiny_pipeline
 
         return tiny_pipeline("sd1")
-    from diffusers import StableDiffusionPipeline
+    from .trainer import load_base_pipeline
 
-    local = Path(model).expanduser()
-    if local.exists() and not (local / "model_index.json").is_file():
-        from .errors import MissingFileError
-
-        raise MissingFileError(
-            f"{model} has no model_index.json; pass a diffusers pipeline folder or a hub id."
-        )
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-    if local.exists():
-        kwargs["local_files_only"] = True
-    return StableDiffusionPipeline.from_pretrained(str(model), **kwargs)
+    return load_base_pipeline(model)
 
 
 def generate_images(

@@ -61,17 +61,26 @@ def _load_pipeline(source: Any) -> Any:
                     "(StableDiffusionPipeline or a model path/hub id)."
                 )
         return source
+    return load_base_pipeline(source)
+
+
+def load_base_pipeline(source: str | os.PathLike[str]) -> Any:
+    """``StableDiffusionPipeline.from_pretrained(source)`` without safety checker, for a local
+    folder (read offline) or a Hub repo id, with a :class:`MissingFileError` that says what to
+    pass when ``source`` is neither.
+    """
     from diffusers import StableDiffusionPipeline
 
-    local = Path(source)
+    local = Path(source).expanduser()
     if local.exists() and not (local / "model_index.json").is_file():
         raise MissingFileError(
             f"{source} has no model_index.json; pass a diffusers pipeline folder or a hub id."
         )
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if local.exists():
+        kwargs["local_files_only"] = True
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            source, safety_checker=None, requires_safety_checker=False
-        )
+        return StableDiffusionPipeline.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError) as err:
         # diffusers says "neither a valid local path nor a valid repo id" (ValueError) or
         # cannot find/download the files (OSError): the user named something that is not there.
