@@ -154,10 +154,17 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from reference_capture import ReferenceCaptureStore
 
     from diffusers_breakscene.attention import AttentionStore
+    from diffusers_breakscene.config import BreakASceneConfig
     from diffusers_breakscene.handles import HandleEmbedding, add_handles
     from diffusers_breakscene.lora import add_unet_lora
     from diffusers_breakscene.scene import hflip
-    from diffusers_breakscene.step import EncodedImages, sample_batch, training_step
+    from diffusers_breakscene.step import (
+        EncodedImages,
+        LossSettings,
+        SamplingSettings,
+        sample_batch,
+        training_step,
+    )
     from diffusers_breakscene.tiny import tiny_scene
 
     device, res = spec.get("device", "cpu"), spec["res"]
@@ -209,6 +216,7 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(0)
+    scaling = 0.18215  # Stable Diffusion's VAE scaling factor (latents here are random)
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
     # Several captures share one process (and one model). They run interleaved, one step each
     # per round (warm-up rounds first), so drifts of the machine's load hit them alike; every
@@ -228,7 +236,8 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
         for capture in captures:
             store = stores[capture](unet) if capture != "none" else None
             bas_step = capture != "none"
-            batch = sample_batch(scene, encoded, tok, ids, gen, union_sampling=bas_step)
+            sampling = SamplingSettings.from_config(BreakASceneConfig(union_sampling=bas_step))
+            batch = sample_batch(scene, encoded, tok, ids, gen, sampling, scaling_factor=scaling)
             _release()
             memory = Memory(device)
             memory.start()
@@ -236,9 +245,9 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
             _sync(device)
             t0 = time.perf_counter()
             with autocast:
+                losses = LossSettings.from_config(BreakASceneConfig(use_masked_loss=bas_step))
                 loss, _ = training_step(
-                    unet, te, scheduler, batch, gen, attention_store=store,
-                    use_masked_loss=bas_step,
+                    unet, te, scheduler, batch, gen, losses, attention_store=store
                 )  # fmt: skip
             if store is not None:
                 extra[capture]["store_bytes"] = store.memory_bytes

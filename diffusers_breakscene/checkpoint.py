@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import MissingFileError, TrainingError
+from .errors import InvalidConfigError, MissingFileError, TrainingError
 from .files import fsync_dir
 
 __all__ = [
@@ -41,7 +41,10 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
+    "resolve_resume",
+    "restore_checkpoint",
     "save_checkpoint",
+    "use_configured_learning_rates",
 ]
 
 STATE_FILE = "state.safetensors"
@@ -189,3 +192,91 @@ def prune_checkpoints(directory: str | os.PathLike[str], keep: int | None) -> No
     found = _checkpoints(Path(directory))
     for _, path in found[: max(0, len(found) - keep)]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(spec: str | None, output_dir: str | os.PathLike[str]) -> CheckpointState | None:
+    """The checkpoint ``resume_from_checkpoint`` names: ``None``; ``"latest"`` (the newest under
+    ``output_dir/checkpoints``, or ``None`` when there is none yet); or a checkpoint folder.
+
+    Example:
+        >>> import tempfile
+        >>> resolve_resume("latest", tempfile.mkdtemp()) is None
+        True
+    """
+    if not spec:
+        return None
+    if spec == "latest":
+        found = latest_checkpoint(Path(output_dir) / "checkpoints")
+        return load_checkpoint(found) if found is not None else None
+    return load_checkpoint(spec)
+
+
+def restore_checkpoint(
+    state: CheckpointState,
+    phase: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: Any,
+    lr_scheduler: Any,
+    generator: torch.Generator,
+    process_index: int = 0,
+) -> int:
+    """Load ``state`` into one phase's training state; returns the step to continue from.
+
+    A checkpoint of the same phase restores everything; one taken at the very end of phase 1
+    seeds phase 2 with the handles (the LoRA and optimizer start fresh, as they would have
+    without the interruption). Each process takes its own generator state. The learning rates
+    of ``optimizer`` as configured win over the saved ones (see
+    :func:`use_configured_learning_rates`).
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.AdamW([p])
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        >>> path = save_checkpoint(tempfile.mkdtemp(), step=3, phase=1, params={"p": p * 2},
+        ...                        optimizer=opt, scheduler=sched,
+        ...                        generator_states=torch.Generator().get_state()[None])
+        >>> restore_checkpoint(load_checkpoint(path), 1, {"p": p}, opt, sched, torch.Generator())
+        3
+        >>> p.tolist()
+        [2.0, 2.0]
+    """
+    same_phase = state.phase == phase
+    names = list(trainable) if same_phase else ["handles"]
+    missing = [name for name in names if name not in state.params]
+    if missing:
+        raise InvalidConfigError(
+            f"The checkpoint at step {state.step} lacks {len(missing)} trainable tensors "
+            f"(e.g. {missing[0]!r}): it was made with another configuration (phase2, LoRA "
+            "rank or targets); resume with the same config."
+        )
+    with torch.no_grad():
+        for name in names:
+            param = trainable[name]
+            param.copy_(state.params[name].to(param.device, param.dtype))
+    if same_phase:
+        configured = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        optimizer.load_state_dict(state.optimizer)
+        lr_scheduler.load_state_dict(state.scheduler)
+        use_configured_learning_rates(optimizer, lr_scheduler, configured)
+    index = min(process_index, state.generator_states.shape[0] - 1)
+    generator.set_state(state.generator_states[index].clone())
+    if state.torch_rng_state is not None:
+        torch.set_rng_state(state.torch_rng_state)
+    return state.step
+
+
+def use_configured_learning_rates(optimizer: Any, lr_scheduler: Any, configured: list) -> None:
+    """After loading a checkpoint, use the config's base learning rates, not the saved ones.
+
+    Resuming with the same config changes nothing; resuming with a lowered learning rate (the
+    fix NonFiniteLossError suggests) really lowers it, keeping the schedule's position.
+    """
+    for index, (group, base) in enumerate(zip(optimizer.param_groups, configured, strict=True)):
+        saved = group.get("initial_lr", base)
+        if saved == base:
+            continue
+        group["lr"] = group["lr"] * (base / saved) if saved else base
+        group["initial_lr"] = base
+        lr_scheduler.base_lrs[index] = base
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
-import types
-import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from . import __version__
+from .base_pipeline import DEFAULT_MODEL, TINY_MODEL
 from .config import BreakASceneConfig
-from .demo import DEFAULT_MODEL, TINY_MODEL
 from .errors import (
     BreakSceneError,
     IncompatibleBaseError,
@@ -89,8 +86,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _load_with_bundles(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    from .base_pipeline import load_pipeline
     from .bundle import Bundle
-    from .demo import load_pipeline
 
     count = len(args.bundle)
     scales = _per_bundle(args.scale or [1.0], count, "--scale")
@@ -125,7 +122,7 @@ def _per_bundle(values: list[Any], count: int, flag: str) -> list[Any]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .demo import generate_images
+    from .validation import generate_images
     from .viz import save_png
 
     pipe, tokens = _load_with_bundles(args)
@@ -153,7 +150,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
-    from .demo import attention_picture
+    from .validation import attention_picture
     from .viz import save_png
 
     pipe, tokens = _load_with_bundles(args)
@@ -221,7 +218,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"LoRA {component}: r={info.get('r')} alpha={info.get('lora_alpha')} targets={targets}",
         )
     if args.model is not None:
-        from .demo import load_pipeline
+        from .base_pipeline import load_pipeline
 
         pipe = load_pipeline(args.model)
         try:
@@ -298,29 +295,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "training settings (BreakASceneConfig fields; override --config)"
     )
-    hints = typing.get_type_hints(BreakASceneConfig)
-    for f in dataclasses.fields(BreakASceneConfig):
-        hint = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": _CFG + f.name, "default": argparse.SUPPRESS}
-        optional = False
-        if typing.get_origin(hint) in (types.UnionType, typing.Union):
-            args = [a for a in typing.get_args(hint) if a is not type(None)]
-            hint, optional = args[0], True
-        origin = typing.get_origin(hint)
-        if hint is bool:
+    from .config_schema import field_specs
+
+    kinds = {"int": int, "float": float, "str": str}
+    for spec in field_specs(BreakASceneConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = f"{spec.help} (default: {spec.default!r})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": _CFG + spec.name, "default": argparse.SUPPRESS}
+        if spec.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is Literal:
-            kwargs["choices"] = list(typing.get_args(hint))
-        elif origin is tuple:
+        elif spec.kind == "choice":
+            kwargs["choices"] = list(spec.choices)
+        elif spec.kind == "names":
             kwargs["nargs"] = "+"
             kwargs["metavar"] = "NAME"
         else:
-            kwargs["type"] = _optional(hint) if optional else hint
-            kwargs["metavar"] = getattr(hint, "__name__", "VALUE").upper()
-            if optional:
+            kind = kinds[spec.kind]
+            kwargs["type"] = _optional(kind) if spec.optional else kind
+            kwargs["metavar"] = spec.kind.upper()
+            if spec.optional:
                 help_text += "; 'none' for None"
         group.add_argument(flag, help=help_text, **kwargs)
 
@@ -341,7 +334,7 @@ def config_from_args(args: argparse.Namespace) -> BreakASceneConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .demo import load_pipeline
+    from .base_pipeline import load_pipeline
     from .scene import Scene
     from .trainer import BreakASceneTrainer
 

@@ -38,20 +38,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import functools
 import json
-import math
 import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .config_schema import config_error, field_specs
 from .errors import InvalidConfigError, MissingFileError
 
-__all__ = ["BreakASceneConfig"]
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "DEFAULT_TOKEN_JOINER", "BreakASceneConfig"]
+
+#: The training prompt of the paper and the reference code: "a photo of <asset0> and <asset1>".
+DEFAULT_PROMPT_TEMPLATE = "a photo of {}"
+DEFAULT_TOKEN_JOINER = " and "
 
 # diffusers' scheduler names that cannot run from this config alone (they need extra rules).
 _UNSUPPORTED_LR_SCHEDULERS = {"piecewise_constant": "it needs step rules this config cannot hold"}
@@ -146,9 +147,11 @@ class BreakASceneConfig:
         0.5, "Probability of a horizontal flip of image and masks together, in [0, 1]."
     )
     prompt_template: str = _f(
-        "a photo of {}", 'Training prompt; "{}" is replaced by the joined handle tokens.'
+        DEFAULT_PROMPT_TEMPLATE, 'Training prompt; "{}" is replaced by the joined handle tokens.'
     )
-    token_joiner: str = _f(" and ", "String placed between handle tokens in the prompt.")
+    token_joiner: str = _f(
+        DEFAULT_TOKEN_JOINER, "String placed between handle tokens in the prompt."
+    )
 
     # --- prior preservation ----------------------------------------------------------------
     prior_preservation: bool = _f(
@@ -258,12 +261,11 @@ class BreakASceneConfig:
             ...     print(str(err).split(":")[0])
             flip_probability=2.0 is invalid
         """
-        hints = _type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in _PATH_FIELDS and isinstance(value, os.PathLike):
+        for spec in field_specs(type(self)):
+            value = getattr(self, spec.name)
+            if spec.name in _PATH_FIELDS and isinstance(value, os.PathLike):
                 value = os.fspath(value)
-            setattr(self, f.name, _check_type(f.name, value, hints[f.name]))
+            setattr(self, spec.name, spec.check(value))
         self._check_values()
 
     def _check_values(self) -> None:
@@ -563,17 +565,7 @@ class BreakASceneConfig:
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-
-@functools.cache
-def _type_hints(cls: type = BreakASceneConfig) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _fail(name: str, value: Any, problem: str, fix: str) -> typing.NoReturn:
-    message = f"{name}={value!r} is invalid: {problem}"
-    if fix:
-        message += f"; {fix}"
-    raise InvalidConfigError(message)
+_fail = config_error
 
 
 def _require(config: BreakASceneConfig, name: str, ok: bool, problem: str, fix: str) -> None:
@@ -590,64 +582,8 @@ def _did_you_mean(word: str, names: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if origin is tuple:
-        return "a tuple of str"
-    if hint is type(None):
-        return "None"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _check_type(name: str, value: Any, hint: Any) -> Any:
-    """Return ``value`` normalised to ``hint`` or raise InvalidConfigError naming ``name``."""
-    origin = typing.get_origin(hint)
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(name, value, inner)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if isinstance(value, str) and value in choices:
-            return value
-        _fail(name, value, f"must be {_type_name(hint)}", _one_of(list(choices)))
-    if origin is tuple:
-        if isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        fix = 'wrap a single name in a tuple: ("name",)' if isinstance(value, str) else ""
-        _fail(name, value, "must be a tuple (or list) of str", fix)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        _fail(name, value, f"must be a bool, got {type(value).__name__}", "use True or False")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        _fail(name, value, f"must be an int, got {type(value).__name__}", "write a whole number")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                _fail(name, value, "must be a finite number", "")
-            return float(value)
-        _fail(name, value, f"must be a number, got {type(value).__name__}", "write a number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        _fail(name, value, f"must be a str, got {type(value).__name__}", "")
-    raise TypeError(
-        f"internal: unsupported annotation {hint!r} for field {name}"
-    )  # pragma: no cover
-
-
 def _float_fields(cls: type) -> set[str]:
-    float_types = (float, float | None)
-    return {name for name, hint in _type_hints(cls).items() if hint in float_types}
+    return {spec.name for spec in field_specs(cls) if spec.kind == "float"}
 
 
 def _coerce_yaml_floats(data: Any, cls: type) -> Any:

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw
 
-from .viz import handle_positions, mask_vs_attention_grid, save_png, token_attention_maps
+from .base_pipeline import DEFAULT_MODEL, TINY_MODEL, load_pipeline
+from .validation import attention_picture, generate_images
+from .viz import save_png
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -37,10 +38,6 @@ __all__ = [
     "run_demo",
 ]
 
-#: The model ``breakscene generate`` and friends use unless told otherwise.
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-#: Name of the built-in tiny random-weight model (``tiny_pipeline("sd1")``).
-TINY_MODEL = "tiny-sd1"
 #: Optimizer steps per phase of the demo on the tiny model (keeps the demo under 2 minutes on
 #: 2 CPU cores).
 TINY_DEMO_STEPS = 50
@@ -84,146 +81,6 @@ def draw_demo_scene(size: int = 256) -> tuple[Image.Image, list[Image.Image]]:
         getattr(ImageDraw.Draw(mask), shape)(bbox, fill=255)
         masks.append(mask)
     return image, masks
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_pipeline(model: str | os.PathLike[str] | None) -> Any:
-    """A fresh ``StableDiffusionPipeline``: the built-in tiny one for ``None``/``"tiny-sd1"``,
-    otherwise ``from_pretrained(model)`` (a local folder or a hub id), without safety checker.
-
-    Example:
-        >>> type(load_pipeline(None)).__name__
-        'StableDiffusionPipeline'
-    """
-    if model is None or str(model) == TINY_MODEL:
-        from .tiny import tiny_pipeline
-
-        return tiny_pipeline("sd1")
-    from .trainer import load_base_pipeline
-
-    return load_base_pipeline(model)
-
-
-def generate_images(
-    pipe: Any,
-    prompts: Sequence[str],
-    *,
-    steps: int = 25,
-    guidance: float = 7.5,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
-    progress: bool = True,
-) -> list[Image.Image]:
-    """Render one image per prompt with a seeded generator (seed, seed + 1, ...).
-
-    Example:
-        >>> pipe = load_pipeline(None)
-        >>> [im.size for im in generate_images(pipe, ["a dog"], steps=1, height=64, width=64,
-        ...                                    progress=False)]
-        [(64, 64)]
-    """
-    pipe.set_progress_bar_config(disable=not progress)
-    device = _device()
-    pipe.to(device)
-    images = []
-    for i, prompt in enumerate(prompts):
-        generator = torch.Generator(device="cpu").manual_seed(seed + i)
-        out = pipe(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            generator=generator,
-        )
-        images.append(out.images[0])
-    return images
-
-
-def attention_picture(
-    pipe: Any,
-    prompt: str,
-    tokens: Sequence[str],
-    masks: Sequence[Any] | None = None,
-    mask_image: Image.Image | None = None,
-    *,
-    steps: int = 25,
-    guidance: float = 7.5,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
-    progress: bool = True,
-) -> tuple[Image.Image, Image.Image]:
-    """Generate ``prompt`` while recording cross-attention; return ``(image, picture)``.
-
-    ``picture`` has one row per token in ``tokens`` that occurs in the prompt: its mask (when
-    ``masks`` are given, drawn on ``mask_image``) or the generated image, next to the token's
-    attention map (averaged over the denoising steps, conditional half) on the generated image.
-
-    Example:
-        >>> pipe = load_pipeline(None)
-        >>> image, picture = attention_picture(pipe, "a photo of dog", ["dog"], steps=1,
-        ...                                    height=64, width=64, progress=False)
-        >>> picture.width
-        384
-    """
-    from .attention import AttentionStore
-
-    if guidance <= 1.0:
-        raise ValueError(
-            f"guidance={guidance} turns classifier-free guidance off; attention maps need "
-            "guidance > 1 (e.g. 7.5)."
-        )
-    present = [t for t in tokens if t in prompt]
-    if not present:
-        raise ValueError(
-            f"none of the handle tokens {list(tokens)} occurs in the prompt {prompt!r}; "
-            "put them in the prompt, e.g. 'a photo of " + " and ".join(tokens) + "'."
-        )
-    store = AttentionStore.attach(pipe.unet)
-    try:
-        (image,) = generate_images(
-            pipe,
-            [prompt],
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            height=height,
-            width=width,
-            progress=progress,
-        )
-        maps = store.aggregate(part="cond", over_steps=True)[0]
-    finally:
-        store.detach()
-    positions = handle_positions(pipe.tokenizer, prompt, present)
-    heat = token_attention_maps(maps, positions)
-    if masks is not None:
-        chosen = [masks[list(tokens).index(t)] for t in present]
-        base = mask_image or image
-        if base.size != image.size:
-            base = base.resize(image.size, Image.BILINEAR)
-            chosen = [_resize_mask(m, image.size) for m in chosen]
-    else:
-        chosen = [torch.ones(image.height, image.width) for _ in present]
-        base = image
-    label = "mask" if masks is not None else "image"
-    picture = mask_vs_attention_grid(
-        image, chosen, heat, present, mask_image=base, mask_label=label
-    )
-    return image, picture
-
-
-def _resize_mask(mask: Any, size: tuple[int, int]) -> Image.Image:
-    if not isinstance(mask, Image.Image):
-        import numpy as np
-
-        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-        mask = Image.fromarray((arr > 0.5 * (arr.max() or 1)).astype("uint8") * 255)
-    return mask.convert("L").resize(size, Image.NEAREST)
 
 
 @dataclass

@@ -4,6 +4,9 @@ Every error the library raises on purpose is a :class:`BreakSceneError`, and als
 exception that fits (``ValueError``, ``FileNotFoundError``, ...), so ``except ValueError`` keeps
 working in code that does not know this library. Messages name the input and say how to fix it.
 
+Every message is worded "problem; fix" by :func:`message` (raise with :func:`fail`), the one
+place that decides how a problem and its fix read together.
+
 Example:
     >>> from diffusers_breakscene.errors import BreakSceneError, InvalidSceneError
     >>> issubclass(InvalidSceneError, ValueError) and issubclass(InvalidSceneError, BreakSceneError)
@@ -11,6 +14,8 @@ Example:
 """
 
 from __future__ import annotations
+
+from typing import NoReturn
 
 __all__ = [
     "BreakSceneError",
@@ -24,7 +29,31 @@ __all__ = [
     "TokenConflictError",
     "TrainingError",
     "UnwritableOutputError",
+    "fail",
+    "message",
 ]
+
+
+def message(problem: str, fix: str = "") -> str:
+    """The library's error wording: the problem, then how to fix it.
+
+    Example:
+        >>> message("scale=-1 is negative", "use a scale >= 0")
+        'scale=-1 is negative; use a scale >= 0'
+    """
+    return f"{problem}; {fix}" if fix else problem
+
+
+def fail(error: type[BreakSceneError], problem: str, fix: str = "") -> NoReturn:
+    """Raise ``error`` with :func:`message` ``(problem, fix)``.
+
+    Example:
+        >>> fail(InvalidArgumentError, "scale=-1 is negative", "use a scale >= 0")
+        Traceback (most recent call last):
+        ...
+        diffusers_breakscene.errors.InvalidArgumentError: scale=-1 is negative; use a scale >= 0
+    """
+    raise error(message(problem, fix))
 
 
 class BreakSceneError(Exception):

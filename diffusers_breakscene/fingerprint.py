@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import IncompatibleBaseError
+from .errors import IncompatibleBaseError, fail
 
 __all__ = ["FINGERPRINT_FIELDS", "base_fingerprint", "check_compatible"]
 
@@ -166,4 +166,4 @@ def check_compatible(fingerprint: Mapping[str, Any], pipeline: Any) -> None:
         fix = f"load it into an {_family_name(family)}-family pipeline"
     else:
         fix = "load it into a pipeline of the base model it was trained on"
-    raise IncompatibleBaseError("; ".join(problems) + "; " + fix)
+    fail(IncompatibleBaseError, "; ".join(problems), fix)

@@ -138,7 +138,7 @@ def lora_state_dict(unet: Any = None, text_encoder: Any = None) -> dict[str, tor
         >>> unet = tiny_pipeline("sd1").unet
         >>> _ = add_unet_lora(unet, rank=2, target_modules=["to_q"])
         >>> sorted(lora_state_dict(unet=unet))[0]
-        'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight'
+        'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight'
     """
     out: dict[str, torch.Tensor] = {}
     if unet is not None and ADAPTER_NAME in getattr(unet, "peft_config", {}):

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from .attention import AttentionStore
+from .config import BreakASceneConfig
 from .handles import token_ids
 from .losses import resize_masks
 from .scene import Scene
-from .step import encode_scene, sample_batch, training_step
+from .step import SamplingSettings, encode_scene, sample_batch, training_step
 
 __all__ = ["AlignmentReport", "attention_mask_iou", "evaluate_alignment"]
 
@@ -71,14 +72,18 @@ def evaluate_alignment(
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # Every concept, never flipped: the maps are compared with the masks as drawn.
+    settings = SamplingSettings.from_config(
+        BreakASceneConfig(union_sampling=False, flip_probability=0.0, train_batch_size=1)
+    )
     losses: list[float] = []
     per_handle: list[list[float]] = [[] for _ in scene.tokens]
     with torch.no_grad(), AttentionStore.attach(pipe.unet) as store:
         for draw in range(draws):
             generator = torch.Generator().manual_seed(seed + draw)
             batch = sample_batch(
-                scene, encoded, pipe.tokenizer, ids, generator, union_sampling=False,
-                flip_probability=0.0,
+                scene, encoded, pipe.tokenizer, ids, generator, settings,
+                scaling_factor=pipe.vae.config.scaling_factor,
             )  # fmt: skip
             _, logs = training_step(
                 pipe.unet, pipe.text_encoder, scheduler, batch, generator, attention_store=store

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .config import BreakASceneConfig
 from .losses import (
     cross_attention_loss,
     diffusion_target,
@@ -37,11 +38,71 @@ from .scene import Scene, hflip
 __all__ = [
     "Batch",
     "EncodedImages",
+    "LossSettings",
+    "SamplingSettings",
     "encode_images",
     "encode_scene",
     "sample_batch",
     "training_step",
 ]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How :func:`sample_batch` draws examples; the values come from a
+    :class:`~diffusers_breakscene.BreakASceneConfig`, where every default is written.
+
+    Example:
+        >>> SamplingSettings.from_config(BreakASceneConfig(union_sampling=False)).union_sampling
+        False
+    """
+
+    batch_size: int
+    union_sampling: bool
+    flip_probability: float
+    prompt_template: str
+    token_joiner: str
+    class_prompt: str
+
+    @classmethod
+    def from_config(cls, config: BreakASceneConfig | None = None) -> SamplingSettings:
+        """The settings of ``config`` (default: ``BreakASceneConfig()``)."""
+        cfg = config or BreakASceneConfig()
+        return cls(
+            batch_size=cfg.train_batch_size,
+            union_sampling=cfg.union_sampling,
+            flip_probability=cfg.flip_probability,
+            prompt_template=cfg.prompt_template,
+            token_joiner=cfg.token_joiner,
+            class_prompt=cfg.class_prompt,
+        )
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Which losses :func:`training_step` adds and how; the values come from a
+    :class:`~diffusers_breakscene.BreakASceneConfig`, where every default is written.
+
+    Example:
+        >>> LossSettings.from_config().lambda_attention
+        0.01
+    """
+
+    use_masked_loss: bool
+    lambda_attention: float
+    masked_loss_normalization: str
+    prior_loss_weight: float
+
+    @classmethod
+    def from_config(cls, config: BreakASceneConfig | None = None) -> LossSettings:
+        """The settings of ``config`` (default: ``BreakASceneConfig()``)."""
+        cfg = config or BreakASceneConfig()
+        return cls(
+            use_masked_loss=cfg.use_masked_loss,
+            lambda_attention=cfg.lambda_attention,
+            masked_loss_normalization=cfg.masked_loss_normalization,
+            prior_loss_weight=cfg.prior_loss_weight,
+        )
 
 
 @dataclass
@@ -107,26 +168,29 @@ def sample_batch(
     tokenizer: Any,
     handle_ids: list[int],
     generator: torch.Generator,
+    settings: SamplingSettings | None = None,
     *,
-    batch_size: int = 1,
-    scaling_factor: float = 0.18215,
-    union_sampling: bool = True,
-    flip_probability: float = 0.5,
-    prompt_template: str = "a photo of {}",
-    token_joiner: str = " and ",
+    scaling_factor: float,
     prior: EncodedImages | None = None,
-    class_prompt: str = "",
 ) -> Batch:
-    """Draw one batch; each example gets its own concept subset, flip and latent noise draw."""
+    """Draw one batch; each example gets its own concept subset, flip and latent noise draw.
+
+    ``settings`` default to :meth:`SamplingSettings.from_config` of the default config;
+    ``scaling_factor`` is the VAE's (``vae.config.scaling_factor``).
+    """
+    settings = settings or SamplingSettings.from_config()
+    batch_size = settings.batch_size
     latents, masks, prompts, sampled = [], [], [], []
     assert encoded.masks is not None
     for _ in range(batch_size):
-        indices = scene.sample_concepts(generator, union_sampling=union_sampling)
+        indices = scene.sample_concepts(generator, union_sampling=settings.union_sampling)
         sampled.append(indices)
-        flip = int(torch.rand((), generator=generator).item() < flip_probability)
+        flip = int(torch.rand((), generator=generator).item() < settings.flip_probability)
         latents.append(encoded.sample(flip, generator, scaling_factor))
         masks.append(encoded.masks[flip][indices])
-        prompts.append(scene.prompt(indices, template=prompt_template, joiner=token_joiner))
+        prompts.append(
+            scene.prompt(indices, template=settings.prompt_template, joiner=settings.token_joiner)
+        )
     input_ids = _tokenize(tokenizer, prompts)
     # The prompt names the sampled concepts in sampling order, one handle token each.
     positions = [
@@ -138,7 +202,9 @@ def sample_batch(
     if prior is not None:
         picks = torch.randint(prior.latent_mean.shape[0], (batch_size,), generator=generator)
         latents += [prior.sample(int(i), generator, scaling_factor) for i in picks]
-        input_ids = torch.cat([input_ids, _tokenize(tokenizer, [class_prompt] * batch_size)])
+        input_ids = torch.cat(
+            [input_ids, _tokenize(tokenizer, [settings.class_prompt] * batch_size)]
+        )
         num_prior = batch_size
     return Batch(
         latents=torch.stack(latents),
@@ -157,18 +223,17 @@ def training_step(
     noise_scheduler: Any,
     batch: Batch,
     generator: torch.Generator,
+    settings: LossSettings | None = None,
     *,
     attention_store: Any = None,
-    use_masked_loss: bool = True,
-    lambda_attention: float = 1e-2,
-    masked_loss_normalization: str = "mean",
-    prior_loss_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward pass and losses of one batch; returns ``(loss, {term: value})``.
 
+    ``settings`` default to :meth:`LossSettings.from_config` of the default config.
     ``attention_store`` (an attached :class:`~diffusers_breakscene.AttentionStore`) turns the
     cross-attention loss on; ``None`` turns it off.
     """
+    settings = settings or LossSettings.from_config()
     device = unet.device if hasattr(unet, "device") else batch.latents.device
     latents = batch.latents.to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -184,9 +249,9 @@ def training_step(
     n = latents.shape[0] - batch.num_prior
     pred, prior_pred = model_pred[:n], model_pred[n:]
     scene_target, prior_target = target[:n], target[n:]
-    if use_masked_loss:
+    if settings.use_masked_loss:
         rec = masked_diffusion_loss(
-            pred, scene_target, batch.union_masks.to(device), masked_loss_normalization
+            pred, scene_target, batch.union_masks.to(device), settings.masked_loss_normalization
         )
     else:
         rec = prior_preservation_loss(pred, scene_target)  # plain MSE
@@ -197,11 +262,11 @@ def training_step(
         attn = cross_attention_loss(
             maps, [m.to(device) for m in batch.masks], batch.token_positions
         )
-        loss = loss + lambda_attention * attn
+        loss = loss + settings.lambda_attention * attn
         logs["loss_attn"] = attn.item()
     if batch.num_prior:
         prior = prior_preservation_loss(prior_pred, prior_target)
-        loss = loss + prior_loss_weight * prior
+        loss = loss + settings.prior_loss_weight * prior
         logs["loss_prior"] = prior.item()
     logs["loss"] = loss.item()
     return loss, logs

@@ -29,82 +29,31 @@ from typing import Any
 import torch
 
 from .attention import AttentionStore
+from .base_pipeline import as_pipeline
 from .checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
+    resolve_resume,
+    restore_checkpoint,
     save_checkpoint,
 )
 from .config import BreakASceneConfig
-from .errors import (
-    InvalidConfigError,
-    InvalidSceneError,
-    MissingFileError,
-    NonFiniteLossError,
-)
+from .errors import InvalidConfigError, InvalidSceneError, NonFiniteLossError, TokenConflictError
 from .files import check_writable
-from .handles import HandleEmbedding, add_handles, get_handle_embeddings
-from .lora import add_text_encoder_lora, add_unet_lora, lora_metadata, lora_state_dict
+from .handles import HandleEmbedding, add_handles
+from .lora import add_text_encoder_lora, add_unet_lora
 from .scene import Scene
-from .step import EncodedImages, encode_images, encode_scene, sample_batch, training_step
+from .step import (
+    EncodedImages,
+    LossSettings,
+    SamplingSettings,
+    encode_scene,
+    sample_batch,
+    training_step,
+)
+from .validation import encode_class_images, generate_class_images, render_validation
 
 __all__ = ["BreakASceneTrainer"]
-
-
-def _load_pipeline(source: Any) -> Any:
-    """A pipeline object as is, or ``StableDiffusionPipeline.from_pretrained(source)``."""
-    if not isinstance(source, str | os.PathLike):
-        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            if getattr(source, part, None) is None:
-                raise InvalidConfigError(
-                    f"The pipeline has no {part}; BreakASceneTrainer needs an SD-family pipeline "
-                    "(StableDiffusionPipeline or a model path/hub id)."
-                )
-        return source
-    return load_base_pipeline(source)
-
-
-def load_base_pipeline(source: str | os.PathLike[str]) -> Any:
-    """``StableDiffusionPipeline.from_pretrained(source)`` without safety checker, for a local
-    folder (read offline) or a Hub repo id, with a :class:`MissingFileError` that says what to
-    pass when ``source`` is neither.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    local = Path(source).expanduser()
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise MissingFileError(
-            f"{source} has no model_index.json; pass a diffusers pipeline folder or a hub id."
-        )
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-    if local.exists():
-        kwargs["local_files_only"] = True
-    try:
-        return StableDiffusionPipeline.from_pretrained(str(source), **kwargs)
-    except (OSError, ValueError) as err:
-        # diffusers says "neither a valid local path nor a valid repo id" (ValueError) or
-        # cannot find/download the files (OSError): the user named something that is not there.
-        raise MissingFileError(
-            f"Cannot load a pipeline from {str(source)!r} ({err}); pass an existing diffusers "
-            "pipeline folder (with model_index.json) or a Hub repo id such as "
-            "'stabilityai/stable-diffusion-2-1-base'."
-        ) from err
-
-
-def _use_configured_learning_rates(optimizer: Any, lr_scheduler: Any, configured: list) -> None:
-    """After loading a checkpoint, use the config's base learning rates, not the saved ones.
-
-    Resuming with the same config changes nothing; resuming with a lowered learning rate (the
-    fix NonFiniteLossError suggests) really lowers it, keeping the schedule's position.
-    """
-    for index, (group, base) in enumerate(zip(optimizer.param_groups, configured, strict=True)):
-        saved = group.get("initial_lr", base)
-        if saved == base:
-            continue
-        group["lr"] = group["lr"] * (base / saved) if saved else base
-        group["initial_lr"] = base
-        lr_scheduler.base_lrs[index] = base
-    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 @dataclass
@@ -123,6 +72,8 @@ class _Run:
     generator: torch.Generator
     output_dir: Path
     bar: Any
+    sampling: SamplingSettings
+    losses: LossSettings
 
 
 class BreakASceneTrainer:
@@ -164,7 +115,7 @@ class BreakASceneTrainer:
             )
         self.scene = scene
         self.config = config
-        self.pipeline = _load_pipeline(pipeline_or_path)
+        self.pipeline = as_pipeline(pipeline_or_path)
         self.base_model = (
             str(pipeline_or_path)
             if isinstance(pipeline_or_path, str | os.PathLike)
@@ -174,8 +125,6 @@ class BreakASceneTrainer:
         vocab = self.pipeline.tokenizer.get_vocab()
         clash = [t for t in scene.tokens if t in vocab]
         if clash:
-            from .errors import TokenConflictError
-
             raise TokenConflictError(
                 f"Scene tokens {clash} already exist in the pipeline's tokenizer; choose other "
                 "handle names with Scene(..., tokens=[...])."
@@ -194,7 +143,7 @@ class BreakASceneTrainer:
         """
         output_dir = Path(output_dir)
         check_writable(output_dir, "output_dir")
-        resume = self._resolve_resume(output_dir)
+        resume = resolve_resume(self.config.resume_from_checkpoint, output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
 
         cfg = self.config
@@ -246,6 +195,7 @@ class BreakASceneTrainer:
             accelerator, unet, text_encoder, noise_scheduler, handles, store, encoded, prior,
             handle_ids, generator, output_dir,
             self._progress(total, start_step, accelerator, progress),
+            SamplingSettings.from_config(cfg), LossSettings.from_config(cfg),
         )  # fmt: skip
         try:
             if start_step < cfg.phase1_steps:
@@ -265,7 +215,7 @@ class BreakASceneTrainer:
         accelerator.wait_for_everyone()
         path = output_dir / "break_a_scene.safetensors"
         if accelerator.is_main_process:
-            path = self._write_outputs(output_dir, encoded)
+            path = self._write_outputs(output_dir)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return path
@@ -297,9 +247,10 @@ class BreakASceneTrainer:
         )
         step = first
         if resume is not None:
-            step = self._restore(
-                resume, phase, trainable, optimizer, lr_scheduler, run.generator, accelerator
-            )
+            step = restore_checkpoint(
+                resume, phase, trainable, optimizer, lr_scheduler, run.generator,
+                accelerator.process_index,
+            )  # fmt: skip
         models = [run.text_encoder] if phase == 1 else [run.unet, run.text_encoder]
         prepared = accelerator.prepare(*models, optimizer, lr_scheduler)
         *models, optimizer, lr_scheduler = prepared
@@ -310,33 +261,15 @@ class BreakASceneTrainer:
         while step < last:
             with accelerator.accumulate(*models):
                 batch = sample_batch(
-                    self.scene,
-                    run.encoded,
-                    self.pipeline.tokenizer,
-                    run.handle_ids,
-                    run.generator,
-                    batch_size=cfg.train_batch_size,
-                    scaling_factor=self.pipeline.vae.config.scaling_factor,
-                    union_sampling=cfg.union_sampling,
-                    flip_probability=cfg.flip_probability,
-                    prompt_template=cfg.prompt_template,
-                    token_joiner=cfg.token_joiner,
-                    prior=run.prior,
-                    class_prompt=cfg.class_prompt,
-                )
+                    self.scene, run.encoded, self.pipeline.tokenizer, run.handle_ids,
+                    run.generator, run.sampling,
+                    scaling_factor=self.pipeline.vae.config.scaling_factor, prior=run.prior,
+                )  # fmt: skip
                 with accelerator.autocast():
                     loss, logs = training_step(
-                        ddp_unet,
-                        ddp_text_encoder,
-                        run.noise_scheduler,
-                        batch,
-                        run.generator,
-                        attention_store=run.store,
-                        use_masked_loss=cfg.use_masked_loss,
-                        lambda_attention=cfg.lambda_attention,
-                        masked_loss_normalization=cfg.masked_loss_normalization,
-                        prior_loss_weight=cfg.prior_loss_weight,
-                    )
+                        ddp_unet, ddp_text_encoder, run.noise_scheduler, batch, run.generator,
+                        run.losses, attention_store=run.store,
+                    )  # fmt: skip
                 if not math.isfinite(logs["loss"]):
                     last_ckpt = latest_checkpoint(run.output_dir / "checkpoints")
                     raise NonFiniteLossError(
@@ -407,15 +340,6 @@ class BreakASceneTrainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _resolve_resume(self, output_dir: Path) -> Any:
-        spec = self.config.resume_from_checkpoint
-        if not spec:
-            return None
-        if spec == "latest":
-            found = latest_checkpoint(output_dir / "checkpoints")
-            return load_checkpoint(found) if found is not None else None
-        return load_checkpoint(spec)
-
     def _save(
         self,
         step: int,
@@ -443,184 +367,40 @@ class BreakASceneTrainer:
             prune_checkpoints(root, self.config.checkpoints_total_limit)
         accelerator.wait_for_everyone()
 
-    def _restore(
-        self,
-        resume: Any,
-        phase: int,
-        trainable: dict[str, torch.nn.Parameter],
-        optimizer: Any,
-        lr_scheduler: Any,
-        generator: torch.Generator,
-        accelerator: Any,
-    ) -> int:
-        """Load a checkpoint into this phase's state; returns the step to continue from.
-
-        A checkpoint from the same phase restores everything; one taken at the very end of
-        phase 1 seeds phase 2 with the handles (the LoRA and optimizer start fresh, as they
-        would have without the interruption).
-        """
-        same_phase = resume.phase == phase
-        names = list(trainable) if same_phase else ["handles"]
-        missing = [name for name in names if name not in resume.params]
-        if missing:
-            raise InvalidConfigError(
-                f"The checkpoint at step {resume.step} lacks {len(missing)} trainable tensors "
-                f"(e.g. {missing[0]!r}): it was made with another configuration (phase2, LoRA "
-                "rank or targets); resume with the same config."
-            )
-        with torch.no_grad():
-            for name in names:
-                param = trainable[name]
-                param.copy_(resume.params[name].to(param.device, param.dtype))
-        if same_phase:
-            configured = [group["initial_lr"] for group in optimizer.param_groups]
-            optimizer.load_state_dict(resume.optimizer)
-            lr_scheduler.load_state_dict(resume.scheduler)
-            _use_configured_learning_rates(optimizer, lr_scheduler, configured)
-        index = min(accelerator.process_index, resume.generator_states.shape[0] - 1)
-        generator.set_state(resume.generator_states[index].clone())
-        if resume.torch_rng_state is not None:
-            torch.set_rng_state(resume.torch_rng_state)
-        return resume.step
-
     # -- validation, prior preservation, outputs ---------------------------------------------
 
     def _validate(self, step: int, run: _Run) -> None:
-        """Generate the validation prompts; with ``save_attention_maps``, also draw where each
-        handle of the prompt attends next to its mask (``NN-attention.png``)."""
-        accelerator, store, output_dir = run.accelerator, run.store, run.output_dir
-        if not accelerator.is_main_process:
-            return
-        from PIL import Image
-
-        from .viz import mask_vs_attention_grid, save_png, token_attention_maps
-
-        cfg = self.config
-        everything = list(range(self.scene.num_concepts))
-        prompts = list(cfg.validation_prompts) or [
-            self.scene.prompt(everything, cfg.prompt_template, cfg.token_joiner)
-        ]
-        folder = output_dir / "validation" / f"step-{step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pipe = self.pipeline
-        pixels, masks = self.scene.prepare(cfg.resolution)
-        array = ((pixels.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
-        training_image = Image.fromarray(array)
-        own_store = store is None and cfg.save_attention_maps
-        if own_store:
-            store = AttentionStore.attach(
-                pipe.unet, resolution_divisor=cfg.attention_resolution_divisor
-            )
-        handle_ids = dict(zip(self.scene.tokens, pipe.tokenizer.convert_tokens_to_ids(
-            self.scene.tokens), strict=True))  # fmt: skip
-        unet_mode, te_mode = pipe.unet.training, pipe.text_encoder.training
-        pipe.unet.eval()
-        pipe.text_encoder.eval()
-        try:
-            for index, prompt in enumerate(prompts):
-                if store is not None:
-                    store.reset()
-                with torch.no_grad():
-                    image = pipe(
-                        prompt,
-                        num_inference_steps=cfg.validation_num_inference_steps,
-                        guidance_scale=cfg.validation_guidance_scale,
-                        height=cfg.resolution,
-                        width=cfg.resolution,
-                        generator=torch.Generator().manual_seed(cfg.seed),
-                    ).images[0]
-                save_png(image, folder / f"{index:02d}.png")
-                (folder / f"{index:02d}.txt").write_text(prompt + "\n")
-                ids = pipe.tokenizer(prompt, truncation=True).input_ids
-                present = [t for t in self.scene.tokens if handle_ids[t] in ids]
-                if not (cfg.save_attention_maps and store is not None and present):
-                    continue
-                part = "cond" if cfg.validation_guidance_scale > 1 else "all"
-                maps = store.aggregate(part=part, over_steps=True)[0]
-                heat = token_attention_maps(maps, [ids.index(handle_ids[t]) for t in present])
-                chosen = [masks[self.scene.tokens.index(t)] for t in present]
-                grid = mask_vs_attention_grid(
-                    image, chosen, heat, present, mask_image=training_image
-                )
-                save_png(grid, folder / f"{index:02d}-attention.png")
-        finally:
-            if store is not None:
-                store.reset()
-                if own_store:
-                    store.detach()
-            pipe.unet.train(unet_mode)
-            pipe.text_encoder.train(te_mode)
+        """Validation images (and attention pictures) into ``validation/step-N``."""
+        if run.accelerator.is_main_process:
+            folder = run.output_dir / "validation" / f"step-{step}"
+            render_validation(self.pipeline, self.scene, self.config, folder, run.store)
 
     def _class_latents(self, output_dir: Path, accelerator: Any) -> EncodedImages:
-        """Class images for prior preservation: generated once, cached as PNG, encoded once."""
-        import numpy as np
-        from PIL import Image
-
+        """Class images for prior preservation: generated once (main process), encoded once."""
         cfg = self.config
         folder = Path(cfg.class_images_dir) if cfg.class_images_dir else output_dir / "class_images"
-        folder.mkdir(parents=True, exist_ok=True)
-        existing = sorted(folder.glob("*.png"))
-        if accelerator.is_main_process and len(existing) < cfg.num_class_images:
-            generator = torch.Generator().manual_seed(cfg.seed)
-            for index in range(len(existing), cfg.num_class_images):
-                with torch.no_grad():
-                    image = self.pipeline(
-                        cfg.class_prompt,
-                        num_inference_steps=cfg.validation_num_inference_steps,
-                        height=cfg.resolution,
-                        width=cfg.resolution,
-                        generator=generator,
-                    ).images[0]
-                image.save(folder / f"class-{index:04d}.png")
+        if accelerator.is_main_process:
+            generate_class_images(self.pipeline, cfg, folder)
         accelerator.wait_for_everyone()
-        files = sorted(folder.glob("*.png"))[: cfg.num_class_images]
-        pixels = []
-        for file in files:
-            image = Image.open(file).convert("RGB").resize((cfg.resolution, cfg.resolution))
-            array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-            pixels.append(array.permute(2, 0, 1))
-        return encode_images(self.pipeline.vae, torch.stack(pixels))
+        return encode_class_images(self.pipeline, cfg, folder)
 
-    def _write_outputs(self, output_dir: Path, encoded: EncodedImages) -> Path:
+    def _write_outputs(self, output_dir: Path) -> Path:
         from .bundle import Bundle
-        from .fingerprint import base_fingerprint
 
         cfg = self.config
-        pipe = self.pipeline
-        tokens = self.scene.tokens
-        rows = get_handle_embeddings(pipe.tokenizer, pipe.text_encoder, tokens)
-        lora_components: dict[str, Any] = {}
-        if cfg.phase2_steps and cfg.phase2 == "lora":
-            lora_components["unet"] = lora_metadata(pipe.unet)
-            if cfg.train_text_encoder_lora:
-                lora_components["text_encoder"] = lora_metadata(pipe.text_encoder)
-        weights = (
-            lora_state_dict(
-                unet=pipe.unet,
-                text_encoder=pipe.text_encoder if cfg.train_text_encoder_lora else None,
-            )
-            if lora_components
-            else {}
-        )
-        areas = self.scene.mask_areas()
-        concepts = {
-            token: {"initializer": init, "mask_area": round(float(area), 6)}
-            for token, init, area in zip(tokens, self.scene.initializer_tokens, areas, strict=True)
-        }
-        bundle = Bundle(
-            handles=rows,
-            lora=weights,
-            metadata={
-                "tokens": tokens,
-                "concepts": concepts,
-                "base_model": str(self.base_model or ""),
-                "base_fingerprint": base_fingerprint(pipe),
-                "lora": lora_components,
-                "training": cfg.to_dict(),
-            },
+        lora = cfg.phase2_steps > 0 and cfg.phase2 == "lora"
+        bundle = Bundle.from_pipeline(
+            self.pipeline,
+            self.scene.tokens,
+            initializers=self.scene.initializer_tokens,
+            mask_areas=self.scene.mask_areas(),
+            base_model=str(self.base_model or ""),
+            training=cfg.to_dict(),
+            unet_lora=lora,
+            text_encoder_lora=lora and cfg.train_text_encoder_lora,
         )
         if cfg.phase2 == "full" and cfg.phase2_steps:
-            pipe.unet.save_pretrained(output_dir / "unet")
+            self.pipeline.unet.save_pretrained(output_dir / "unet")
         return bundle.save(output_dir / "break_a_scene.safetensors")
 
     # -- plumbing --------------------------------------------------------------------------------

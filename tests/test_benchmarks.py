@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = [
     "lora_vs_full_step_time",
@@ -28,6 +30,7 @@ KEYS = [
 ]
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_json_and_markdown(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(tmp_path)],

@@ -274,6 +274,62 @@ def test_lora_adapter_metadata_is_diffusers_flat_layout(bundle):
     }
 
 
+def test_from_pipeline_builds_the_trained_bundle(tmp_path):
+    from diffusers_breakscene.errors import InvalidArgumentError
+    from diffusers_breakscene.handles import add_handles, get_handle_embeddings
+    from diffusers_breakscene.lora import add_unet_lora, lora_state_dict
+
+    pipe = tiny_pipeline("sd1")
+    add_handles(pipe.tokenizer, pipe.text_encoder, TOKENS, ["dog", None])
+    add_unet_lora(pipe.unet, rank=4, alpha=8, target_modules=TARGETS)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:  # a LoRA that is not the identity, as after training
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    training = BreakASceneConfig(lora_rank=4, lora_alpha=8, phase1_steps=3).to_dict()
+    bundle = Bundle.from_pipeline(
+        pipe,
+        TOKENS,
+        initializers=["dog", None],
+        mask_areas=[0.25, 1 / 3],
+        base_model="tiny/sd1-test",
+        training=training,
+    )
+    expected = {
+        "tokens": TOKENS,
+        "concepts": {
+            "<asset0>": {"initializer": "dog", "mask_area": 0.25},
+            "<asset1>": {"initializer": None, "mask_area": 0.333333},
+        },
+        "base_model": "tiny/sd1-test",
+        "base_fingerprint": base_fingerprint(pipe),
+        "lora": {"unet": {"r": 4, "lora_alpha": 8, "target_modules": sorted(TARGETS)}},
+        "training": training,
+    }
+    fixed = ("format", "format_version", "library_version")
+    assert {k: v for k, v in bundle.metadata.items() if k not in fixed} == expected
+    _assert_same_tensors(
+        bundle.handles, get_handle_embeddings(pipe.tokenizer, pipe.text_encoder, TOKENS)
+    )
+    _assert_same_tensors(bundle.lora, lora_state_dict(unet=pipe.unet))
+    assert bundle.lora and all(k.startswith("unet.") for k in bundle.lora)
+    bundle.check_compatible(pipe)
+    loaded = Bundle.load(bundle.save(tmp_path, dtype=None))
+    assert loaded.metadata == bundle.metadata
+    _assert_same_tensors(loaded.handles, bundle.handles)
+    _assert_same_tensors(loaded.lora, bundle.lora)
+    # phase 2 off (or full fine-tuning): handles only, and the record says so
+    bare = Bundle.from_pipeline(
+        pipe, TOKENS, initializers=[None, None], mask_areas=[1, 0.5], unet_lora=False
+    )
+    assert bare.lora == {} and bare.metadata["lora"] == {} and "training" not in bare.metadata
+    assert bare.metadata["base_model"] == ""
+    assert Bundle.load(bare.save(tmp_path / "bare")).metadata == bare.metadata
+    with pytest.raises(InvalidArgumentError, match="one initializer"):
+        Bundle.from_pipeline(pipe, TOKENS, initializers=["dog"], mask_areas=[0.1, 0.2])
+
+
 # --------------------------------------------------------------------------------------------
 # validation of crafted files
 

@@ -23,6 +23,7 @@ def test_tiny_model_saves_a_loadable_pipeline(tmp_path, capsys):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_and_exit_non_zero(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -56,6 +57,7 @@ def test_usage_errors_exit_2(capsys):
 # --- demo -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_writes_every_promised_file_and_says_where(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--output", str(out), "--steps", "1", "--inference-steps", "2"]

@@ -43,6 +43,7 @@ def two_bundles(tmp_path_factory) -> list[Path]:
     return bundles
 
 
+@pytest.mark.slow
 def test_train_scene(two_bundles):
     import diffusers_breakscene as bas
 
@@ -55,6 +56,7 @@ def test_train_scene(two_bundles):
         assert bundle.metadata["lora"]["unet"]["r"] == 4
 
 
+@pytest.mark.slow
 def test_generate_with_bundles(two_bundles, tmp_path):
     stdout = run(str(EXAMPLES / "generate_with_bundles.py"), "--tiny",
                  "--bundle", str(two_bundles[0]), "--bundle", str(two_bundles[1].parent),
@@ -64,6 +66,7 @@ def test_generate_with_bundles(two_bundles, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00.png", "01.png"]
 
 
+@pytest.mark.slow
 def test_combine_two_scenes(tmp_path):
     stdout = run(str(EXAMPLES / "combine_two_scenes.py"), "--tiny", "--output", str(tmp_path))
     assert "'a photo of <a_asset0> and <b_asset1>'" in stdout

@@ -17,7 +17,6 @@ import json
 import pickle
 import struct
 import tempfile
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -95,14 +94,12 @@ def _load(blob: bytes) -> Bundle | None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "hostile.safetensors"
         path.write_bytes(blob)
-        start = time.monotonic()
         try:
             bundle = Bundle.load(path)
         except BreakSceneError as err:
             assert isinstance(err, ValueError | FileNotFoundError), type(err)
             assert "hostile.safetensors" in str(err)
             bundle = None
-        assert time.monotonic() - start < 5.0, "a hostile file made Bundle.load slow"
     if bundle is not None:
         bundle.validate()
     return bundle

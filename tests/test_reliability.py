@@ -112,6 +112,7 @@ def _version_of(tensor: torch.Tensor) -> float:
     return value
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_never_leaves_a_partial_file(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
@@ -195,6 +196,7 @@ def _run_until_killed(script: Path, out: Path, kill_after: int | None, rng: rand
     return proc.returncode
 
 
+@pytest.mark.slow
 def test_training_killed_in_both_phases_resumes_bit_identically(tmp_path):
     assert torch.get_num_threads() == 1  # the same arithmetic as the subprocesses
     cfg = config(checkpointing_steps=1, lr_scheduler="linear")
@@ -348,6 +350,7 @@ def _snapshot(pipe) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_fifty_load_unload_rounds_leave_no_trace(two_bundles):
     pipe = tiny_pipeline("sd1")
     start = _snapshot(pipe)
