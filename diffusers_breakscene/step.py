@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,41 +48,40 @@ __all__ = [
 ]
 
 
+class _FromConfig:
+    """A settings record whose field names are :class:`BreakASceneConfig` field names."""
+
+    @classmethod
+    def from_config(cls, config: BreakASceneConfig | None = None) -> Any:
+        """The settings of ``config`` (default: ``BreakASceneConfig()``)."""
+        cfg = config or BreakASceneConfig()
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass(frozen=True)
-class SamplingSettings:
+class SamplingSettings(_FromConfig):
     """How :func:`sample_batch` draws examples; the values come from a
-    :class:`~diffusers_breakscene.BreakASceneConfig`, where every default is written.
+    :class:`~diffusers_breakscene.BreakASceneConfig` (same field names), where every default is
+    written.
 
     Example:
         >>> SamplingSettings.from_config(BreakASceneConfig(union_sampling=False)).union_sampling
         False
     """
 
-    batch_size: int
+    train_batch_size: int
     union_sampling: bool
     flip_probability: float
     prompt_template: str
     token_joiner: str
     class_prompt: str
 
-    @classmethod
-    def from_config(cls, config: BreakASceneConfig | None = None) -> SamplingSettings:
-        """The settings of ``config`` (default: ``BreakASceneConfig()``)."""
-        cfg = config or BreakASceneConfig()
-        return cls(
-            batch_size=cfg.train_batch_size,
-            union_sampling=cfg.union_sampling,
-            flip_probability=cfg.flip_probability,
-            prompt_template=cfg.prompt_template,
-            token_joiner=cfg.token_joiner,
-            class_prompt=cfg.class_prompt,
-        )
-
 
 @dataclass(frozen=True)
-class LossSettings:
+class LossSettings(_FromConfig):
     """Which losses :func:`training_step` adds and how; the values come from a
-    :class:`~diffusers_breakscene.BreakASceneConfig`, where every default is written.
+    :class:`~diffusers_breakscene.BreakASceneConfig` (same field names), where every default is
+    written.
 
     Example:
         >>> LossSettings.from_config().lambda_attention
@@ -92,17 +92,6 @@ class LossSettings:
     lambda_attention: float
     masked_loss_normalization: str
     prior_loss_weight: float
-
-    @classmethod
-    def from_config(cls, config: BreakASceneConfig | None = None) -> LossSettings:
-        """The settings of ``config`` (default: ``BreakASceneConfig()``)."""
-        cfg = config or BreakASceneConfig()
-        return cls(
-            use_masked_loss=cfg.use_masked_loss,
-            lambda_attention=cfg.lambda_attention,
-            masked_loss_normalization=cfg.masked_loss_normalization,
-            prior_loss_weight=cfg.prior_loss_weight,
-        )
 
 
 @dataclass
@@ -179,7 +168,7 @@ def sample_batch(
     ``scaling_factor`` is the VAE's (``vae.config.scaling_factor``).
     """
     settings = settings or SamplingSettings.from_config()
-    batch_size = settings.batch_size
+    batch_size = settings.train_batch_size
     latents, masks, prompts, sampled = [], [], [], []
     assert encoded.masks is not None
     for _ in range(batch_size):

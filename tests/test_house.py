@@ -103,7 +103,7 @@ def test_settings_records_carry_the_config_values():
         union_sampling=False, flip_probability=0.0, lambda_attention=0.5, train_batch_size=2
     )
     sampling, losses = SamplingSettings.from_config(cfg), LossSettings.from_config(cfg)
-    assert (sampling.union_sampling, sampling.flip_probability, sampling.batch_size) == (
+    assert (sampling.union_sampling, sampling.flip_probability, sampling.train_batch_size) == (
         False,
         0.0,
         2,
