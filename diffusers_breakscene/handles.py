@@ -8,7 +8,9 @@ every other row stays bit-identical by construction, not by restoring it after e
 Initialisation rule: a handle with an initializer word starts at the MEAN of the embeddings of
 the word's sub-tokens (a word the tokenizer splits into several pieces keeps all of them, unlike
 the reference code, which silently used the first). A handle without one starts at the row of a
-random ordinary vocabulary token drawn from ``generator`` (the reference code's default).
+random ordinary vocabulary token drawn from ``generator`` (ours). The reference code instead
+copies fixed rows, ``[-3N:-2N]`` of the embedding matrix for N handles; for one handle that is
+the start-of-text row, a special token no prompt word resembles.
 
 Example:
     >>> from diffusers_breakscene.handles import add_handles, get_handle_embeddings

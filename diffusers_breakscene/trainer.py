@@ -148,6 +148,12 @@ class BreakASceneTrainer:
 
         cfg = self.config
         accelerator = self._make_accelerator(output_dir)
+        if cfg.mixed_precision != "no" and not accelerator.native_amp:
+            raise InvalidConfigError(
+                f"mixed_precision={cfg.mixed_precision!r} has no autocast on "
+                f"{accelerator.device.type} (accelerate runs fp16 on GPUs only); use 'bf16' or "
+                "'no' there."
+            )
         device = accelerator.device
         pipe = self.pipeline
         unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -182,6 +188,7 @@ class BreakASceneTrainer:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             cfg.mixed_precision, torch.float32
         )
+        unet_dtype = unet.dtype
         if weight_dtype != torch.float32 and cfg.phase2 == "lora":
             unet.to(dtype=weight_dtype)  # frozen base weights; trainable ones stay float32
         unet.train()
@@ -211,6 +218,10 @@ class BreakASceneTrainer:
             unet.eval()
             text_encoder.eval()
             handles.uninstall(accelerator.unwrap_model(text_encoder))
+            # The pipeline goes back to its own dtype so it generates without autocast. Frozen
+            # weights that were stored in half precision for training come back rounded; load
+            # the bundle into a fresh pipeline for the exact base weights.
+            unet.to(dtype=unet_dtype)
 
         accelerator.wait_for_everyone()
         path = output_dir / "break_a_scene.safetensors"
@@ -373,7 +384,10 @@ class BreakASceneTrainer:
         """Validation images (and attention pictures) into ``validation/step-N``."""
         if run.accelerator.is_main_process:
             folder = run.output_dir / "validation" / f"step-{step}"
-            render_validation(self.pipeline, self.scene, self.config, folder, run.store)
+            # Under mixed precision the frozen UNet is in half precision and the text encoder
+            # is not: generate under the same autocast as the training steps.
+            with run.accelerator.autocast():
+                render_validation(self.pipeline, self.scene, self.config, folder, run.store)
 
     def _class_latents(self, output_dir: Path, accelerator: Any) -> EncodedImages:
         """Class images for prior preservation: generated once (main process), encoded once."""

@@ -257,3 +257,35 @@ def test_training_modes_produce_a_bundle_that_loads(tmp_path, changes):
     image = fresh("a photo of <asset0>", num_inference_steps=2, height=64, width=64,
                   output_type="np").images[0]  # fmt: skip
     assert image.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("phase2_steps", [0, 2], ids=["phase1-only", "both-phases"])
+def test_mixed_precision_with_validation_and_the_returned_pipeline_generates(
+    tmp_path, phase2_steps
+):
+    pipe = tiny_pipeline("sd1")
+    cfg = config(
+        phase1_steps=2, phase2_steps=phase2_steps, mixed_precision="bf16", validation_steps=1,
+        validation_num_inference_steps=2,
+    )  # fmt: skip
+    bas.BreakASceneTrainer(pipe, tiny_scene(RES), cfg).train(tmp_path, progress=False)
+    # validation ran in phase 1 (and 2) under mixed precision
+    steps = sorted(p.name for p in (tmp_path / "validation").iterdir())
+    assert steps == [f"step-{i}" for i in range(1, 3 + phase2_steps)]
+    assert (tmp_path / "validation" / "step-1" / "00.png").is_file()
+    # the pipeline the user holds is back in its own dtype and generates without autocast
+    assert pipe.unet.dtype == torch.float32
+    image = pipe("a photo of <asset0>", num_inference_steps=2, height=64, width=64,
+                 output_type="np").images[0]  # fmt: skip
+    assert image.shape == (64, 64, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast exists on CUDA")
+def test_fp16_without_a_gpu_is_refused_before_the_pipeline_changes(tmp_path):
+    pipe = tiny_pipeline("sd1")
+    before = snapshot(pipe.unet)
+    trainer = bas.BreakASceneTrainer(pipe, tiny_scene(RES), config(mixed_precision="fp16"))
+    with pytest.raises(bas.errors.InvalidConfigError, match="use 'bf16' or 'no'"):
+        trainer.train(tmp_path, progress=False)
+    after = snapshot(pipe.unet)
+    assert same(after, before) and pipe.unet.dtype == torch.float32
