@@ -19,12 +19,26 @@ from typing import Any
 
 from .errors import InvalidConfigError, MissingFileError
 
-__all__ = ["DEFAULT_MODEL", "TINY_MODEL", "as_pipeline", "load_base_pipeline", "load_pipeline"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
+    "TINY_MODEL",
+    "TOY_MODEL",
+    "as_pipeline",
+    "load_base_pipeline",
+    "load_pipeline",
+]
 
 #: The model ``breakscene generate`` and friends use unless told otherwise.
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-#: Name of the built-in tiny random-weight model (``tiny_pipeline("sd1")``).
+#: Name of the built-in tiny random-weight model (``tiny_pipeline("sd1")``): shows that code
+#: runs, not that the method works.
 TINY_MODEL = "tiny-sd1"
+#: Name of the built-in toy model: a small pipeline trained on the toy world
+#: (:mod:`diffusers_breakscene.toy`), on which the method can be seen working offline.
+TOY_MODEL = "toy"
+#: Every built-in model name :func:`load_pipeline` accepts.
+BUILTIN_MODELS = (TOY_MODEL, TINY_MODEL, "tiny-sd2")
 
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -63,17 +77,19 @@ def load_base_pipeline(source: str | os.PathLike[str]) -> Any:
 
 
 def load_pipeline(model: str | os.PathLike[str] | None) -> Any:
-    """A fresh pipeline: the built-in tiny one for ``None``/``"tiny-sd1"``, otherwise
-    :func:`load_base_pipeline` ``(model)`` (a local folder or a hub id).
+    """A fresh pipeline: a built-in model by name (``"toy"``, ``"tiny-sd1"`` — also for
+    ``None`` — or ``"tiny-sd2"``), otherwise :func:`load_base_pipeline` ``(model)`` (a local
+    folder or a hub id).
 
     Example:
         >>> type(load_pipeline(None)).__name__
         'StableDiffusionPipeline'
     """
-    if model is None or str(model) == TINY_MODEL:
+    name = TINY_MODEL if model is None else str(model)
+    if name in BUILTIN_MODELS:
         from .tiny import tiny_pipeline
 
-        return tiny_pipeline("sd1")
+        return tiny_pipeline(name.removeprefix("tiny-"))
     return load_base_pipeline(model)
 
 

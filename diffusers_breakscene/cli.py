@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .base_pipeline import DEFAULT_MODEL, TINY_MODEL
+from .base_pipeline import BUILTIN_MODELS, DEFAULT_MODEL
 from .config import BreakASceneConfig
 from .errors import (
     BreakSceneError,
@@ -35,7 +35,7 @@ from .errors import (
 )
 
 EPILOG = """examples:
-  breakscene demo                                  # offline: tiny model, ~20 s on a CPU
+  breakscene demo                                  # offline: toy model, < 2 min on a CPU
   breakscene demo --model stabilityai/stable-diffusion-2-1-base --output demo-sd21   # on a GPU
   breakscene train --scene-dir my_scene --model stabilityai/stable-diffusion-2-1-base \\
       --output out --phase1-steps 400 --phase2-steps 400
@@ -48,6 +48,9 @@ EPILOG = """examples:
   breakscene tiny-model ./tiny-sd1                 # save an offline tiny SD1-style pipeline
   breakscene tiny-model ./tiny-sd2 --family sd2    # ... or an SD2-style (v-prediction) one
 """
+
+
+_BUILTIN = ", ".join(repr(name) for name in BUILTIN_MODELS)
 
 
 def _say(args: argparse.Namespace, text: str = "") -> None:
@@ -338,7 +341,6 @@ def config_from_args(args: argparse.Namespace) -> BreakASceneConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .base_pipeline import load_pipeline
     from .scene import Scene
     from .trainer import BreakASceneTrainer
 
@@ -358,9 +360,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         scene = Scene(args.image, args.mask, **extra)
     _say(args, f"Scene: {scene.num_concepts} concepts, tokens {scene.tokens}")
     _say(args, f"Loading {args.model} ...")
-    tiny = args.model == TINY_MODEL
-    # A model id/folder goes in as text so that the bundle records it as its base model.
-    trainer = BreakASceneTrainer(load_pipeline(None) if tiny else args.model, scene, config)
+    # The model goes in as text (built-in name, folder or hub id) so that the bundle records it
+    # as its base model.
+    trainer = BreakASceneTrainer(args.model, scene, config)
     _say(
         args,
         f"Training {config.phase1_steps} + {config.phase2_steps} steps at "
@@ -389,7 +391,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser, steps: int = 25) -> N
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"base pipeline: hub id, local folder or {TINY_MODEL!r} (default: {DEFAULT_MODEL})",
+        help=f"base pipeline: hub id, local folder or a built-in name ({_BUILTIN}) "
+        f"(default: {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--bundle",
@@ -442,14 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = add(
         "demo",
-        "the whole workflow on a built-in scene, offline with the built-in tiny model",
+        "the whole workflow on a built-in scene, offline with the built-in toy model",
         "breakscene demo --output ./breakscene-demo",
     )
     demo.add_argument("--output", default="breakscene-demo", help="folder for every file")
     demo.add_argument(
         "--model",
         default=None,
-        help="hub id or folder of an SD pipeline (default: the built-in tiny random model)",
+        help="hub id or folder of an SD pipeline, or a built-in name: 'toy' (default: a small "
+        "model trained on the toy world) or 'tiny-sd1' (random weights, shows the workflow only)",
     )
     demo.add_argument(
         "--steps", type=int, default=None, help="optimizer steps of each training phase"
@@ -464,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resolution",
         type=int,
         default=None,
-        help="image and training size in pixels (default: 256 on the tiny model, else 512)",
+        help="size of the drawn scene, training and images in pixels (default: 256 on the tiny "
+        "model, 512 on a real one; the toy model always uses 64)",
     )
     demo.set_defaults(func=_cmd_demo)
 
@@ -524,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"base pipeline: hub id, local folder or {TINY_MODEL!r} (default: {DEFAULT_MODEL})",
+        help=f"base pipeline: hub id, local folder or a built-in name ({_BUILTIN}) "
+        f"(default: {DEFAULT_MODEL})",
     )
     train.add_argument("--output", required=True, help="output folder")
     train.add_argument("--config", default=None, help="a .json/.yaml BreakASceneConfig file")

@@ -39,6 +39,7 @@ __all__ = [
     "TINY_WORDS",
     "TinySpec",
     "save_tiny_pipeline",
+    "sd_scheduler",
     "tiny_components",
     "tiny_pipeline",
     "tiny_scene",
@@ -192,7 +193,7 @@ def tiny_components(
         >>> parts["scheduler"].config.prediction_type
         'v_prediction'
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     spec = _spec(family)
@@ -240,15 +241,7 @@ def tiny_components(
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=spec.prediction_type,
-    )
+    scheduler = sd_scheduler(spec.prediction_type)
     for model in (unet, vae, text_encoder):
         model.eval()
     return {
@@ -262,6 +255,28 @@ def tiny_components(
     }
 
 
+def sd_scheduler(prediction_type: str = "epsilon") -> Any:
+    """Stable Diffusion's DDIM sampling scheduler (``scaled_linear`` betas 0.00085-0.012, 1000
+    steps), as the tiny and toy pipelines save it.
+
+    Example:
+        >>> sd_scheduler("v_prediction").config.prediction_type
+        'v_prediction'
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def tiny_pipeline(
     family: str = "sd1",
     seed: int = 0,
@@ -271,7 +286,9 @@ def tiny_pipeline(
 ) -> Any:
     """A tiny pipeline of ``pipeline_cls`` (default: ``StableDiffusionPipeline``), random weights.
 
-    ``extra_components`` go to the pipeline constructor as well (for example ``controlnet=``).
+    ``family="toy"`` loads the trained toy model instead (:mod:`diffusers_breakscene.toy`;
+    ``seed`` and ``resolution`` do not apply). ``extra_components`` go to the pipeline
+    constructor as well (for example ``controlnet=``).
 
     Example:
         >>> from diffusers import StableDiffusionImg2ImgPipeline
@@ -282,6 +299,16 @@ def tiny_pipeline(
     from diffusers import StableDiffusionPipeline
 
     pipeline_cls = pipeline_cls or StableDiffusionPipeline
+    if (
+        family == "toy"
+    ):  # trained weights, shipped with the package: seed and resolution do not apply
+        from .toy.model import toy_model_path
+
+        pipe = pipeline_cls.from_pretrained(
+            toy_model_path(), local_files_only=True, **extra_components
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     components = tiny_components(family, seed=seed, resolution=resolution)
     pipe = pipeline_cls(**components, requires_safety_checker=False, **extra_components)
     pipe.set_progress_bar_config(disable=True)

@@ -61,7 +61,7 @@ def test_usage_errors_exit_2(capsys):
 def test_demo_writes_every_promised_file_and_says_where(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--output", str(out), "--steps", "1", "--inference-steps", "2"]
-    assert main([*argv, "--resolution", "64"]) == 0
+    assert main([*argv, "--resolution", "64", "--model", "tiny-sd1"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     promised = [
         out / "scene" / "img.png",
@@ -72,6 +72,7 @@ def test_demo_writes_every_promised_file_and_says_where(tmp_path, capsys):
         out / "images" / "1.png",
         out / "images" / "2.png",
         out / "attention.png",
+        out / "overview.png",
     ]
     for path in promised:
         assert path.is_file(), path
@@ -138,6 +139,7 @@ def test_generate_writes_one_png_per_prompt(trained, tmp_path, capsys):
         assert str(path) in printed
 
 
+@pytest.mark.slow
 def test_generate_with_two_bundles_needs_and_takes_token_prefixes(trained, tmp_path, capsys):
     bundle = str(trained["bundle"])
     argv = ["generate", "--model", trained["model"], "--bundle", bundle, "--bundle", bundle]
@@ -185,6 +187,7 @@ def test_export_writes_stock_diffusers_files_and_a_recipe(trained, tmp_path, cap
     assert "load_lora_weights" in out and "load_textual_inversion" in out
 
 
+@pytest.mark.slow
 def test_attention_picture_with_masks(trained, tmp_path, capsys):
     target = tmp_path / "att.png"
     argv = ["attention", "--model", trained["model"], "--bundle", str(trained["bundle"])]
@@ -205,6 +208,7 @@ def test_attention_picture_with_masks(trained, tmp_path, capsys):
     assert str(target) in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_attention_picture_without_masks_and_a_prompt_without_handles(trained, tmp_path):
     target = tmp_path / "att.png"
     argv = ["attention", "--model", trained["model"], "--bundle", str(trained["bundle"])]

@@ -256,6 +256,7 @@ JSON_VALUES = st.recursive(
         st.sampled_from(["NaN", "Infinity", "-1", "1e400", "[" * 5000 + "]" * 5000, "9" * 5000]),
     ),
 )
+@pytest.mark.slow
 def test_malformed_metadata(key, value):
     metadata = dict(METADATA)
     if value is None:

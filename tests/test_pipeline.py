@@ -239,6 +239,7 @@ def test_exact_image_equality_with_stock_diffusers(bundle, tmp_path):
     assert np.array_equal(_ours(bundle), _stock(bundle, tmp_path))
 
 
+@pytest.mark.slow
 def test_exact_equality_and_lora_alpha_matters(bundle, tmp_path):
     images = []
     for alpha in (1.0, 16.0):  # r is 4
@@ -273,6 +274,7 @@ def test_default_adapter_names_are_distinct(bundle, bundle_b, pipe):
     assert list(pipe.break_a_scene_adapters) == ["break_a_scene_0", "break_a_scene_1"]
 
 
+@pytest.mark.slow
 def test_scale_per_bundle(bundle, bundle_b):
     prompt = "a photo of <asset0>"
     handles_only = Bundle(
@@ -304,6 +306,7 @@ def test_scale_per_bundle(bundle, bundle_b):
 
 
 @pytest.mark.parametrize("first", ["a", "b"])
+@pytest.mark.slow
 def test_unload_one_leaves_the_other(bundle, bundle_b, first):
     prompts = {"a": "a photo of <asset0>", "b": "a photo of <s2_asset0>"}
     kwargs = {"a": {"bundle": bundle}, "b": {"bundle": bundle_b, "token_prefix": "s2_"}}
@@ -436,6 +439,7 @@ def test_failure_half_way_on_empty_pipeline_restores_keys(bundle, pipe, monkeypa
     assert_same_state(pipe, before)
 
 
+@pytest.mark.slow
 def test_failure_during_fuse_is_rolled_back(bundle, bundle_b, pipe, monkeypatch):
     import diffusers_breakscene.pipeline as mod
 
@@ -504,6 +508,7 @@ def test_fuse_matches_unfused(bundle):
 
 
 @pytest.mark.parametrize("drop", ["a", "b"])
+@pytest.mark.slow
 def test_unload_fused_keeps_other_fused(bundle, bundle_b, drop):
     keep = "b" if drop == "a" else "a"
     specs = {"a": (bundle, None), "b": (bundle_b, "s2_")}

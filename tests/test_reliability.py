@@ -278,6 +278,7 @@ def test_nan_loss_stops_at_its_step_naming_the_intact_last_checkpoint(tmp_path, 
     assert len(pipe.tokenizer) == vocab + 2  # the handles stay (as after a finished run)
 
 
+@pytest.mark.slow
 def test_resume_uses_the_configured_learning_rates(tmp_path):
     """NonFiniteLossError says 'lower the learning rate': a resumed run must really use it."""
     cfg = config(checkpointing_steps=1, phase1_steps=4, phase2_steps=2, lr_scheduler="linear")

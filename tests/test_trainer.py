@@ -48,6 +48,7 @@ def test_phase_one_changes_only_the_handle_rows(tmp_path):
     assert torch.equal(bundle.handles["<asset0>"][0], initial[vocab].float())
 
 
+@pytest.mark.slow
 def test_phase_two_changes_only_handles_and_lora(tmp_path):
     pipe = tiny_pipeline("sd2")  # v-prediction
     unet = snapshot(pipe.unet)
@@ -65,6 +66,7 @@ def test_phase_two_changes_only_handles_and_lora(tmp_path):
     assert all({"loss", "loss_rec", "loss_attn"} <= h.keys() for h in trainer.history)
 
 
+@pytest.mark.slow
 def test_batch_size_accumulation_and_prior_preservation(tmp_path):
     cfg = config(
         train_batch_size=3,
@@ -111,6 +113,7 @@ def _final_tensors(path) -> dict[str, torch.Tensor]:
     return {**{f"h.{k}": v for k, v in bundle.handles.items()}, **bundle.lora}
 
 
+@pytest.mark.slow
 def test_resume_in_either_phase_gives_the_same_final_tensors(tmp_path):
     cfg = config(
         phase1_steps=3, phase2_steps=3, checkpointing_steps=1, lr_scheduler="linear",
@@ -133,6 +136,7 @@ def test_resume_in_either_phase_gives_the_same_final_tensors(tmp_path):
         assert all(torch.equal(got[k], expected[k]) for k in got), f"resume from {step}"
 
 
+@pytest.mark.slow
 def test_resume_latest_and_checkpoint_limit(tmp_path):
     cfg = config(checkpointing_steps=2, checkpoints_total_limit=1)
     trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg)
@@ -240,6 +244,7 @@ def test_two_process_torchrun_completes_and_ranks_agree(tmp_path):
     ],
     ids=["text-encoder-lora", "bf16", "checkpointing"],
 )
+@pytest.mark.slow
 def test_training_modes_produce_a_bundle_that_loads(tmp_path, changes):
     trainer = bas.BreakASceneTrainer(
         tiny_pipeline("sd1"), tiny_scene(RES), config(phase2_learning_rate=1e-2, **changes)
@@ -260,6 +265,7 @@ def test_training_modes_produce_a_bundle_that_loads(tmp_path, changes):
 
 
 @pytest.mark.parametrize("phase2_steps", [0, 2], ids=["phase1-only", "both-phases"])
+@pytest.mark.slow
 def test_mixed_precision_with_validation_and_the_returned_pipeline_generates(
     tmp_path, phase2_steps
 ):

@@ -1,0 +1,196 @@
+"""Break-A-Scene on the toy world: train on one evaluation scene, generate, and score.
+
+One scene of :func:`~diffusers_breakscene.toy.world.evaluation_scenes` is learned with a
+configuration (``"ours"``: the default, scaled to the toy model by :func:`toy_config`;
+``"phase1"``: handles only, the paper's TI-m) or not learned at all (``"base"``: the base model
+prompted with the objects' own words, the closest a prompt can get without handles). Then every
+prompt of :data:`ONE_HANDLE_PROMPTS` (each handle in new settings) and
+:data:`TWO_HANDLE_PROMPTS` (two handles recombined) is generated with a few seeds and scored by
+the toy evaluator:
+
+* **identity similarity**: for each handle of the prompt, the evaluator's cosine between its
+  object in the input scene (masked) and the best-matching object of the generated image;
+* **prompt accuracy**: the evaluator's :meth:`~diffusers_breakscene.toy.evaluator.ToyEvaluator.
+  prompt_accuracy` of the image against the prompt with each handle replaced by its object's
+  words ("a photo of a red checkered heart in the snow"): the fraction of right attributes
+  (shape, colour, pattern of each object, and the setting).
+
+The demo and ``benchmarks/toy_world.py`` both use :func:`run_variant`.
+
+Example:
+    >>> from diffusers_breakscene.toy.experiment import fill
+    >>> fill("a photo of {0} and {1} on the beach", ["<asset0>", "<asset1>"])
+    'a photo of <asset0> and <asset1> on the beach'
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from ..config import BreakASceneConfig
+from .world import ToySample, object_phrase, to_scene
+
+__all__ = [
+    "ONE_HANDLE_PROMPTS",
+    "TWO_HANDLE_PROMPTS",
+    "Generation",
+    "VariantResult",
+    "fill",
+    "run_variant",
+    "toy_config",
+]
+
+Variant = Literal["ours", "phase1", "base"]
+
+#: One handle in a new setting. ``{0}`` is the handle (or the object's words).
+ONE_HANDLE_PROMPTS: tuple[str, ...] = (
+    "a photo of {0} in the snow",
+    "a photo of {0} on the beach",
+    "a photo of {0} at night",
+)
+#: Two handles recombined in a new setting, in both orders.
+TWO_HANDLE_PROMPTS: tuple[str, ...] = (
+    "a photo of {1} and {0} on the beach",
+    "a photo of {0} and {1} on the grass",
+)
+
+
+def toy_config(**changes: Any) -> BreakASceneConfig:
+    """The default :class:`~diffusers_breakscene.BreakASceneConfig`, scaled to the toy model:
+    64 px images (the toy model's size; its latent/4 attention grid is 8x8) and a LoRA rank
+    that fits its narrow layers (4 instead of 32); every other setting is the default.
+
+    Example:
+        >>> toy_config().resolution, toy_config(phase2_steps=0).phase2_steps
+        (64, 0)
+    """
+    base: dict[str, Any] = {"resolution": 64, "lora_rank": 4}
+    return BreakASceneConfig(**{**base, **changes})
+
+
+def fill(template: str, names: Sequence[str]) -> str:
+    """``template`` with ``{0}``, ``{1}``, ... replaced by ``names``."""
+    return template.format(*names)
+
+
+@dataclass
+class Generation:
+    """One generated image and its scores."""
+
+    prompt: str
+    described: str  # the prompt with handles replaced by the objects' words
+    handles: list[int]  # indices of the scene objects the prompt names
+    seed: int
+    image: Image.Image = field(repr=False)
+    prompt_accuracy: float
+    identity: float  # mean over the prompt's handles
+
+
+@dataclass
+class VariantResult:
+    """What :func:`run_variant` measured for one scene and one variant."""
+
+    variant: str
+    scene_index: int
+    generations: list[Generation]
+    train_seconds: float = 0.0
+    bundle: Path | None = None
+
+    def mean(self, what: Literal["identity", "prompt_accuracy"], handles: int) -> float:
+        """Mean of ``what`` over the generations of ``handles``-handle prompts."""
+        values = [getattr(g, what) for g in self.generations if len(g.handles) == handles]
+        return statistics.fmean(values) if values else float("nan")
+
+
+def _pairs(n: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n) for j in range(n) if i < j]
+
+
+def run_variant(
+    variant: Variant,
+    sample: ToySample,
+    scene_index: int = 0,
+    *,
+    config: BreakASceneConfig | None = None,
+    seeds: Sequence[int] = (0, 1),
+    inference_steps: int = 25,
+    guidance: float = 7.5,
+    pipeline_factory: Callable[[], Any] | None = None,
+    output_dir: str | Path | None = None,
+    evaluator: Any = None,
+    progress: bool = False,
+) -> VariantResult:
+    """Learn ``sample`` with ``variant`` (see the module docstring), generate every prompt for
+    every handle (and every pair of handles) with each seed, and score the images.
+
+    ``pipeline_factory`` makes a fresh base pipeline (default: the shipped toy model);
+    ``output_dir`` keeps the bundle (default: a temporary folder).
+
+    Example:
+        >>> from diffusers_breakscene.toy.world import evaluation_scenes
+        >>> result = run_variant("base", evaluation_scenes()[0], seeds=[0])  # doctest: +SKIP
+        >>> round(result.mean("prompt_accuracy", handles=1), 2)  # doctest: +SKIP
+        0.9
+    """
+    import time
+
+    from ..trainer import BreakASceneTrainer
+    from .evaluator import default_evaluator
+
+    evaluator = evaluator or default_evaluator()
+    if pipeline_factory is None:
+        from .model import toy_pipeline
+
+        pipeline_factory = toy_pipeline
+    pipe = pipeline_factory()
+    scene = to_scene(sample)
+    words = [object_phrase(o) for o in sample.objects]
+    result = VariantResult(variant, scene_index, [])
+    if variant == "base":
+        names = words
+    elif variant in ("ours", "phase1"):
+        cfg = config or toy_config()
+        if variant == "phase1":
+            cfg = cfg.replace(phase2_steps=0)
+        names = list(scene.tokens)
+        folder = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp())
+        started = time.perf_counter()
+        trainer = BreakASceneTrainer(pipe, scene, cfg)
+        result.bundle = trainer.train(folder, progress=progress)
+        result.train_seconds = time.perf_counter() - started
+    else:
+        raise ValueError(f"variant={variant!r} must be 'ours', 'phase1' or 'base'.")
+
+    pipe.set_progress_bar_config(disable=True)
+    n = len(sample.objects)
+    jobs = [(t, [i]) for t in ONE_HANDLE_PROMPTS for i in range(n)]
+    jobs += [(t, [i, j]) for t in TWO_HANDLE_PROMPTS for i, j in _pairs(n)]
+    for template, handles in jobs:
+        prompt = fill(template, [names[i] for i in handles])
+        described = fill(template, [words[i] for i in handles])
+        for seed in seeds:
+            with torch.no_grad():
+                image = pipe(
+                    prompt,
+                    num_inference_steps=inference_steps,
+                    guidance_scale=guidance,
+                    height=sample.image.height,
+                    width=sample.image.width,
+                    generator=torch.Generator().manual_seed(seed),
+                ).images[0]
+            accuracy = evaluator.prompt_accuracy(image, described).fraction
+            identity = statistics.fmean(
+                evaluator.identity_similarity(image, sample.image, sample.masks[i]) for i in handles
+            )
+            result.generations.append(
+                Generation(prompt, described, handles, seed, image, accuracy, identity)
+            )
+    return result

@@ -1,0 +1,518 @@
+"""Train the toy Stable Diffusion pipeline from scratch on the toy world (2 CPU cores, ~1 hour).
+
+Command that produced the shipped weights (``diffusers_breakscene/assets/toy``), about 80 minutes
+on 2 shared CPU cores (VAE 7, cache 8, UNet + text encoder 63, decoder 7)::
+
+    python -m diffusers_breakscene.toy.train_base \
+        --output diffusers_breakscene/assets/toy --threads 1
+
+``--threads 1`` because the cores were shared with other jobs: two intra-op threads on a busy
+2-core machine ran 3-10x slower than one. The default (2) suits an idle machine. With the
+``--max-minutes`` cap the number of steps (and so the weights) depends on the machine's speed.
+
+Three stages, each resumable from ``--work-dir`` (run the same command again after a stop):
+
+1. VAE (downsample 2) on random 32x32 crops of training scenes: MSE + L1 + 1e-6 KL, decoding
+   the posterior mean.
+2. Render ``--num-images`` training scenes (``split="train"``: no held-out shape, pattern or
+   pair) and cache their latents (posterior means) and 8x8 object masks.
+3. UNet + text encoder jointly, epsilon prediction with SD's ``scaled_linear`` DDPM schedule,
+   AdamW with warmup and cosine decay, EMA, caption dropout 10% (for classifier-free guidance),
+   setting phrase dropped in 15% of captions. An auxiliary cross-attention loss
+   (``--attn-weight``, Break-A-Scene's form: each object word's latent/4 map, divided by its max,
+   regressed on the object's visible mask) teaches the base model to localise its words, a
+   property large text-to-image models have and that a model this small would learn slowly;
+   ``--attn-weight 0`` turns it off. ``--max-minutes`` caps the wall time of this stage.
+
+4. The VAE decoder alone, on whole images (encoder frozen: the latent space does not move).
+
+The pipeline saved in ``--output`` holds the EMA weights (``save_pretrained`` layout, safetensors,
+fp32) and ``toy_info.json`` (arguments, steps, times, held-out sets).
+
+Example:
+    >>> from diffusers_breakscene.toy.train_base import main
+    >>> main(["--output", "/tmp/toy", "--steps", "2", "--vae-steps", "2",
+    ...       "--num-images", "64"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .model import (
+    TOY_RESOLUTION,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    toy_tokenizer,
+)
+from .world import (
+    HELDOUT_PAIRS,
+    HELDOUT_PATTERNS,
+    HELDOUT_SHAPES,
+    SETTINGS,
+    ToyObject,
+    object_words,
+    sample_scene,
+)
+
+__all__ = ["caption_tokens", "main", "parse_args"]
+
+PREFIX = ("a", "photo", "of")
+MAX_OBJECTS = 3
+GRID = TOY_RESOLUTION // 8  # latent / 4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (see ``--help``).
+
+    Example:
+        >>> parse_args(["--output", "x"]).steps
+        4000
+    """
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", required=True, help="folder for the trained pipeline")
+    p.add_argument("--work-dir", default=None, help="checkpoints/cache (default: a temp folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--num-images", type=int, default=24000)
+    p.add_argument("--decoder-steps", type=int, default=400)
+    p.add_argument("--decoder-batch", type=int, default=16)
+    p.add_argument("--decoder-lr", type=float, default=5e-4)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: no EMA)")
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--setting-dropout", type=float, default=0.15)
+    p.add_argument("--attn-weight", type=float, default=0.05)
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=63.0,
+        help="wall-time cap of the diffusion stage (the LR schedule ends by then too)",
+    )
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def caption_tokens(
+    objects: list[ToyObject], setting: str | None
+) -> tuple[list[str], list[list[int]]]:
+    """Caption words and, per object, the token positions of its words (1 + word index: every
+    world word is one token after the start token).
+
+    Example:
+        >>> words, pos = caption_tokens([ToyObject("star", "red", "plain", .4, (.5, .5))], None)
+        >>> " ".join(words), pos
+        ('a photo of a red star', [[5, 6]])
+    """
+    words = list(PREFIX)
+    positions = []
+    for i, obj in enumerate(objects):
+        if i:
+            words.append("and")
+        named = object_words(obj)
+        words.append("an" if named[0][0] in "aeiou" else "a")
+        positions.append([len(words) + 1 + k for k in range(len(named))])
+        words.extend(named)
+    if setting is not None:
+        words.extend(SETTINGS[setting].split())
+    return words, positions
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _render_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
+    arrays = [np.asarray(sample_scene(rng, "train").image) for _ in range(n)]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+# -- stage 1: VAE -----------------------------------------------------------------------------
+
+
+def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    folder = work / "vae"
+    if (folder / "config.json").is_file():
+        _log(f"VAE: resuming from {folder}")
+        return AutoencoderKL.from_pretrained(folder)
+    torch.manual_seed(args.seed)
+    vae = build_vae()
+    vae.train()
+    rng = np.random.default_rng([args.seed, 1])
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    crop = TOY_RESOLUTION // 2
+    start = time.time()
+    for step in range(1, args.vae_steps + 1):
+        x = _render_batch(rng, args.vae_batch)
+        oy, ox = (int(v) * 2 for v in rng.integers(0, (TOY_RESOLUTION - crop) // 2 + 1, 2))
+        x = x[:, :, oy : oy + crop, ox : ox + crop]
+        lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * step / max(1, args.vae_steps)))
+        for g in opt.param_groups:
+            g["lr"] = max(lr, args.vae_lr * 0.05)
+        posterior = vae.encode(x).latent_dist
+        # The decoder sees the posterior mean (what the latent cache and the UNet use); the tiny
+        # KL term only keeps the latent scale tame.
+        recon = vae.decode(posterior.mode()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.vae_steps:
+            psnr = 10 * math.log10(4 / max(mse.item(), 1e-10))
+            _log(
+                f"VAE step {step}/{args.vae_steps} loss {loss.item():.4f} PSNR {psnr:.1f} dB "
+                f"({(time.time() - start) / step:.2f} s/step)"
+            )
+    vae.eval()
+    vae.save_pretrained(folder)
+    return vae
+
+
+def finetune_decoder(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> torch.nn.Module:
+    """Stage 4: fine-tune the VAE decoder on whole images with the encoder frozen.
+
+    The latent space (and so the UNet) is unchanged; the decoder gets sharper and its colours
+    truer. Latents get a little noise (5% of their std) so the decoder tolerates imperfect UNet
+    samples. Resumes from ``work/vae_decoder`` when that exists.
+    """
+    from diffusers import AutoencoderKL
+
+    folder = work / "vae_decoder"
+    if (folder / "config.json").is_file():
+        _log(f"decoder: resuming from {folder}")
+        tuned = AutoencoderKL.from_pretrained(folder)
+        tuned.register_to_config(scaling_factor=vae.config.scaling_factor)
+        return tuned.eval()
+    if args.decoder_steps <= 0:
+        return vae
+    torch.manual_seed(args.seed + 5)
+    vae.requires_grad_(False)
+    decoder_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
+    rng = np.random.default_rng([args.seed, 5])
+    vae.train()
+    start = time.time()
+    for step in range(1, args.decoder_steps + 1):
+        x = _render_batch(rng, args.decoder_batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+            z = z + 0.05 * z.std() * torch.randn_like(z)
+        for g in opt.param_groups:
+            g["lr"] = args.decoder_lr * (
+                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
+            )
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + 0.5 * F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.decoder_steps:
+            psnr = 10 * math.log10(4 / max(mse.item(), 1e-10))
+            _log(
+                f"decoder step {step}/{args.decoder_steps} loss {loss.item():.4f} PSNR "
+                f"{psnr:.1f} dB ({(time.time() - start) / step:.2f} s/step)"
+            )
+    vae.eval()
+    vae.requires_grad_(True)
+    vae.save_pretrained(folder)
+    return vae
+
+
+# -- stage 2: latent cache --------------------------------------------------------------------
+
+
+def build_cache(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> dict:
+    path, meta_path = work / "cache.safetensors", work / "cache.json"
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["num_images"] == args.num_images and meta["seed"] == args.seed:
+            _log(f"cache: resuming from {path}")
+            tensors = load_file(path)
+            scenes = [
+                ([ToyObject(**{**o, "center": tuple(o["center"])}) for o in objs], setting)
+                for objs, setting in meta["scenes"]
+            ]
+            return {**tensors, "scenes": scenes}
+    rng = np.random.default_rng([args.seed, 2])
+    n = args.num_images
+    latents = torch.empty(n, 4, TOY_RESOLUTION // 2, TOY_RESOLUTION // 2, dtype=torch.float16)
+    masks = torch.zeros(n, MAX_OBJECTS, GRID, GRID, dtype=torch.float16)
+    scenes = []
+    start = time.time()
+    chunk = 256
+    for lo in range(0, n, chunk):
+        samples = [sample_scene(rng, "train") for _ in range(min(chunk, n - lo))]
+        x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples]))
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            latents[lo : lo + len(samples)] = vae.encode(x).latent_dist.mean.half()
+        for k, s in enumerate(samples):
+            for j, m in enumerate(s.masks):
+                small = torch.from_numpy(m.astype(np.float32))[None, None]
+                masks[lo + k, j] = F.adaptive_avg_pool2d(small, GRID)[0, 0].half()
+            scenes.append((list(s.objects), s.setting))
+        if (lo // chunk) % 10 == 0:
+            _log(f"cache: {lo + len(samples)}/{n} images ({time.time() - start:.0f} s)")
+    save_file({"latents": latents, "masks": masks}, path)
+    meta_path.write_text(
+        json.dumps(
+            {
+                "num_images": n,
+                "seed": args.seed,
+                "scenes": [([o.__dict__ for o in objs], setting) for objs, setting in scenes],
+            }
+        )
+    )
+    return {"latents": latents, "masks": masks, "scenes": scenes}
+
+
+# -- stage 3: UNet + text encoder -------------------------------------------------------------
+
+
+def _flat_optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = opt.state_dict()
+    tensors = {
+        f"{idx}.{key}": value.contiguous()
+        for idx, per_param in state["state"].items()
+        for key, value in per_param.items()
+        if isinstance(value, torch.Tensor)
+    }
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, groups: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def _lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
+    """Warmup, then cosine decay to 10% by ``--steps`` or ``--max-minutes``, whichever is first."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(
+        1.0,
+        max(
+            (step - args.warmup) / max(1, args.steps - args.warmup),
+            minutes / args.max_minutes,
+        ),
+    )
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_diffusion(
+    args: argparse.Namespace, work: Path, vae: torch.nn.Module, cache: dict
+) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+    from diffusers import DDPMScheduler
+
+    from ..attention import AttentionStore
+
+    tokenizer = toy_tokenizer()
+    torch.manual_seed(args.seed)
+    unet = build_unet()
+    text_encoder = build_text_encoder(len(tokenizer))
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    alphas = noise_scheduler.alphas_cumprod.float()
+    scale = float(vae.config.scaling_factor)
+    latents_all, masks_all, scenes = cache["latents"], cache["masks"], cache["scenes"]
+
+    step, elapsed = 0, 0.0
+    ckpt = work / "diffusion.safetensors"
+    if ckpt.is_file():
+        tensors = load_file(ckpt)
+        info = json.loads((work / "diffusion.json").read_text())
+        for i, p in enumerate(params):
+            p.data.copy_(tensors[f"param.{i}"])
+            ema[i].copy_(tensors[f"ema.{i}"])
+        _load_optimizer_state(
+            opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, info
+        )
+        step, elapsed = int(info["step"]), float(info.get("minutes", 0.0))
+        _log(f"diffusion: resuming at step {step}")
+
+    def save_checkpoint() -> None:
+        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
+        tensors.update({f"ema.{i}": e.contiguous() for i, e in enumerate(ema)})
+        opt_tensors, groups = _flat_optimizer_state(opt)
+        tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+        save_file(tensors, work / "diffusion.tmp")
+        minutes = elapsed + (time.time() - start) / 60
+        (work / "diffusion.json").write_text(
+            json.dumps({**groups, "step": step, "minutes": minutes})
+        )
+        (work / "diffusion.tmp").replace(ckpt)
+
+    rng = np.random.default_rng([args.seed, 3, step])
+    gen = torch.Generator().manual_seed(args.seed * 1000 + step)
+    unet.train()
+    text_encoder.train()
+    store = AttentionStore.attach(unet) if args.attn_weight > 0 else None
+    start = time.time()
+    first = step
+    losses: list[float] = []
+    attn_losses: list[float] = []
+    while step < args.steps:
+        if elapsed + (time.time() - start) / 60 > args.max_minutes:
+            _log(f"diffusion: --max-minutes {args.max_minutes} reached at step {step}")
+            break
+        idx = rng.integers(0, len(scenes), args.batch)
+        x0 = latents_all[idx].float() * scale
+        captions, triples = [], []  # triples: (batch index, token position, object index)
+        for b, i in enumerate(idx):
+            objects, setting = scenes[int(i)]
+            if rng.random() < args.caption_dropout:
+                captions.append("")
+                continue
+            keep = None if rng.random() < args.setting_dropout else setting
+            words, positions = caption_tokens(objects, keep)
+            captions.append(" ".join(words))
+            triples += [(b, pos, j) for j, ps in enumerate(positions) for pos in ps]
+        ids = tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, args, elapsed + (time.time() - start) / 60)
+        hidden = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred, noise)
+        attn_loss = torch.zeros(())
+        if store is not None and triples:
+            maps = store.aggregate()  # (B, 8, 8, 77)
+            b_i, p_i, j_i = (torch.tensor(v) for v in zip(*triples, strict=True))
+            sel = maps[b_i, :, :, p_i]
+            sel = sel / sel.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+            target = masks_all[idx][b_i, j_i].float()
+            attn_loss = F.mse_loss(sel, target)
+            loss = loss + args.attn_weight * attn_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step)) if args.ema > 0 else 0.0
+        with torch.no_grad():
+            for e, p in zip(ema, params, strict=True):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        losses.append(loss.item())
+        attn_losses.append(attn_loss.item())
+        if step % args.log_every == 0 or step == args.steps:
+            per_step = (time.time() - start) / (step - first)
+            _log(
+                f"diffusion step {step}/{args.steps} loss {np.mean(losses):.4f} "
+                f"attn {np.mean(attn_losses):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"({per_step:.2f} s/step, ETA {per_step * (args.steps - step) / 60:.1f} min)"
+            )
+            losses, attn_losses = [], []
+        if step % args.save_every == 0:
+            save_checkpoint()
+    if store is not None:
+        store.detach()
+    save_checkpoint()
+    with torch.no_grad():
+        for e, p in zip(ema, params, strict=True):
+            p.copy_(e)
+    unet.eval()
+    text_encoder.eval()
+    return unet, text_encoder, step
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run all stages; returns the output folder.
+
+    Example:
+        >>> main(["--output", "/tmp/toy", "--steps", "2", "--vae-steps", "2",
+        ...       "--num-images", "64"])  # doctest: +SKIP
+    """
+    from diffusers import StableDiffusionPipeline
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    work = Path(args.work_dir or Path(tempfile.gettempdir()) / "breakscene_toy_work")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    vae = train_vae(args, work)
+    t_vae = time.time() - t0
+    with torch.no_grad():  # deterministic: the same value again on a resumed run
+        x = _render_batch(np.random.default_rng([args.seed, 4]), 256)
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    _log(f"VAE latent std {std:.3f}: scaling_factor {1 / std:.3f}")
+    cache = build_cache(args, work, vae)
+    t_cache = time.time() - t0 - t_vae
+    unet, text_encoder, steps = train_diffusion(args, work, vae, cache)
+    vae = finetune_decoder(args, work, vae)
+    t_total = time.time() - t0
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=toy_tokenizer(),
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    info = {
+        "command": "python -m diffusers_breakscene.toy.train_base "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {k: (v if v != float("inf") else None) for k, v in vars(args).items()},
+        "diffusion_steps": steps,
+        "seconds": {"vae": round(t_vae), "cache": round(t_cache), "total": round(t_total)},
+        "resolution": TOY_RESOLUTION,
+        "heldout": {
+            "shapes": sorted(HELDOUT_SHAPES),
+            "patterns": sorted(HELDOUT_PATTERNS),
+            "shape_colour_pairs": sorted(HELDOUT_PAIRS),
+        },
+    }
+    (out / "toy_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    _log(f"saved the pipeline to {out} ({steps} diffusion steps, {t_total / 60:.1f} min)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

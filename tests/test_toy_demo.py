@@ -1,0 +1,82 @@
+"""The toy model where a user meets it: by name, in the default demo, and in the toy-world
+experiment the benchmark runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffusers_breakscene import Bundle
+from diffusers_breakscene.base_pipeline import load_pipeline
+from diffusers_breakscene.cli import main
+from diffusers_breakscene.demo import TOY_DEMO_PROMPTS
+from diffusers_breakscene.tiny import tiny_pipeline
+from diffusers_breakscene.toy.experiment import fill, run_variant, toy_config
+from diffusers_breakscene.toy.world import evaluation_scenes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_toy_model_loads_by_name_everywhere_a_model_is_accepted():
+    by_name, by_tiny = load_pipeline("toy"), tiny_pipeline("toy")
+    assert by_name.unet.config == by_tiny.unet.config
+    assert by_name.unet.config.sample_size == 32  # 64 px images, VAE downsampling by 2
+    assert "heart" in by_name.tokenizer.get_vocab() or "heart</w>" in by_name.tokenizer.get_vocab()
+
+
+def test_toy_config_scales_only_what_it_must():
+    cfg = toy_config()
+    assert (cfg.resolution, cfg.lora_rank) == (64, 4)
+    assert cfg.phase1_steps == 400 and cfg.phase2_steps == 400  # the defaults
+    assert fill("a photo of {1} and {0}", ["x", "y"]) == "a photo of y and x"
+
+
+def test_experiment_scores_every_prompt_of_every_variant(tmp_path):
+    sample = evaluation_scenes()[0]
+    cfg = toy_config(phase1_steps=2, phase2_steps=2)
+    ours = run_variant("ours", sample, config=cfg, seeds=[0], inference_steps=2,
+                       output_dir=tmp_path)  # fmt: skip
+    base = run_variant("base", sample, seeds=[0], inference_steps=2)
+    assert Bundle.load(ours.bundle).tokens == ["<asset0>", "<asset1>"]
+    for result in (ours, base):
+        # 3 one-handle prompts for each of 2 objects, 2 two-handle prompts for the pair
+        assert len(result.generations) == 3 * 2 + 2
+        assert all(-1.0 <= g.identity <= 1.0 and 0.0 <= g.prompt_accuracy <= 1.0
+                   for g in result.generations)  # fmt: skip
+        assert result.mean("identity", 1) == result.mean("identity", 1)  # not NaN
+    assert "<asset" not in base.generations[0].prompt  # the base model gets the objects' words
+    assert base.generations[0].prompt == base.generations[0].described
+    with pytest.raises(ValueError, match="variant"):
+        run_variant("other", sample)
+
+
+@pytest.mark.slow
+def test_default_demo_learns_a_toy_scene_and_scores_it(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--steps", "2", "--inference-steps", "2"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    for i in range(len(TOY_DEMO_PROMPTS)):
+        assert (out / "images" / f"{i}.png").is_file()
+    assert Image.open(out / "images" / "0.png").size == (64, 64)
+    assert (out / "overview.png").is_file() and (out / "attention.png").is_file()
+    assert "Scored by the toy evaluator" in printed and "prompt accuracy" in printed
+    assert Bundle.load(out / "break_a_scene.safetensors").metadata["base_model"] == "toy"
+
+
+@pytest.mark.slow
+def test_toy_world_benchmark_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "toy_world.py"), "--smoke", "--out",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "toy_world-smoke.json").read_text())
+    assert {row["variant"] for row in report["rows"]} == {"ours", "phase1", "base"}
+    assert "| ours |" in (tmp_path / "toy_world-smoke.md").read_text()
+    assert (tmp_path / "toy_world-smoke.png").is_file()

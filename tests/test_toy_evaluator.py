@@ -1,0 +1,187 @@
+"""The toy-world evaluator (issue 11): shipped weights, prompts, identity, training, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffusers_breakscene.errors import InvalidArgumentError
+from diffusers_breakscene.toy.evaluator import (
+    ToyEvaluator,
+    default_evaluator,
+    describe,
+    parse_prompt,
+)
+from diffusers_breakscene.toy.world import ToyObject, render_scene, sample_scene
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Training uses seeds below 10,000,000 and the documented evaluation 10,000,000 and up; these
+# tests use seeds from 20,000,000.
+SEED = 20_000_000
+
+
+@pytest.fixture(scope="module")
+def ev() -> ToyEvaluator:
+    return default_evaluator()
+
+
+def _two_objects(setting: str = "beach"):
+    return render_scene(
+        [
+            ToyObject("star", "red", "striped", 0.42, (0.28, 0.3), 5.0),
+            ToyObject("ring", "blue", "plain", 0.42, (0.7, 0.7)),
+        ],
+        setting,
+    )
+
+
+@pytest.fixture(scope="module")
+def fresh_scores(ev):
+    """prompt_accuracy of 100 fresh rendered scenes against their true captions."""
+    samples = [sample_scene(SEED + i, split="any") for i in range(100)]
+    readings = ev.read_images([s.image for s in samples])
+    return [ev.prompt_accuracy(r, s.caption) for s, r in zip(samples, readings, strict=True)]
+
+
+def test_shipped_evaluator_reads_settings_and_colours_of_fresh_scenes(fresh_scores):
+    # What the shipped reader does reach (docs/toy-evaluator.md: setting 100%, colour 94.8%).
+    settings = [score.setting_ok for score in fresh_scores]
+    colours = [o.colour_ok for score in fresh_scores for o in score.objects]
+    assert np.mean(settings) >= 0.98 and np.mean(colours) >= 0.9
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11 open: the shipped reader gets ~28% of rendered images fully right (shape "
+    "55.8% per object); the target is >= 98% (docs/toy-evaluator.md, 'Not reached yet')",
+)
+def test_shipped_evaluator_reads_fresh_scenes(fresh_scores):
+    right = [score.all_ok for score in fresh_scores]
+    assert np.mean(right) >= 0.95, f"only {np.mean(right):.2f} of 100 fresh scenes read right"
+
+
+def test_prompt_accuracy_flags_wrong_colour_shape_and_setting(ev):
+    s = _two_objects()
+    assert s.caption == "a photo of a red striped star and a blue ring on the beach"
+    right = ev.prompt_accuracy(s.image, s.caption)
+    assert right.all_ok and right.fraction == 1.0 and right.count_ok
+
+    colour = ev.prompt_accuracy(s.image, s.caption.replace("red", "green"))
+    assert [o.colour_ok for o in colour.objects] == [False, True]
+    assert all(o.shape_ok and o.pattern_ok for o in colour.objects) and colour.setting_ok
+    assert colour.fraction == pytest.approx(6 / 7)
+
+    shape = ev.prompt_accuracy(s.image, s.caption.replace("star", "heart"))
+    assert [o.shape_ok for o in shape.objects] == [False, True]
+    assert not shape.all_ok
+
+    setting = ev.prompt_accuracy(s.image, s.caption.replace("on the beach", "in the snow"))
+    assert setting.setting_ok is False and setting.predicted_setting == "beach"
+    assert all(o.all_ok for o in setting.objects)
+
+    # binding: the colours swapped between the two objects are both wrong
+    swapped = ev.prompt_accuracy(s.image, "a red ring and a blue striped star on the beach")
+    assert [o.colour_ok for o in swapped.objects] == [False, False]
+    assert all(o.shape_ok for o in swapped.objects)
+
+    # a missing object fails every check; an unnamed setting is not checked
+    extra = ev.prompt_accuracy(s.image, "a red striped star and a blue ring and a pink heart")
+    assert extra.setting_ok is None and not extra.count_ok
+    assert extra.objects[2].matched is None and extra.objects[2].checks == [False] * 3
+
+
+def test_identity_similarity_prefers_the_same_object(ev):
+    ref = render_scene([ToyObject("heart", "purple", "checkered", 0.4, (0.4, 0.5))], "gray")
+    same = render_scene(
+        [
+            ToyObject("heart", "purple", "checkered", 0.3, (0.7, 0.35), -15.0),
+            ToyObject("square", "yellow", "plain", 0.3, (0.25, 0.7)),
+        ],
+        "grass",
+        background_seed=3,
+    )
+    other = render_scene(
+        [
+            ToyObject("heart", "pink", "checkered", 0.3, (0.7, 0.35), -15.0),
+            ToyObject("square", "yellow", "plain", 0.3, (0.25, 0.7)),
+        ],
+        "grass",
+        background_seed=3,
+    )
+    a = ev.identity_similarity(same.image, ref.image, ref.masks[0])
+    b = ev.identity_similarity(other.image, ref.image, ref.masks[0])
+    assert a > b and a > 0.8
+    match = ev.identity_match(same.image, ref.image, ref.masks[0])
+    assert match.num_candidates == 2 and (match.mask == same.masks[0]).all()
+    known = ev.identity_similarity_masks(ref.image, ref.masks[0], same.image, same.masks[0])
+    assert known > ev.identity_similarity_masks(
+        ref.image, ref.masks[0], other.image, other.masks[0]
+    )
+    empty = render_scene([], "beach").image
+    assert ev.identity_similarity(empty, ref.image, ref.masks[0]) == 0.0
+
+
+def test_prompt_helpers_round_trip():
+    s = _two_objects("snow")
+    objects, setting = parse_prompt(s.caption)
+    assert setting == "snow" and describe(objects, setting) == s.caption
+    assert describe(list(s.objects), "snow") == s.caption
+    objects, setting = parse_prompt("A Photo of a pink heart.")
+    assert setting is None and objects[0].pattern == "plain"
+
+
+@pytest.mark.slow
+def test_tiny_training_run_writes_loadable_weights(tmp_path):
+    from diffusers_breakscene.toy.train_evaluator import main
+
+    out = tmp_path / "ev"
+    args = ["--output", str(out), "--num-scenes", "48", "--steps", "3", "--embed-steps", "3"]
+    args += ["--batch-size", "16", "--test-scenes", "8", "--identity-trials", "20"]
+    config = main([*args, "--rerender-trials", "2", "--log-every", "1"])
+    assert "image_accuracy" in config["metrics"]
+    loaded = ToyEvaluator.load(out)
+    reading = loaded.read_image(sample_scene(SEED).image)
+    assert 1 <= len(reading.objects) <= 3
+
+
+@pytest.mark.parametrize(
+    ("call", "names"),
+    [
+        (lambda ev: ev.read_image("scene.png"), "image"),
+        (lambda ev: ev.read_image(np.zeros((64, 64), np.uint8)), "image"),
+        (lambda ev: ev.prompt_accuracy(_two_objects().image, "a photo on the beach"), "prompt"),
+        (lambda ev: ev.prompt_accuracy(_two_objects().image, "a photo of <asset0>"), "prompt"),
+        (lambda ev: ev.prompt_accuracy(_two_objects().image, "a red"), "prompt"),
+        (
+            lambda ev: ev.identity_similarity(
+                _two_objects().image, _two_objects().image, np.ones((32, 32), bool)
+            ),
+            "mask",
+        ),
+        (
+            lambda ev: ev.identity_similarity(
+                _two_objects().image, _two_objects().image, np.zeros((64, 64), bool)
+            ),
+            "mask",
+        ),
+        (lambda ev: ev.identity_similarity(None, *_ref()), "generated"),
+    ],
+    ids=["path", "gray", "no-object", "handle", "no-shape", "mask-shape", "empty-mask", "none"],
+)
+def test_bad_inputs_raise_clear_errors(ev, call, names):
+    with pytest.raises(InvalidArgumentError) as info:
+        call(ev)
+    assert isinstance(info.value, ValueError)
+    text = str(info.value)
+    assert names in text and "; " in text, text  # names the input; says how to fix it
+
+
+def _ref():
+    s = _two_objects()
+    return s.image, s.masks[0]
+
+
+def test_missing_weights_folder_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_evaluator"):
+        ToyEvaluator.load(tmp_path)

@@ -1,0 +1,126 @@
+"""The toy pipeline shipped in diffusers_breakscene/assets/toy, and its training script."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_breakscene.toy.model import TOY_MODEL_DIR, toy_model_path, toy_pipeline
+
+
+@pytest.fixture(scope="module")
+def toy(one_torch_thread):
+    return toy_pipeline()
+
+
+def test_shipped_weights_are_small_safetensors():
+    folder = toy_model_path()
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / part).is_dir(), part
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    files = [p for part in parts for p in (folder / part).rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    info = json.loads((folder / "toy_info.json").read_text())
+    assert info["heldout"]["shapes"] == ["heart"]
+
+
+def test_loads_through_from_pretrained(one_torch_thread):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, local_files_only=True)
+    assert pipe.unet.dtype == torch.float32
+    assert pipe.unet.config.sample_size == 32
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    ids = pipe.tokenizer("a photo of a red checkered heart").input_ids
+    assert len(ids) == 2 + 7  # every world word is one token
+
+
+def test_attention_level_is_8x8_in_down_and_up_blocks(toy):
+    from diffusers_breakscene import AttentionStore
+    from diffusers_breakscene.attention import cross_attention_levels
+
+    places = {place for place, f in cross_attention_levels(toy.unet).values() if f == 4}
+    assert {"down", "up"} <= places
+    with AttentionStore.attach(toy.unet) as store:
+        toy("a photo of a red circle", num_inference_steps=2, height=64, width=64)
+        maps = store.aggregate(part="cond", over_steps=True)
+    assert tuple(maps.shape) == (1, 8, 8, 77)
+
+
+def test_colour_words_change_the_colour(toy):
+    def images(prompt: str) -> np.ndarray:
+        return toy(
+            [prompt] * 4,
+            num_inference_steps=12,
+            guidance_scale=4.0,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    def reddish(x: np.ndarray) -> float:  # fraction of clearly red/orange pixels
+        return float(((x[..., 0] - x[..., 2]) > 0.3).mean())
+
+    def bluish(x: np.ndarray) -> float:
+        return float(((x[..., 2] - x[..., 0]) > 0.3).mean())
+
+    red = images("a photo of a red circle on a gray background")
+    blue = images("a photo of a blue circle on a gray background")
+    assert reddish(red) > reddish(blue) + 0.01
+    assert bluish(blue) > bluish(red) + 0.01
+
+
+def test_attention_check_runs(toy):
+    from diffusers_breakscene.toy.attention_check import attention_iou
+
+    result = attention_iou(toy, num_samples=2, timesteps=(500,))
+    assert result["num_objects"] >= 2
+    assert 0.0 <= result["mean_iou"] <= 1.0
+
+
+@pytest.mark.slow
+def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_breakscene.toy.train_base import main
+
+    argv = [
+        "--output",
+        str(tmp_path / "out"),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--threads",
+        "1",
+        "--vae-steps",
+        "2",
+        "--vae-batch",
+        "4",
+        "--num-images",
+        "16",
+        "--decoder-steps",
+        "2",
+        "--decoder-batch",
+        "2",
+        "--steps",
+        "2",
+        "--batch",
+        "4",
+        "--warmup",
+        "1",
+        "--save-every",
+        "1",
+    ]
+    out = main(argv)
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.unet.config.sample_size == 32
+    info = json.loads((out / "toy_info.json").read_text())
+    assert info["diffusion_steps"] == 2
+    # Resume: one more step on top of the checkpoint.
+    argv[argv.index("--steps") + 1] = "3"
+    main(argv)
+    assert json.loads((out / "toy_info.json").read_text())["diffusion_steps"] == 3
