@@ -69,10 +69,11 @@ def _add(model: Any, config: Any, what: str) -> list[torch.nn.Parameter]:
         ) from None
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for param in params:
-        # Trainable LoRA weights stay in float32 under mixed precision (as diffusers'
-        # cast_training_params does); frozen weights keep their dtype.
-        param.data = param.data.float()
         param.requires_grad_(True)
+    # Trainable weights in float32 under mixed precision; frozen weights keep their dtype.
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(model, dtype=torch.float32)
     return params
 
 
