@@ -26,6 +26,9 @@ Rules, in one place:
   longer side, centred on the bounding box of the union of the concept masks and clamped to the
   image.
 
+Why this module is just over 500 lines: the documented resize and crop rules and their
+warnings; input checks and decoding live in :mod:`~diffusers_breakscene.scene_inputs`.
+
 Example:
     >>> import numpy as np, torch
     >>> from diffusers_breakscene.scene import Scene, hflip

@@ -26,6 +26,9 @@ Three stages, each resumable from ``--work-dir`` (run the same command again aft
 
 4. The VAE decoder alone, on whole images (encoder frozen: the latent space does not move).
 
+Why this module is just over 500 lines: four resumable training stages, each with its own
+checkpointing, in one script that reads top to bottom.
+
 The pipeline saved in ``--output`` holds the EMA weights (``save_pretrained`` layout, safetensors,
 fp32) and ``toy_info.json`` (arguments, steps, times, held-out sets).
 
