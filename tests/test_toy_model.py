@@ -124,3 +124,16 @@ def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
     argv[argv.index("--steps") + 1] = "3"
     main(argv)
     assert json.loads((out / "toy_info.json").read_text())["diffusion_steps"] == 3
+
+
+def test_shipped_text_encoder_uses_the_classic_key_layout():
+    # transformers 5.0 (the lower bound) reads only "text_model."-prefixed CLIP keys; without the
+    # prefix it would silently start the toy text encoder from random weights.
+    from safetensors import safe_open
+
+    from diffusers_breakscene.toy.model import toy_model_path
+
+    path = toy_model_path() / "text_encoder" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(k.startswith("text_model.") for k in keys)

@@ -459,6 +459,20 @@ def train_diffusion(
     return unet, text_encoder, step
 
 
+def _classic_text_encoder_keys(path: Path) -> None:
+    """Rewrite the text encoder's keys in the classic ``text_model.`` layout, in place.
+
+    transformers >= 5.x saves ``CLIPTextModel`` without the ``text_model.`` prefix and reads both
+    layouts, but transformers 5.0 (this package's lower bound) reads only the prefixed one and
+    would silently start the text encoder from random weights.
+    """
+    tensors = load_file(path)
+    classic = {
+        k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()
+    }
+    save_file({k: v.contiguous() for k, v in classic.items()}, path, metadata={"format": "pt"})
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Run all stages; returns the output folder.
 
@@ -499,6 +513,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    _classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
     info = {
         "command": "python -m diffusers_breakscene.toy.train_base "
         + " ".join(sys.argv[1:] if argv is None else argv),
