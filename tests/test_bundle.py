@@ -893,6 +893,7 @@ def test_model_card_content(bundle):
     assert "`/models/sd15`" in local.model_card()
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_round_trips_through_diffusers(bundle, tmp_path):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model

@@ -126,6 +126,7 @@ def test_train_writes_a_bundle_with_the_flags_applied(trained):
     assert bundle.metadata["training"]["union_sampling"] is False
 
 
+@pytest.mark.slow
 def test_generate_writes_one_png_per_prompt(trained, tmp_path, capsys):
     out = tmp_path / "images"
     argv = ["generate", "--model", trained["model"], "--bundle", str(trained["bundle"])]

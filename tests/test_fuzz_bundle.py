@@ -129,6 +129,7 @@ def test_every_truncation_is_refused(cut):
         st.tuples(st.integers(0, len(GOOD) - 1), st.integers(0, 7)), min_size=1, max_size=8
     )
 )
+@pytest.mark.slow
 def test_bit_flips_load_or_raise_break_scene_errors(flips):
     blob = bytearray(GOOD)
     for position, bit in flips:
@@ -173,6 +174,7 @@ def test_header_length_field_lies(length):
     ),
     offsets=st.one_of(st.none(), st.lists(st.integers(-(2**63), 2**64), min_size=0, max_size=3)),
 )
+@pytest.mark.slow
 def test_rewritten_header_entries(key, shape, dtype, offsets):
     header = json.loads(json.dumps(HEADER))
     entry = header[key]
@@ -280,6 +282,7 @@ def test_malformed_metadata(key, value):
         max_size=3,
     )
 )
+@pytest.mark.slow
 def test_extra_or_overlapping_tensor_entries(extra):
     header = json.loads(json.dumps(HEADER))
     header.update(extra)

@@ -193,6 +193,7 @@ def test_mixin_in_explicit_subclass(bundle, base_image):
 
 
 # --- round trip and equivalence with the stock recipe -----------------------------------------
+@pytest.mark.slow
 def test_round_trip_from_file(trained_path, bundle, pipe, base_image):
     tokens = pipe.load_break_a_scene(trained_path)
     assert tokens == ["<asset0>", "<asset1>"]
@@ -234,6 +235,7 @@ def _ours(bundle):
     return generate(p)
 
 
+@pytest.mark.slow
 def test_exact_image_equality_with_stock_diffusers(bundle, tmp_path):
     assert bundle.metadata["lora"]["unet"]["lora_alpha"] != bundle.metadata["lora"]["unet"]["r"]
     assert np.array_equal(_ours(bundle), _stock(bundle, tmp_path))
@@ -479,6 +481,7 @@ def test_unload_restores_bit_identical(bundle, pipe, fuse):
 
 @pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
 @pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.slow
 def test_unload_two_bundles_in_either_order(bundle, bundle_b, pipe, order, fuse):
     before = snapshot(pipe)
     pipe.load_break_a_scene(bundle, adapter_name="a", fuse=fuse)
@@ -489,6 +492,7 @@ def test_unload_two_bundles_in_either_order(bundle, bundle_b, pipe, order, fuse)
 
 
 @pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.slow
 def test_load_unload_load_again(bundle, pipe, fuse):
     pipe.load_break_a_scene(bundle, adapter_name="x", fuse=fuse)
     first = snapshot(pipe)
@@ -498,6 +502,7 @@ def test_load_unload_load_again(bundle, pipe, fuse):
 
 
 # --- fuse ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fuse_matches_unfused(bundle):
     unfused = tiny_pipeline("sd1")
     unfused.load_break_a_scene(bundle, scale=0.7)
@@ -556,6 +561,7 @@ def test_unload_nothing_is_a_noop(pipe):
     assert_same_state(pipe, before)
 
 
+@pytest.mark.slow
 def test_fused_bundle_stays_fused_when_another_is_loaded_or_unloaded(bundle, bundle_b, pipe):
     pipe.load_break_a_scene(bundle, adapter_name="a", scale=0.7, fuse=True)
 

@@ -36,6 +36,7 @@ def test_toy_config_scales_only_what_it_must():
     assert fill("a photo of {1} and {0}", ["x", "y"]) == "a photo of y and x"
 
 
+@pytest.mark.slow
 def test_experiment_scores_every_prompt_of_every_variant(tmp_path):
     sample = evaluation_scenes()[0]
     cfg = toy_config(phase1_steps=2, phase2_steps=2)

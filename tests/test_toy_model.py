@@ -51,6 +51,7 @@ def test_attention_level_is_8x8_in_down_and_up_blocks(toy):
     assert tuple(maps.shape) == (1, 8, 8, 77)
 
 
+@pytest.mark.slow
 def test_colour_words_change_the_colour(toy):
     def images(prompt: str) -> np.ndarray:
         return toy(

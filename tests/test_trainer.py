@@ -179,6 +179,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path):
     assert "<asset0>" not in pipe.tokenizer.get_vocab()  # nothing changed
 
 
+@pytest.mark.slow
 def test_trains_from_a_saved_model_folder(tmp_model_dirs_cached, tmp_path):
     path = bas.BreakASceneTrainer(
         str(tmp_model_dirs_cached["sd1"]), tiny_scene(RES), config(phase1_steps=1, phase2_steps=1)
