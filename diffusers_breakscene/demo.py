@@ -180,6 +180,7 @@ def _toy_scores(
 ) -> list[dict[str, Any]]:
     """The toy evaluator's prompt accuracy and identity similarity of each generated image."""
     from .toy.evaluator import default_evaluator
+    from .toy.experiment import score_image
     from .toy.world import object_phrase
 
     evaluator = default_evaluator()
@@ -190,11 +191,8 @@ def _toy_scores(
         present = [i for i, t in enumerate(tokens) if t in prompt]
         for i in present:
             described = described.replace(tokens[i], words[i])
-        identity = {
-            tokens[i]: evaluator.identity_similarity(image, sample.image, sample.masks[i])
-            for i in present
-        }
-        accuracy = evaluator.prompt_accuracy(image, described).fraction
+        accuracy, identities = score_image(evaluator, sample, image, described, present)
+        identity = {tokens[i]: value for i, value in identities.items()}
         scores.append({"prompt": prompt, "described": described, "prompt_accuracy": accuracy,
                        "identity": identity})  # fmt: skip
     return scores

@@ -45,6 +45,7 @@ __all__ = [
     "VariantResult",
     "fill",
     "run_variant",
+    "score_image",
     "toy_config",
 ]
 
@@ -112,6 +113,29 @@ class VariantResult:
 
 def _pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(n) if i < j]
+
+
+def score_image(
+    evaluator: Any, sample: ToySample, image: Image.Image, described: str, handles: Sequence[int]
+) -> tuple[float, dict[int, float]]:
+    """``(prompt accuracy, {object index: identity similarity})`` of one generated ``image``:
+    the evaluator's prompt accuracy against ``described`` (the prompt with handles replaced by
+    the objects' words) and, for each object of ``sample`` in ``handles``, its identity
+    similarity to that object's masked crop in the input scene.
+
+    Example:
+        >>> from diffusers_breakscene.toy.evaluator import default_evaluator
+        >>> from diffusers_breakscene.toy.world import evaluation_scenes
+        >>> s = evaluation_scenes()[0]
+        >>> accuracy, ids = score_image(default_evaluator(), s, s.image, s.caption, [0, 1])
+        >>> sorted(ids), 0.0 <= accuracy <= 1.0
+        ([0, 1], True)
+    """
+    accuracy = evaluator.prompt_accuracy(image, described).fraction
+    identities = {
+        i: evaluator.identity_similarity(image, sample.image, sample.masks[i]) for i in handles
+    }
+    return accuracy, identities
 
 
 def run_variant(
@@ -186,10 +210,8 @@ def run_variant(
                     width=sample.image.width,
                     generator=torch.Generator().manual_seed(seed),
                 ).images[0]
-            accuracy = evaluator.prompt_accuracy(image, described).fraction
-            identity = statistics.fmean(
-                evaluator.identity_similarity(image, sample.image, sample.masks[i]) for i in handles
-            )
+            accuracy, identities = score_image(evaluator, sample, image, described, handles)
+            identity = statistics.fmean(identities.values())
             result.generations.append(
                 Generation(prompt, described, handles, seed, image, accuracy, identity)
             )
