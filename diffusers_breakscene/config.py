@@ -52,7 +52,13 @@ from typing import Any, Literal
 from .config_schema import config_error, field_specs
 from .errors import InvalidConfigError, MissingFileError
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "DEFAULT_TOKEN_JOINER", "BreakASceneConfig"]
+__all__ = [
+    "DEFAULT_PROMPT_TEMPLATE",
+    "DEFAULT_TOKEN_JOINER",
+    "KNOWN_LR_SCHEDULERS",
+    "KNOWN_TRACKERS",
+    "BreakASceneConfig",
+]
 
 #: The training prompt of the paper and the reference code: "a photo of <asset0> and <asset1>".
 DEFAULT_PROMPT_TEMPLATE = "a photo of {}"
@@ -60,8 +66,50 @@ DEFAULT_TOKEN_JOINER = " and "
 
 # diffusers' scheduler names that cannot run from this config alone (they need extra rules).
 _UNSUPPORTED_LR_SCHEDULERS = {"piecewise_constant": "it needs step rules this config cannot hold"}
+# The names of diffusers.optimization.SchedulerType and accelerate's LoggerType, as of the
+# versions this library targets: known names are accepted without importing diffusers or
+# accelerate (and so torch), which keeps config checks and `breakscene` argument errors instant.
+# A name not listed is looked up in the installed library, so newer names still work;
+# tests/test_config.py checks that these tuples match the installed libraries.
+KNOWN_LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+KNOWN_TRACKERS = (
+    "all",
+    "aim",
+    "tensorboard",
+    "wandb",
+    "trackio",
+    "comet_ml",
+    "mlflow",
+    "clearml",
+    "dvclive",
+    "swanlab",
+)
 # Fields that hold a filesystem path: os.PathLike values are stored as str.
 _PATH_FIELDS = ("class_images_dir", "resume_from_checkpoint", "logging_dir")
+
+
+def _installed_names(field_name: str, known: bool) -> tuple[str, ...]:
+    """The valid values of ``lr_scheduler`` or ``report_to``: the built-in tuple when the value
+    is in it (no import), else those of the installed diffusers / accelerate."""
+    if field_name == "lr_scheduler":
+        if known:
+            return KNOWN_LR_SCHEDULERS
+        from diffusers.optimization import SchedulerType
+
+        return tuple(s.value for s in SchedulerType)
+    if known:
+        return KNOWN_TRACKERS
+    from accelerate.utils import LoggerType
+
+    return tuple(t.value for t in LoggerType)
 
 
 def _f(default: Any, help: str) -> Any:
@@ -405,9 +453,12 @@ class BreakASceneConfig:
             )
 
     def _check_lr_scheduler(self) -> None:
-        from diffusers.optimization import SchedulerType
-
-        names = [s.value for s in SchedulerType if s.value not in _UNSUPPORTED_LR_SCHEDULERS]
+        known = self.lr_scheduler in KNOWN_LR_SCHEDULERS
+        names = [
+            s
+            for s in _installed_names("lr_scheduler", known)
+            if s not in _UNSUPPORTED_LR_SCHEDULERS
+        ]
         if self.lr_scheduler in _UNSUPPORTED_LR_SCHEDULERS:
             reason = _UNSUPPORTED_LR_SCHEDULERS[self.lr_scheduler]
             _fail("lr_scheduler", self.lr_scheduler, f"is not supported: {reason}", _one_of(names))
@@ -423,9 +474,7 @@ class BreakASceneConfig:
     def _check_report_to(self) -> None:
         if self.report_to is None:
             return
-        from accelerate.utils import LoggerType
-
-        names = [t.value for t in LoggerType]
+        names = _installed_names("report_to", self.report_to in KNOWN_TRACKERS)
         if self.report_to not in names:
             _fail(
                 "report_to",

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .base_pipeline import DEFAULT_MODEL, TINY_MODEL, TOY_MODEL, load_pipeline
+from .files import check_output_dir
 from .validation import attention_picture, generate_images
 from .viz import save_png
 
@@ -258,7 +259,7 @@ def _run_demo(
         raise ValueError(f"--inference-steps {inference_steps} must be >= 1.")
     if toy and resolution not in (None, 64):
         raise ValueError(f"--resolution {resolution}: the toy model works at 64 px; leave it out.")
-    out = Path(output).expanduser()
+    out = check_output_dir(output, "output folder")
     scene_dir = out / "scene"
     sample = None
     if toy:

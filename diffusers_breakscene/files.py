@@ -21,9 +21,16 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UnwritableOutputError
+from .errors import BreakSceneError, InvalidArgumentError, UnwritableOutputError, fail
 
-__all__ = ["atomic_write", "check_writable", "fsync_dir"]
+__all__ = [
+    "atomic_write",
+    "check_output_dir",
+    "check_output_file",
+    "check_utf8_path",
+    "check_writable",
+    "fsync_dir",
+]
 
 
 def check_writable(path: str | os.PathLike[str], what: str = "output") -> Path:
@@ -53,6 +60,77 @@ def check_writable(path: str | os.PathLike[str], what: str = "output") -> Path:
     return path
 
 
+def check_output_dir(path: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Like :func:`check_writable`, for a folder: also refused when ``path`` is an existing
+    file (where ``mkdir`` would fail with a bare ``FileExistsError`` later). Nothing is created.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> file = Path(tempfile.mkdtemp()) / "notes.txt"
+        >>> _ = file.write_text("x")
+        >>> check_output_dir(file)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        diffusers_breakscene.errors.UnwritableOutputError: Cannot write the output folder '...notes.txt': it is a file, not a folder; ...
+    """  # noqa: E501
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UnwritableOutputError(
+            f"Cannot write the {what} {str(path)!r}: it is a file, not a folder; choose another "
+            "location (a new or existing folder), or move the file away."
+        )
+    return check_writable(path, what)
+
+
+def check_output_file(path: str | os.PathLike[str], what: str = "file") -> Path:
+    """Like :func:`check_writable`, for a file: also refused when ``path`` is a folder.
+
+    Example:
+        >>> import tempfile
+        >>> check_output_file(tempfile.mkdtemp(), "picture")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        diffusers_breakscene.errors.UnwritableOutputError: Cannot write the picture '...': it is a folder; pass a file name.
+    """  # noqa: E501
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UnwritableOutputError(
+            f"Cannot write the {what} {str(path)!r}: it is a folder; pass a file name."
+        )
+    return check_writable(path, what)
+
+
+def check_utf8_path(
+    path: str | os.PathLike[str],
+    what: str = "file",
+    error: type[BreakSceneError] = InvalidArgumentError,
+) -> Path:
+    """Refuse (``error``) a path whose name is not valid UTF-8: a POSIX file name may hold any
+    bytes, but safetensors and the tokenizers library cannot open such a path (and would report
+    a damaged file instead). Returns ``path`` as a ``Path``.
+
+    Example:
+        >>> import os
+        >>> check_utf8_path(os.fsdecode(b"/tmp/caf\\xe9.safetensors"), "bundle")
+        Traceback (most recent call last):
+        ...
+        diffusers_breakscene.errors.InvalidArgumentError: the bundle '/tmp/caf\\xe9.safetensors' has a name that is not valid UTF-8, which safetensors and tokenizers cannot open; rename it (or the folder it is in) using UTF-8 characters
+    """  # noqa: E501
+    path = Path(path).expanduser()
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        fail(
+            error,
+            f"the {what} '{shown}' has a name that is not valid UTF-8, which safetensors and "
+            "tokenizers cannot open",
+            "rename it (or the folder it is in) using UTF-8 characters",
+        )
+    return path
+
+
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """Flush a folder's entries to disk (so a rename survives a power cut); best effort."""
     with contextlib.suppress(OSError):
@@ -71,12 +149,7 @@ def atomic_write(
     Missing parent folders are created. On any failure the temporary file is removed and a
     previous file at ``path`` is unchanged; ``OSError`` becomes :class:`UnwritableOutputError`.
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UnwritableOutputError(
-            f"Cannot write the {what} {str(path)!r}: it is a folder; pass a file name."
-        )
-    check_writable(path, what)
+    path = check_output_file(path, what)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -30,15 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidSceneError, TokenConflictError
+from .errors import InvalidSceneError, TokenConflictError, fail
 
 __all__ = [
     "HandleEmbedding",
     "add_handles",
+    "check_handle_names",
+    "check_not_words",
     "get_handle_embeddings",
     "initial_handle_rows",
     "set_handle_embeddings",
     "token_ids",
+    "vocabulary_words",
 ]
 
 
@@ -56,6 +59,97 @@ def token_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
 def _existing(tokenizer: Any, tokens: Sequence[str]) -> list[str]:
     vocab = tokenizer.get_vocab()
     return [t for t in tokens if t in vocab]
+
+
+def vocabulary_words(tokenizer: Any, tokens: Sequence[str]) -> dict[str, str]:
+    """``{handle: vocabulary entry}`` for the handles the tokenizer already reads as one ordinary
+    vocabulary word (``"dog"`` is CLIP's ``"dog</w>"``).
+
+    Such a handle, added as a token, would take over that word in every prompt (and inside
+    longer words: added tokens match anywhere). ``"<asset0>"`` splits into several pieces and
+    is no word. Tokens already added to the tokenizer are not words (see :func:`_existing`).
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_tokenizer
+        >>> vocabulary_words(tiny_tokenizer(), ["dog", "<asset0>", "Cat"])
+        {'dog': 'dog</w>', 'Cat': 'cat</w>'}
+    """
+    added = set(tokenizer.get_added_vocab())
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    words = {}
+    for token in tokens:
+        pieces = tokenizer.tokenize(token)
+        if len(pieces) == 1 and pieces[0] not in added | special:
+            words[token] = pieces[0]
+    return words
+
+
+def _not_a_word(token: str) -> str:
+    core = token.strip("<>") or "asset0"
+    return f"<{core}>"
+
+
+def check_not_words(
+    tokenizer: Any, tokens: Sequence[str], what: str = "handles", fix: str | None = None
+) -> None:
+    """Raise :class:`TokenConflictError` if a handle is an ordinary word of the tokenizer's
+    vocabulary (:func:`vocabulary_words`). ``fix`` replaces the default advice, "use a name like
+    '<dog>' that is not a word".
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_tokenizer
+        >>> check_not_words(tiny_tokenizer(), ["<asset0>"])
+        >>> check_not_words(tiny_tokenizer(), ["dog"])
+        Traceback (most recent call last):
+        ...
+        diffusers_breakscene.errors.TokenConflictError: handles ['dog'] are ordinary words of the tokenizer's vocabulary ('dog' is 'dog</w>'), so a handle would change what that word means in every prompt; use a name like '<dog>' that is not a word
+    """  # noqa: E501
+    words = vocabulary_words(tokenizer, tokens)
+    if words:
+        token, entry = next(iter(words.items()))
+        fail(
+            TokenConflictError,
+            f"{what} {list(words)} are ordinary words of the tokenizer's vocabulary "
+            f"({token!r} is {entry!r}), so a handle would change what that word means in every "
+            "prompt",
+            fix or f"use a name like {_not_a_word(token)!r} that is not a word",
+        )
+
+
+def check_handle_names(
+    tokenizer: Any, tokens: Sequence[str], what: str = "handles", where: str = ""
+) -> None:
+    """Refuse, before anything changes, handles the tokenizer already holds: added tokens
+    (``"<asset0>"`` added twice) and ordinary words (``"dog"``); raises
+    :class:`TokenConflictError` naming the handles and where to rename them (``where``, e.g.
+    ``"Scene(..., tokens=[...])"``).
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_tokenizer
+        >>> tokenizer = tiny_tokenizer()
+        >>> check_handle_names(tokenizer, ["<asset0>", "<asset1>"])
+        >>> _ = tokenizer.add_tokens(["<asset0>"])
+        >>> check_handle_names(tokenizer, ["<asset0>"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        diffusers_breakscene.errors.TokenConflictError: handles ['<asset0>'] already exist in the tokenizer; choose other handle names...
+    """  # noqa: E501
+    tokens = list(tokens)
+    where = f" with {where}" if where else ""
+    clash = _existing(tokenizer, tokens)
+    if clash:
+        fail(
+            TokenConflictError,
+            f"{what} {clash} already exist in the tokenizer",
+            f"choose other handle names{where} (for example '<scene1_asset0>') or unload what "
+            "added them",
+        )
+    words = vocabulary_words(tokenizer, tokens)
+    if words:
+        example = _not_a_word(next(iter(words)))
+        check_not_words(
+            tokenizer, tokens, what, f"use a name like {example!r} that is not a word{where}"
+        )
 
 
 def initial_handle_rows(
@@ -103,7 +197,8 @@ def add_handles(
 ) -> list[int]:
     """Add ``tokens`` to the tokenizer, grow the embedding matrix, initialise the new rows.
 
-    Tokens that already exist are refused (:class:`TokenConflictError`) before anything changes.
+    Tokens that already exist, and ordinary vocabulary words such as ``"dog"``, are refused
+    (:class:`TokenConflictError`, :func:`check_handle_names`) before anything changes.
     Returns the new token ids, in order.
 
     Example:
@@ -122,12 +217,7 @@ def add_handles(
         )
     if len(set(tokens)) != len(tokens):
         raise TokenConflictError(f"Handle tokens {tokens} contain duplicates; make them unique.")
-    clash = _existing(tokenizer, tokens)
-    if clash:
-        raise TokenConflictError(
-            f"Tokens {clash} already exist in the tokenizer; choose other handle names (for "
-            "example '<scene1_asset0>') or unload what added them."
-        )
+    check_handle_names(tokenizer, tokens, "Tokens")
     rows = initial_handle_rows(tokenizer, text_encoder, initializer_tokens, generator)
 
     tokenizer.add_tokens(tokens)

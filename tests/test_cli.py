@@ -252,3 +252,51 @@ def test_train_reports_a_bad_config_value_on_one_line(tmp_path, capsys):
     assert err.startswith("breakscene train: error: flip_probability=2.0 is invalid")
     assert main(["train", "--output", str(tmp_path / "o")]) == 1
     assert "--scene-dir" in capsys.readouterr().err
+
+
+# --- outputs that are files, odd names (issue 13) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--bundle", "missing.safetensors", "--prompt", "p", "--output", "{file}"],
+        ["train", "--scene-dir", "missing", "--output", "{file}"],
+        ["demo", "--output", "{file}"],
+        ["tiny-model", "{file}"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, argv):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main([a.replace("{file}", str(blocker)) for a in argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"breakscene {argv[0]}: error: Cannot write the ")
+    assert "is a file, not a folder; choose another location" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_attention_output_that_is_a_folder_is_refused_before_loading(tmp_path, capsys):
+    argv = ["attention", "--bundle", "missing", "--prompt", "p", "--output", str(tmp_path)]
+    assert main(argv) == 1
+    assert "it is a folder; pass a file name" in capsys.readouterr().err
+
+
+def test_a_model_folder_name_that_is_not_utf8_is_one_error_line(tmp_path, capsys):
+    import os
+
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    assert main(["tiny-model", str(folder)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "caf\\xe9" in err and "not valid UTF-8" in err and "\n" not in err
+    assert not folder.exists()
+
+
+def test_printable_shows_undecodable_file_name_bytes():
+    import os
+
+    from diffusers_breakscene.cli import printable
+
+    assert printable("to " + os.fsdecode(b"caf\xe9"), "utf-8") == "to caf\\xe9"
+    assert printable("café", "ascii") == "caf\\xe9"

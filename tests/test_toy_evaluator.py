@@ -44,21 +44,25 @@ def fresh_scores(ev):
     return [ev.prompt_accuracy(r, s.caption) for s, r in zip(samples, readings, strict=True)]
 
 
-def test_shipped_evaluator_reads_settings_and_colours_of_fresh_scenes(fresh_scores):
-    # What the shipped reader does reach (docs/toy-evaluator.md: setting 100%, colour 94.8%).
-    settings = [score.setting_ok for score in fresh_scores]
-    colours = [o.colour_ok for score in fresh_scores for o in score.objects]
-    assert np.mean(settings) >= 0.98 and np.mean(colours) >= 0.9
+def test_shipped_evaluator_reads_fresh_scenes(fresh_scores):
+    # What the shipped evaluator reaches (docs/toy-evaluator.md: 95.0% of 1,000 test scenes
+    # fully right, 89% of these 100; every one-object scene; setting 100%).
+    right = [score.all_ok for score in fresh_scores]
+    assert np.mean(right) >= 0.85, f"only {np.mean(right):.2f} of 100 fresh scenes read right"
+    single = [score.all_ok for score in fresh_scores if len(score.objects) == 1]
+    assert single and all(single)
+    assert all(score.setting_ok for score in fresh_scores)
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 11 open: the shipped reader gets ~28% of rendered images fully right (shape "
-    "55.8% per object); the target is >= 98% (docs/toy-evaluator.md, 'Not reached yet')",
+    reason="issue 11 target not met: the shipped evaluator reads 95.0% of rendered test scenes "
+    "fully right, the target is >= 98%; most misses are touching objects of one colour in "
+    "3-object scenes (docs/toy-evaluator.md, 'Not reached yet')",
 )
-def test_shipped_evaluator_reads_fresh_scenes(fresh_scores):
+def test_shipped_evaluator_reaches_the_issue_target(fresh_scores):
     right = [score.all_ok for score in fresh_scores]
-    assert np.mean(right) >= 0.95, f"only {np.mean(right):.2f} of 100 fresh scenes read right"
+    assert np.mean(right) >= 0.98, f"only {np.mean(right):.2f} of 100 fresh scenes read right"
 
 
 def test_prompt_accuracy_flags_wrong_colour_shape_and_setting(ev):
@@ -137,12 +141,14 @@ def test_tiny_training_run_writes_loadable_weights(tmp_path):
 
     out = tmp_path / "ev"
     args = ["--output", str(out), "--num-scenes", "48", "--steps", "3", "--embed-steps", "3"]
+    args += ["--crop-steps", "3", "--crop-batch-size", "8"]
     args += ["--batch-size", "16", "--test-scenes", "8", "--identity-trials", "20"]
     config = main([*args, "--rerender-trials", "2", "--log-every", "1"])
     assert "image_accuracy" in config["metrics"]
     loaded = ToyEvaluator.load(out)
+    assert config["version"] == 2 and "crop_reader" in config
     reading = loaded.read_image(sample_scene(SEED).image)
-    assert 1 <= len(reading.objects) <= 3
+    assert reading.objects  # after 3 steps the crop reader may still name many pairs
 
 
 @pytest.mark.parametrize(
@@ -185,3 +191,36 @@ def _ref():
 def test_missing_weights_folder_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_evaluator"):
         ToyEvaluator.load(tmp_path)
+
+
+def test_evaluator_of_an_older_version_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from diffusers_breakscene.toy.evaluator import CONFIG_NAME, DEFAULT_EVALUATOR_PATH
+
+    shutil.copytree(DEFAULT_EVALUATOR_PATH, tmp_path / "ev")
+    config = json.loads((tmp_path / "ev" / CONFIG_NAME).read_text())
+    del config["crop_reader"]  # version 1 read objects from the whole-image cell grid
+    (tmp_path / "ev" / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(InvalidArgumentError, match="retrain"):
+        ToyEvaluator.load(tmp_path / "ev")
+
+
+def test_colour_regions_and_the_crop_reader_split_touching_objects_of_one_colour(ev):
+    from diffusers_breakscene.toy.evaluator import colour_regions
+
+    s = render_scene(
+        [
+            ToyObject("square", "green", "plain", 0.36, (0.35, 0.45)),
+            ToyObject("triangle", "green", "striped", 0.36, (0.62, 0.5)),
+        ],
+        "white",
+    )
+    regions = colour_regions(s.image, "white")
+    assert len(regions) == 1 and regions[0][0].sum() == (s.masks[0] | s.masks[1]).sum()
+    reading = ev.read_image(s.image)
+    assert sorted(o.words for o in reading.objects) == [
+        ["green", "square"],
+        ["green", "striped", "triangle"],
+    ]

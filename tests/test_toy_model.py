@@ -34,7 +34,10 @@ def test_loads_through_from_pretrained(one_torch_thread):
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, local_files_only=True)
     assert pipe.unet.dtype == torch.float32
     assert pipe.unet.config.sample_size == 32
-    assert pipe.scheduler.config.prediction_type == "epsilon"
+    # zero terminal SNR + v-prediction: the text, not the starting noise, picks the background
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
     ids = pipe.tokenizer("a photo of a red checkered heart").input_ids
     assert len(ids) == 2 + 7  # every world word is one token
 
@@ -138,3 +141,52 @@ def test_shipped_text_encoder_uses_the_classic_key_layout():
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
     assert keys and all(k.startswith("text_model.") for k in keys)
+
+
+@pytest.mark.slow
+def test_toy_model_benchmark_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "toy_model.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "toy_model-smoke.json").read_text())
+    assert report["generation"]["one_object"]["prompts"] == 4
+    assert set(report["attention"]) == {"train", "heldout"}
+    assert "| one object | 4 |" in (tmp_path / "toy_model-smoke.md").read_text()
+    assert (tmp_path / "toy_model-smoke.png").is_file()
+
+
+def test_unseen_prompts_are_not_training_captions():
+    from diffusers_breakscene.toy.evaluator import parse_prompt
+    from diffusers_breakscene.toy.prompt_check import unseen_prompts
+    from diffusers_breakscene.toy.world import HELDOUT_PAIRS, HELDOUT_PATTERNS, HELDOUT_SHAPES
+
+    prompts = unseen_prompts(30, 30)
+    assert len(prompts) == len(set(prompts[:30])) + 30
+    for n, prompt in enumerate(prompts):
+        objects, setting = parse_prompt(prompt)
+        assert len(objects) == (1 if n < 30 else 2) and setting is not None
+        # every prompt holds a held-out pair, so no training caption can equal it ...
+        assert any((o.shape, o.colour) in HELDOUT_PAIRS for o in objects), prompt
+        # ... and uses only words the base model saw in training
+        assert not any(o.shape in HELDOUT_SHAPES or o.pattern in HELDOUT_PATTERNS for o in objects)
+
+
+@pytest.mark.slow
+def test_shipped_model_follows_settings_and_colours_of_unseen_prompts(toy):
+    # A small quality smoke check (benchmarks/toy_model.py measures 200 prompts: setting 1.00,
+    # colour 0.67, shape 0.19 on one-object prompts; docs/toy-world.md).
+    from diffusers_breakscene.toy.prompt_check import generation_accuracy, unseen_prompts
+
+    rates, images, _ = generation_accuracy(
+        toy, unseen_prompts(8, 0, seed=1), num_inference_steps=15, seed=1
+    )
+    assert len(images) == 8
+    assert rates["setting"] >= 7 / 8, rates
+    assert rates["colour"] >= 3 / 8, rates

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..base_pipeline import available_model_id
 from ..errors import BreakSceneError, MissingFileError, fail, message
 from ..fingerprint import FINGERPRINT_FIELDS
 from .format import DEFAULT_WEIGHT_NAME, FORMAT, FORMAT_VERSION, BundleMetadata, library_version
@@ -160,6 +161,8 @@ def model_card(
     from huggingface_hub import ModelCardData
 
     tokens, base_model = meta.tokens, meta.base_model
+    # A base model id that was removed from the Hub is shown as the mirror holding its weights.
+    base_model = available_model_id(base_model) if base_model else base_model
     hub_base = base_model if base_model and _looks_like_repo_id(base_model) else None
     if hub_base and Path(hub_base).exists():
         hub_base = None

@@ -35,7 +35,7 @@ from ..errors import (
     UnwritableOutputError,
     fail,
 )
-from ..files import check_writable, fsync_dir
+from ..files import check_utf8_path, check_writable, fsync_dir
 from .format import (
     DIFFUSERS_EMBEDDINGS_NAME,
     DIFFUSERS_LORA_NAME,
@@ -73,6 +73,7 @@ def export_diffusers(bundle: Bundle, directory: str | os.PathLike[str]) -> dict[
             "pass a folder",
         )
     check_writable(directory / DIFFUSERS_EMBEDDINGS_NAME, "export")
+    check_utf8_path(directory, "export folder", UnwritableOutputError)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".breakscene-export-", dir=directory))

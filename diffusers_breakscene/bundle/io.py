@@ -28,8 +28,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..errors import InvalidBundleError, fail
-from ..files import atomic_write
+from ..errors import InvalidBundleError, UnwritableOutputError, fail
+from ..files import atomic_write, check_utf8_path
 from .format import FIX_DAMAGED, FLOAT_DTYPES
 
 __all__ = ["output_file", "read_file", "read_header", "read_tensors", "save_atomic"]
@@ -41,6 +41,7 @@ def read_header(path: Path, what: str) -> tuple[list[str], dict[str, str]]:
     """The tensor names and ``__metadata__`` of ``path``, after checking that every tensor is
     floating point; any problem raises :class:`InvalidBundleError` naming ``what`` and the file.
     """
+    check_utf8_path(path, what)
     name = f"{what} {str(path)!r}"
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
@@ -154,6 +155,8 @@ def save_atomic(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], file: Path, what: str = "bundle"
 ) -> None:
     """``safetensors.torch.save_file`` into a temporary file next to ``file``, then rename."""
+
+    check_utf8_path(file, what, UnwritableOutputError)  # else it could not be read back
 
     def write(tmp: Path) -> None:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)

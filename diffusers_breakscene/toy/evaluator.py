@@ -2,16 +2,17 @@
 
 Break-A-Scene measures *prompt similarity* (does the image show what the prompt says? CLIP) and
 *identity similarity* (is the generated object the same object as in the input scene? DINO).
-In the toy world both are read exactly by two small CNNs trained on rendered scenes
+In the toy world both are read by three small CNNs trained on rendered scenes
 (:mod:`diffusers_breakscene.toy.train_evaluator`; weights shipped in
 ``diffusers_breakscene/assets/toy/evaluator``):
 
-* the **reader** looks at a whole 64x64 image and gives, on an 8x8 grid of cells, the presence of
-  every shape, colour and pattern, of every (shape, colour), (shape, pattern) and
-  (colour, pattern) pair and of every (shape, colour, pattern) identity; their maximum over the
-  cells is the image-level presence. Two more heads give the setting (7-way) and the number of
-  objects (1-3). :meth:`ToyEvaluator.read_image` decodes these into a set of objects: the 1-3
-  identities whose attributes explain all presences best (see :class:`ImageReading`).
+* the **reader** looks at a whole 64x64 image and gives its setting (7-way), the number of
+  objects, and on a 16x16 grid of cells the presence of every attribute, pair and identity
+  (their maximum over the cells is the image-level presence, :attr:`ImageReading.presence`);
+* the **crop reader** reads the objects: :func:`colour_regions` cuts the image into one-colour
+  regions (exact on rendered images: an object, touching objects of one colour, or a piece of
+  an object cut in two), and the crop reader gives every (shape, pattern) pair present in each
+  region's crop (see :class:`ImageReading`);
 * the **embedder** maps an object crop (background blacked out, cropped to the mask's bounding
   square, resized to 32x32, the mask as a 4th channel) to a unit vector. It is trained as a
   cosine classifier over the 6 x 8 x 4 = 192 identities (shape, colour, pattern), so two crops
@@ -21,9 +22,8 @@ In the toy world both are read exactly by two small CNNs trained on rendered sce
 reading; :meth:`ToyEvaluator.identity_similarity` finds the objects of a generated image by
 colour (:meth:`ToyEvaluator.find_objects`) and compares them with a reference object.
 
-Why this module is over 500 lines: the two networks, prompt parsing, the result records and the
-scoring live together while the reading is being redesigned (see docs/toy-evaluator.md, 'Not
-reached yet'); the networks move to their own module with that redesign.
+Why this module is over 500 lines: the three networks, prompt parsing, the result records and
+the scoring live together; the networks are the part to move to their own module next.
 
 Example:
     >>> from diffusers_breakscene.toy.evaluator import default_evaluator
@@ -71,6 +71,9 @@ __all__ = [
     "LABEL_NAMES",
     "NUM_IDENTITIES",
     "NUM_LABELS",
+    "NUM_SHAPE_PATTERNS",
+    "VERSION",
+    "CropReader",
     "EmbedNet",
     "IdentityMatch",
     "ImageReading",
@@ -82,6 +85,7 @@ __all__ = [
     "ToyEvaluator",
     "cell_distribution",
     "cell_log_probs",
+    "colour_regions",
     "crop_object",
     "default_evaluator",
     "describe",
@@ -100,6 +104,8 @@ DEFAULT_EVALUATOR_PATH = Path(__file__).resolve().parent.parent / "assets" / "to
 WEIGHTS_NAME = "evaluator.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "diffusers-breakscene-toy-evaluator"
+#: Version 2: objects read per one-colour region by :class:`CropReader`.
+VERSION = 2
 
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 SETTING_NAMES: tuple[str, ...] = tuple(SETTINGS)
@@ -319,6 +325,43 @@ class EmbedNet(nn.Module):
     def logits(self, embeddings: torch.Tensor, scale: float = 16.0) -> torch.Tensor:
         """Cosine-classifier logits of unit ``embeddings``."""
         return scale * embeddings @ F.normalize(self.classes, dim=1).T
+
+
+#: Labels of the crop reader: (shape, pattern) pairs, index ``shape * 4 + pattern``.
+NUM_SHAPE_PATTERNS = _NS * _NP
+
+
+class CropReader(nn.Module):
+    """Object-region reader: ``(B, 4, 32, 32)`` crops of one-colour regions (see
+    :func:`crop_object`) -> ``(B, 24)`` logits, one independent probability per
+    (shape, pattern) pair present in the region. A region is usually one object; touching
+    objects of one colour make one region with several pairs, a ring cut in two by another
+    object makes two regions with the same pair.
+
+    Example:
+        >>> tuple(CropReader()(torch.rand(2, 4, 32, 32)).shape)
+        (2, 24)
+    """
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 96), hidden: int = 128) -> None:
+        super().__init__()
+        a, b, c = (int(w) for w in widths)
+        self.features = nn.Sequential(
+            _cbr(4, a),  # 32x32
+            _cbr(a, b, 3, 2, 1),  # 16x16
+            _cbr(b, b),
+            _cbr(b, c, 3, 2, 1),  # 8x8
+            _cbr(c, c),
+        )
+        self.head = nn.Sequential(
+            nn.Linear(2 * c, hidden), nn.ReLU(True), nn.Linear(hidden, NUM_SHAPE_PATTERNS)
+        )
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        x = crops.clone()
+        x[:, :3] = (x[:, :3] - 0.25) / 0.25
+        h = self.features(x)
+        return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -572,12 +615,12 @@ class ImageReading:
     """What the reader sees in one image.
 
     * ``setting``: the most likely setting, ``setting_probs``: all 7 probabilities.
-    * ``objects``: the decoded objects, most confident first. On the 16x16 cell grid, cells with
-      p(object) > 0.5 are grouped by their most likely colour into 8-connected regions of at
-      least 3 cells; in each region every shape that is the most likely shape of at least
-      max(3, 30%) of its cells is an object (touching objects of one colour are told apart by
-      shape), with the pattern of largest summed probability over those cells. ``score``: the
-      mean probability of that identity over those cells.
+    * ``objects``: the objects read, most confident first. The image is cut into one-colour
+      regions (:func:`colour_regions`, with the predicted setting's background colours); the
+      :class:`CropReader` gives every (shape, pattern) pair present in each region (all pairs
+      over 0.5, at least the likeliest); each is an object of the region's colour, and an
+      identity read in several regions (an object cut in two) counts once. ``score``: its
+      probability.
     * ``presence``: image-level probability of every label of :data:`LABEL_NAMES`.
     * ``count_probs``: probabilities of 1, 2, 3 objects.
 
@@ -733,6 +776,42 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def colour_regions(image: Any, setting: str, min_area: int = 12) -> list[tuple[np.ndarray, int]]:
+    """The one-colour regions of a toy-world image: ``(mask, colour index)`` pairs, largest
+    first (``mask``: bool, 64x64; colour index into the world's colours).
+
+    Each pixel takes the nearest colour among the ``setting``'s background colours and the 16
+    object colours (8 colours and their half-bright pattern shades; both shades count as one
+    colour). The 8-connected regions of one object colour that keep at least ``min_area``
+    pixels after a 1-pixel erosion (which removes thin blending halos of generated images) are
+    kept. On rendered images a region is one object, or several touching objects of one colour,
+    or a part of an object cut in two by another.
+
+    Example:
+        >>> from diffusers_breakscene.toy.world import render_scene, ToyObject
+        >>> s = render_scene([ToyObject("star", "red", "plain", 0.45, (0.5, 0.5))], "gray")
+        >>> [(int(m.sum()) == int(s.masks[0].sum()), COLOUR_NAMES[k])
+        ...  for m, k in colour_regions(s.image, "gray")]
+        [(True, 'red')]
+    """
+    arr = _resize(_to_array(image, "image"))
+    if setting not in SETTINGS:
+        fail(InvalidArgumentError, f"setting={setting!r}", f"use one of {sorted(SETTINGS)}")
+    obj_rgb, obj_name = _object_palette()
+    bg = _background_palette(setting)
+    pixels = arr.reshape(-1, 3)
+    d_obj = ((pixels[:, None] - obj_rgb[None]) ** 2).sum(-1)
+    d_bg = ((pixels[:, None] - bg[None]) ** 2).sum(-1).min(1)
+    nearest = d_obj.argmin(1)
+    label = np.where(d_obj.min(1) < d_bg, obj_name[nearest], -1).reshape(arr.shape[:2])
+    regions = []
+    for k in np.unique(label[label >= 0]):
+        for comp in _components(label == k):
+            if _erode(comp).sum() >= min_area:
+                regions.append((comp, int(k)))
+    return sorted(regions, key=lambda r: -int(r[0].sum()))
+
+
 class ToyEvaluator:
     """Reads toy-world images (prompt similarity) and compares objects (identity similarity).
 
@@ -748,9 +827,16 @@ class ToyEvaluator:
         ('beach', ['red'])
     """
 
-    def __init__(self, reader: ReaderNet, embedder: EmbedNet, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        reader: ReaderNet,
+        embedder: EmbedNet,
+        crop_reader: CropReader,
+        config: dict[str, Any],
+    ) -> None:
         self.reader = reader.eval()
         self.embedder = embedder.eval()
+        self.crop_reader = crop_reader.eval()
         self.config = config
 
     # loading --------------------------------------------------------------------------------
@@ -774,41 +860,51 @@ class ToyEvaluator:
                     "pass a folder written by python -m diffusers_breakscene.toy.train_evaluator",
                 )
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
-        if config.get("format") != FORMAT:
-            fail(InvalidArgumentError, f"{cfg_file} is not a toy evaluator config", "retrain it")
-        reader = ReaderNet(**config["reader"])
-        embedder = EmbedNet(**config["embedder"])
+        if config.get("format") != FORMAT or "crop_reader" not in config:
+            fail(
+                InvalidArgumentError,
+                f"{cfg_file} is not a toy evaluator config of version {VERSION}",
+                "retrain it with python -m diffusers_breakscene.toy.train_evaluator",
+            )
+        nets = {
+            "reader": ReaderNet(**config["reader"]),
+            "embedder": EmbedNet(**config["embedder"]),
+            "crop_reader": CropReader(**config["crop_reader"]),
+        }
         state = load_file(str(weights))
-        reader.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("reader.")})
-        embedder.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("embedder.")})
-        return cls(reader, embedder, config)
+        for name, net in nets.items():
+            prefix = f"{name}."
+            net.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            )
+        return cls(nets["reader"], nets["embedder"], nets["crop_reader"], config)
 
     # reading --------------------------------------------------------------------------------
 
-    def _decode(
-        self, p_obj: np.ndarray, ps: np.ndarray, pc: np.ndarray, pp: np.ndarray
-    ) -> tuple[ReadObject, ...]:
-        """Objects from one image's cell maps (see :class:`ImageReading`)."""
-        min_cells = int(self.config.get("min_cells", 3))
-        on = p_obj > 0.5
-        colour = pc.argmax(0)
-        shape = ps.argmax(0)
-        objects = []
-        for k in np.unique(colour[on]):
-            for comp in _components(on & (colour == k)):
-                size = int(comp.sum())
-                if size < min_cells:
-                    continue
-                votes = np.bincount(shape[comp], minlength=_NS)
-                keep = [s for s in np.argsort(-votes) if votes[s] >= max(min_cells, 0.3 * size)]
-                for s in keep or [int(votes.argmax())]:
-                    cells = comp & (shape == s)
-                    pattern = int(pp[:, cells].sum(1).argmax())
-                    score = float((p_obj * ps[s] * pc[k] * pp[pattern])[cells].mean())
-                    objects.append(
-                        ReadObject(SHAPES[s], COLOUR_NAMES[int(k)], PATTERNS[pattern], score)
-                    )
-        return tuple(sorted(objects, key=lambda o: -o.score))
+    def _read_regions(
+        self, regions: list[list[tuple[np.ndarray, int]]], arrays: list[np.ndarray]
+    ) -> list[tuple[ReadObject, ...]]:
+        """Objects of each image from its one-colour regions (see :class:`ImageReading`)."""
+        crops = [
+            crop_object(arr, m) for arr, rs in zip(arrays, regions, strict=True) for m, _ in rs
+        ]
+        if not crops:
+            return [() for _ in regions]
+        probs = torch.sigmoid(self.crop_reader(torch.stack(crops))).double().numpy()
+        threshold = float(self.config.get("crop_threshold", 0.5))
+        out, row = [], 0
+        for rs in regions:
+            found: dict[tuple[str, str, str], float] = {}
+            for _, colour in rs:
+                p = probs[row]
+                row += 1
+                pairs = np.nonzero(p > threshold)[0]
+                for k in pairs if len(pairs) else [int(p.argmax())]:
+                    key = (SHAPES[k // _NP], COLOUR_NAMES[colour], PATTERNS[k % _NP])
+                    found[key] = max(found.get(key, 0.0), float(p[k]))
+            objects = [ReadObject(*key, score) for key, score in found.items()]
+            out.append(tuple(sorted(objects, key=lambda o: -o.score)))
+        return out
 
     @torch.inference_mode()
     def read_images(self, images: Sequence[Any], batch_size: int = 256) -> list[ImageReading]:
@@ -829,13 +925,19 @@ class ToyEvaluator:
             presence = presence_probs(cells).double().numpy()
             setting_p = torch.softmax(setting_logits.double(), 1).numpy()
             count_p = torch.softmax(count_logits.double(), 1).numpy()
-            maps = [m.numpy() for m in cell_distribution(cells)]
+            settings = [SETTING_NAMES[int(np.argmax(p))] for p in setting_p]
+            chunk = arrays[start : start + batch_size]
+            regions = [
+                colour_regions(arr, setting, int(self.config.get("min_area", 12)))
+                for arr, setting in zip(chunk, settings, strict=True)
+            ]
+            read = self._read_regions(regions, chunk)
             for i in range(len(batch)):
-                objects = self._decode(*(m[i] for m in maps))
+                objects = read[i]
                 probs = presence[i]
                 out.append(
                     ImageReading(
-                        setting=SETTING_NAMES[int(np.argmax(setting_p[i]))],
+                        setting=settings[i],
                         setting_probs=dict(zip(SETTING_NAMES, setting_p[i].tolist(), strict=True)),
                         objects=objects,
                         presence={n: float(p) for n, p in zip(LABEL_NAMES, probs, strict=True)},
@@ -958,14 +1060,9 @@ class ToyEvaluator:
     def find_objects(
         self, image: Any, setting: str | None = None, min_area: int = 12
     ) -> list[np.ndarray]:
-        """Masks (bool, 64x64, largest first) of the objects of an image without known masks.
-
-        Each pixel takes the nearest colour among the setting's background colours (``setting``
-        or the reader's prediction) and the 16 object colours (8 colours and their half-bright
-        pattern shades; both shades count as one colour). The 8-connected regions of one object
-        colour that keep at least ``min_area`` pixels after a 1-pixel erosion (which removes
-        thin blending halos of generated images) are the objects; touching objects of the same
-        colour come out as one.
+        """Masks (bool, 64x64, largest first) of the objects of an image without known masks:
+        the one-colour regions of :func:`colour_regions` (``setting``: the reader's prediction
+        when ``None``); touching objects of one colour come out as one.
 
         Example:
             >>> from diffusers_breakscene.toy.world import sample_scene
@@ -977,21 +1074,7 @@ class ToyEvaluator:
         arr = _resize(_to_array(image, "image"))
         if setting is None:
             setting = self.read_images([arr])[0].setting
-        elif setting not in SETTINGS:
-            fail(InvalidArgumentError, f"setting={setting!r}", f"use one of {sorted(SETTINGS)}")
-        obj_rgb, obj_name = _object_palette()
-        bg = _background_palette(setting)
-        pixels = arr.reshape(-1, 3)
-        d_obj = ((pixels[:, None] - obj_rgb[None]) ** 2).sum(-1)
-        d_bg = ((pixels[:, None] - bg[None]) ** 2).sum(-1).min(1)
-        nearest = d_obj.argmin(1)
-        label = np.where(d_obj.min(1) < d_bg, obj_name[nearest], -1).reshape(arr.shape[:2])
-        masks = []
-        for k in np.unique(label[label >= 0]):
-            for comp in _components(label == k):
-                if _erode(comp).sum() >= min_area:
-                    masks.append(comp)
-        return sorted(masks, key=lambda m: -int(m.sum()))
+        return [mask for mask, _ in colour_regions(arr, setting, min_area)]
 
     def identity_match(
         self, generated: Any, reference_image: Any, reference_mask: Any

@@ -11,7 +11,8 @@ hour (see :mod:`diffusers_breakscene.toy.train_base`), trained on the toy world
   ``up_blocks.0``), found by :func:`diffusers_breakscene.attention.cross_attention_levels`;
 * a 2-layer CLIP text encoder (width 64) and a tokenizer in which every world word (and every
   word of :data:`diffusers_breakscene.tiny.TINY_WORDS`) is one token;
-* epsilon prediction, Stable Diffusion's ``scaled_linear`` beta schedule.
+* v-prediction on Stable Diffusion's ``scaled_linear`` beta schedule rescaled to zero terminal
+  SNR, DDIM with ``"trailing"`` timesteps (:func:`build_scheduler`).
 
 Example:
     >>> from diffusers_breakscene.toy.model import toy_pipeline
@@ -156,14 +157,25 @@ def build_text_encoder(vocab_size: int) -> Any:
     )
 
 
-def build_scheduler() -> Any:
-    """The sampling scheduler saved with the pipeline (DDIM, SD's beta schedule, epsilon).
+def build_scheduler(prediction_type: str = "v_prediction", zero_terminal_snr: bool = True) -> Any:
+    """The sampling scheduler saved with the pipeline: DDIM on SD's ``scaled_linear`` betas,
+    by default rescaled to zero terminal SNR with ``"trailing"`` timesteps and v-prediction
+    (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"), so that the
+    text, not the starting noise, picks a flat background's colour.
 
     Example:
-        >>> build_scheduler().config.prediction_type
-        'epsilon'
+        >>> s = build_scheduler()
+        >>> s.config.prediction_type, s.config.rescale_betas_zero_snr, s.config.timestep_spacing
+        ('v_prediction', True, 'trailing')
     """
-    return sd_scheduler("epsilon")
+    from diffusers import DDIMScheduler
+
+    scheduler = sd_scheduler(prediction_type)
+    if not zero_terminal_snr:
+        return scheduler
+    return DDIMScheduler.from_config(
+        scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
 
 
 def toy_pipeline(

@@ -1,14 +1,23 @@
-"""Train the toy Stable Diffusion pipeline from scratch on the toy world (2 CPU cores, ~1 hour).
+"""Train the toy Stable Diffusion pipeline from scratch on the toy world (2 CPU cores).
 
-Command that produced the shipped weights (``diffusers_breakscene/assets/toy``), about 80 minutes
-on 2 shared CPU cores (VAE 7, cache 8, UNet + text encoder 63, decoder 7)::
+Commands that produced the shipped weights (``diffusers_breakscene/assets/toy``), on 2 CPU cores
+shared with other training jobs (VAE 7 min, cache 8, UNet + text encoder 100, decoder 7)::
 
-    python -m diffusers_breakscene.toy.train_base \
-        --output diffusers_breakscene/assets/toy --threads 1
+    python -m diffusers_breakscene.toy.train_base --output OUT --work-dir WORK \
+        --threads 1 --steps 6000 --max-minutes 68      # stopped by the cap at step 3,059
+    python -m diffusers_breakscene.toy.train_base --output OUT --work-dir WORK \
+        --threads 1 --steps 8000 --max-minutes 120     # resumed; interrupted after step 3,600
+    python -m diffusers_breakscene.toy.train_base --output OUT --work-dir WORK \
+        --threads 1 --steps 8000 --max-minutes 100     # resumed at 3,600; cap at step 4,799
 
-``--threads 1`` because the cores were shared with other jobs: two intra-op threads on a busy
-2-core machine ran 3-10x slower than one. The default (2) suits an idle machine. With the
-``--max-minutes`` cap the number of steps (and so the weights) depends on the machine's speed.
+The later commands resume from ``WORK`` with a later cap, so the cosine learning-rate schedule
+(which follows ``max(steps, minutes)`` progress) rose again from 10% of its peak (to 45%, then
+18%) and decayed to 10% by minute 100. One uninterrupted ``--max-minutes 100`` run is the same
+recipe without those bumps. ``--threads 1`` because the cores were shared: two intra-op
+threads on a busy 2-core machine ran 3-10x slower than one; the default (2) suits an idle
+machine, where a step of batch 16 took 0.7 s (1.0-1.5 s here with one thread and a busy second
+core). With the ``--max-minutes`` cap the number of steps (and so the weights) depends on the
+machine's speed.
 
 Three stages, each resumable from ``--work-dir`` (run the same command again after a stop):
 
@@ -16,13 +25,15 @@ Three stages, each resumable from ``--work-dir`` (run the same command again aft
    the posterior mean.
 2. Render ``--num-images`` training scenes (``split="train"``: no held-out shape, pattern or
    pair) and cache their latents (posterior means) and 8x8 object masks.
-3. UNet + text encoder jointly, epsilon prediction with SD's ``scaled_linear`` DDPM schedule,
-   AdamW with warmup and cosine decay, EMA, caption dropout 10% (for classifier-free guidance),
-   setting phrase dropped in 15% of captions. An auxiliary cross-attention loss
-   (``--attn-weight``, Break-A-Scene's form: each object word's latent/4 map, divided by its max,
-   regressed on the object's visible mask) teaches the base model to localise its words, a
-   property large text-to-image models have and that a model this small would learn slowly;
-   ``--attn-weight 0`` turns it off. ``--max-minutes`` caps the wall time of this stage.
+3. UNet + text encoder jointly: v-prediction on SD's ``scaled_linear`` DDPM schedule rescaled to
+   zero terminal SNR (``--prediction-type epsilon --no-zero-snr`` gives SD 1.x's recipe), loss
+   weighted by ``min(1, --snr-gamma / (SNR + 1))``, AdamW with warmup and cosine decay, EMA,
+   caption dropout 10% (for classifier-free guidance), setting phrase dropped in 15% of captions.
+   An auxiliary cross-attention loss (``--attn-weight``, Break-A-Scene's form: each object
+   word's latent/4 map, divided by its max, regressed on the object's visible mask) teaches the
+   base model to localise its words, a property large text-to-image models have and that a
+   model this small would learn slowly; ``--attn-weight 0`` turns it off.
+   ``--max-minutes`` caps the wall time of this stage.
 
 4. The VAE decoder alone, on whole images (encoder frozen: the latent space does not move).
 
@@ -105,6 +116,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--setting-dropout", type=float, default=0.15)
     p.add_argument("--attn-weight", type=float, default=0.05)
+    p.add_argument(
+        "--prediction-type",
+        choices=("v_prediction", "epsilon"),
+        default="v_prediction",
+        help="what the UNet predicts (v-prediction is needed with zero terminal SNR)",
+    )
+    p.add_argument(
+        "--no-zero-snr",
+        dest="zero_snr",
+        action="store_false",
+        help="keep SD's schedule (about 7%% of the signal left at the last timestep) instead of "
+        "rescaling it to zero terminal SNR",
+    )
+    p.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=5.0,
+        help="down-weight easy low-noise steps: loss weight min(1, gamma / (SNR + 1)) (0: off)",
+    )
     p.add_argument(
         "--max-minutes",
         type=float,
@@ -349,9 +379,18 @@ def train_diffusion(
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     noise_scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=args.zero_snr,
+        prediction_type=args.prediction_type,
     )
     alphas = noise_scheduler.alphas_cumprod.float()
+    # min(1, gamma / (SNR + 1)): Min-SNR weighting (Hang et al. 2023) for a v-prediction loss,
+    # floored so that the zero-SNR step (the one that sets the background) keeps full weight.
+    snr = alphas / (1 - alphas).clamp_min(1e-8)
+    weights = (args.snr_gamma / (snr + 1)).clamp(max=1.0) if args.snr_gamma > 0 else None
     scale = float(vae.config.scaling_factor)
     latents_all, masks_all, scenes = cache["latents"], cache["masks"], cache["scenes"]
 
@@ -413,11 +452,16 @@ def train_diffusion(
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if args.prediction_type == "epsilon":
+            goal = noise
+        else:  # v = sqrt(a) * noise - sqrt(1 - a) * x0
+            goal = a.sqrt() * noise - (1 - a).sqrt() * x0
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args, elapsed + (time.time() - start) / 60)
         hidden = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, goal, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * weights[t]).mean() if weights is not None else per_sample.mean()
         attn_loss = torch.zeros(())
         if store is not None and triples:
             maps = store.aggregate()  # (B, 8, 8, 77)
@@ -506,7 +550,7 @@ def main(argv: list[str] | None = None) -> Path:
         text_encoder=text_encoder,
         tokenizer=toy_tokenizer(),
         unet=unet,
-        scheduler=build_scheduler(),
+        scheduler=build_scheduler(args.prediction_type, args.zero_snr),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -1,0 +1,178 @@
+"""How well the toy base model follows prompts it never saw, and where its words attend.
+
+    python benchmarks/toy_model.py            # 100 one-object + 100 two-object prompts
+    python benchmarks/toy_model.py --quick    # 25 + 25 prompts, 8 attention scenes
+    python benchmarks/toy_model.py --smoke    # 4 + 4 prompts, 2 denoising steps (tests)
+
+Issue 11's quality targets for the toy model (``--model``, default the shipped ``toy``):
+
+* **generation** (:mod:`diffusers_breakscene.toy.prompt_check`): prompts whose captions the
+  base model's training data never held: one-object prompts of a held-out (shape, colour) pair
+  (purple circle, orange square, ...) with a seen pattern (plain, striped, dotted) in one of the
+  7 settings, and two-object prompts joining one such object to an object of the training split.
+  One image per prompt (the model's scheduler, 25 steps, guidance ``--guidance``); the toy
+  evaluator checks each object's colour, shape and pattern (bound to the same object) and the
+  setting. Targets: colour, shape and setting each right in
+  >= 90% of one-object prompts and >= 75% per object in two-object prompts.
+* **attention**: :func:`~diffusers_breakscene.toy.attention_check.attention_iou` (each object's
+  shape word, latent/4 map, rendered scenes noised at t = 300/500/700, threshold 0.5 x max) on
+  training-split scenes and on scenes of held-out objects. Target: IoU >= 0.5.
+
+Writes ``<out>/toy_model[-quick|-smoke].json`` and ``.md`` (default out: benchmarks/results) and
+a picture of the first generations with their prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODES: dict[str, dict[str, int]] = {
+    "full": {"one": 100, "two": 100, "steps": 25, "attention": 32},
+    "quick": {"one": 25, "two": 25, "steps": 25, "attention": 8},
+    "smoke": {"one": 4, "two": 4, "steps": 2, "attention": 2},
+}
+
+
+def run(mode: str, out: Path, model: str, guidance: float, seed: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from diffusers_breakscene.base_pipeline import load_pipeline
+    from diffusers_breakscene.toy.attention_check import attention_iou
+    from diffusers_breakscene.toy.prompt_check import generation_accuracy, unseen_prompts
+
+    spec = MODES[mode]
+    torch.set_num_threads(1)  # the toy model is so small that one thread is fastest
+    started = time.perf_counter()
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = unseen_prompts(spec["one"], spec["two"], seed)
+    generation: dict[str, Any] = {}
+    images: list[Any] = []
+    readings: list[Any] = []
+    for name, part in (
+        ("one_object", prompts[: spec["one"]]),
+        ("two_objects", prompts[spec["one"] :]),
+    ):
+        rates, part_images, scores = generation_accuracy(
+            pipe, part, num_inference_steps=spec["steps"], guidance_scale=guidance, seed=seed
+        )
+        generation[name] = {"prompts": len(part), **rates}
+        images += part_images
+        readings += [s.reading for s in scores]
+    gen_s = time.perf_counter() - started
+    attention = {}
+    for split in ("train", "heldout"):
+        result = attention_iou(pipe, num_samples=spec["attention"], seed=seed, split=split)
+        ious = result["ious"]
+        attention[split] = {
+            "mean_iou": result["mean_iou"],
+            "share_over_half": float(np.mean([v >= 0.5 for v in ious])),
+            "objects": len(ious),
+        }
+    report = {
+        "mode": mode,
+        "model": model,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "sampler": {
+            "scheduler": type(pipe.scheduler).__name__,
+            "prediction_type": pipe.scheduler.config.prediction_type,
+            "steps": spec["steps"],
+            "guidance": guidance,
+            "seed": seed,
+        },
+        "generation_seconds": round(gen_s, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "generation": generation,
+        "attention": attention,
+        "examples": [
+            {"prompt": p, "read": [o.words for o in r.objects], "setting": r.setting}
+            for p, r in list(zip(prompts, readings, strict=True))[:: max(1, len(prompts) // 12)]
+        ],
+    }
+    name = "toy_model" if mode == "full" else f"toy_model-{mode}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(report))
+    _picture(images, prompts, spec["one"]).save(out / f"{name}.png")
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as two markdown tables."""
+    g, a = report["generation"], report["attention"]
+    lines = [
+        f"Toy model `{report['model']}`, mode `{report['mode']}` "
+        f"({report['sampler']['scheduler']}, {report['sampler']['prediction_type']}, "
+        f"{report['sampler']['steps']} steps, guidance {report['sampler']['guidance']}), "
+        f"{report['seconds']:.0f} s.",
+        "",
+        "| prompts (unseen captions) | n | colour | shape | setting | pattern | all right |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (("one_object", "one object"), ("two_objects", "two objects, per object")):
+        v = g[name]
+        lines.append(
+            f"| {label} | {v['prompts']} | {v['colour']:.2f} | {v['shape']:.2f} | "
+            f"{v['setting']:.2f} | {v['pattern']:.2f} | {v['all_right']:.2f} |"
+        )
+    lines += [
+        "",
+        "| attention/mask IoU (shape word, latent/4) | objects | mean IoU | share >= 0.5 |",
+        "|---|---|---|---|",
+    ]
+    for split, v in a.items():
+        cells = f"{v['objects']} | {v['mean_iou']:.2f} | {v['share_over_half']:.2f}"
+        lines.append(f"| {split} scenes | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def _picture(images: list[Any], prompts: list[str], num_one: int) -> Any:
+    """The first 8 one-object and 8 two-object generations, upscaled, with their prompts."""
+    from PIL import Image, ImageDraw
+
+    picks = list(range(min(8, num_one))) + list(range(num_one, min(num_one + 8, len(images))))
+    cell, text_h = 128, 34
+    sheet = Image.new("RGB", (cell * 8, (cell + text_h) * 2), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, i in enumerate(picks):
+        row, col = (0, n) if i < num_one else (1, n - min(8, num_one))
+        x, y = col * cell, row * (cell + text_h)
+        sheet.paste(images[i].resize((cell, cell), Image.NEAREST), (x, y))
+        words = prompts[i].removeprefix("a photo of ").split()
+        half = (len(words) + 1) // 2
+        draw.text((x + 2, y + cell + 2), " ".join(words[:half]), fill="black")
+        draw.text((x + 2, y + cell + 16), " ".join(words[half:]), fill="black")
+    return sheet
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="25 + 25 prompts")
+    group.add_argument("--smoke", action="store_true", help="4 + 4 prompts, 2 steps")
+    parser.add_argument("--model", default="toy", help="toy pipeline name or folder")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    report = run(mode, args.out, args.model, args.guidance, args.seed)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
