@@ -291,6 +291,27 @@ def presence_probs(cells: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.amax((2, 3)) for x in parts], 1)
 
 
+def _crop_features(widths: Sequence[int]) -> nn.Sequential:
+    """The convolutional trunk shared by :class:`EmbedNet` and :class:`CropReader`:
+    ``(B, 4, 32, 32)`` crops -> ``(B, widths[2], 8, 8)``."""
+    a, b, c = (int(w) for w in widths)
+    return nn.Sequential(
+        _cbr(4, a),  # 32x32
+        _cbr(a, b, 3, 2, 1),  # 16x16
+        _cbr(b, b),
+        _cbr(b, c, 3, 2, 1),  # 8x8
+        _cbr(c, c),
+    )
+
+
+def _pooled_features(features: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """Normalised crops through ``features``, then mean- and max-pooled: ``(B, 2 * channels)``."""
+    x = crops.clone()
+    x[:, :3] = (x[:, :3] - 0.25) / 0.25
+    h = features(x)
+    return torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
+
+
 class EmbedNet(nn.Module):
     """Object-crop embedder: ``(B, 4, 32, 32)`` crops (see :func:`crop_object`) -> unit vectors
     ``(B, dim)``; :meth:`logits` is the cosine classifier over the 192 identities it is trained
@@ -304,23 +325,13 @@ class EmbedNet(nn.Module):
 
     def __init__(self, widths: Sequence[int] = (32, 64, 96), dim: int = 128) -> None:
         super().__init__()
-        a, b, c = (int(w) for w in widths)
-        self.features = nn.Sequential(
-            _cbr(4, a),  # 32x32
-            _cbr(a, b, 3, 2, 1),  # 16x16
-            _cbr(b, b),
-            _cbr(b, c, 3, 2, 1),  # 8x8
-            _cbr(c, c),
-        )
+        c = int(widths[-1])
+        self.features = _crop_features(widths)
         self.project = nn.Linear(2 * c, dim)
         self.classes = nn.Parameter(torch.randn(NUM_IDENTITIES, dim) * 0.1)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        x = crops.clone()
-        x[:, :3] = (x[:, :3] - 0.25) / 0.25
-        h = self.features(x)
-        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
-        return F.normalize(self.project(pooled), dim=1)
+        return F.normalize(self.project(_pooled_features(self.features, crops)), dim=1)
 
     def logits(self, embeddings: torch.Tensor, scale: float = 16.0) -> torch.Tensor:
         """Cosine-classifier logits of unit ``embeddings``."""
@@ -345,23 +356,14 @@ class CropReader(nn.Module):
 
     def __init__(self, widths: Sequence[int] = (32, 64, 96), hidden: int = 128) -> None:
         super().__init__()
-        a, b, c = (int(w) for w in widths)
-        self.features = nn.Sequential(
-            _cbr(4, a),  # 32x32
-            _cbr(a, b, 3, 2, 1),  # 16x16
-            _cbr(b, b),
-            _cbr(b, c, 3, 2, 1),  # 8x8
-            _cbr(c, c),
-        )
+        c = int(widths[-1])
+        self.features = _crop_features(widths)
         self.head = nn.Sequential(
             nn.Linear(2 * c, hidden), nn.ReLU(True), nn.Linear(hidden, NUM_SHAPE_PATTERNS)
         )
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        x = crops.clone()
-        x[:, :3] = (x[:, :3] - 0.25) / 0.25
-        h = self.features(x)
-        return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
+        return self.head(_pooled_features(self.features, crops))
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -907,6 +909,17 @@ class ToyEvaluator:
         return out
 
     @torch.inference_mode()
+    def _run_reader(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole-image reader on 64x64 arrays: presence, setting and count probabilities."""
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        cells, setting_logits, count_logits = self.reader(batch)
+        return (
+            presence_probs(cells).double().numpy(),
+            torch.softmax(setting_logits.double(), 1).numpy(),
+            torch.softmax(count_logits.double(), 1).numpy(),
+        )
+
+    @torch.inference_mode()
     def read_images(self, images: Sequence[Any], batch_size: int = 256) -> list[ImageReading]:
         """:meth:`read_image` for many images, batched.
 
@@ -920,19 +933,15 @@ class ToyEvaluator:
         arrays = [_resize(_to_array(im, f"images[{i}]")) for i, im in enumerate(images)]
         out: list[ImageReading] = []
         for start in range(0, len(arrays), batch_size):
-            batch = torch.from_numpy(np.stack(arrays[start : start + batch_size]))
-            cells, setting_logits, count_logits = self.reader(batch.permute(0, 3, 1, 2))
-            presence = presence_probs(cells).double().numpy()
-            setting_p = torch.softmax(setting_logits.double(), 1).numpy()
-            count_p = torch.softmax(count_logits.double(), 1).numpy()
-            settings = [SETTING_NAMES[int(np.argmax(p))] for p in setting_p]
             chunk = arrays[start : start + batch_size]
+            presence, setting_p, count_p = self._run_reader(chunk)
+            settings = [SETTING_NAMES[int(np.argmax(p))] for p in setting_p]
             regions = [
                 colour_regions(arr, setting, int(self.config.get("min_area", 12)))
                 for arr, setting in zip(chunk, settings, strict=True)
             ]
             read = self._read_regions(regions, chunk)
-            for i in range(len(batch)):
+            for i in range(len(chunk)):
                 objects = read[i]
                 probs = presence[i]
                 out.append(
@@ -1072,8 +1081,8 @@ class ToyEvaluator:
             (1, True)
         """
         arr = _resize(_to_array(image, "image"))
-        if setting is None:
-            setting = self.read_images([arr])[0].setting
+        if setting is None:  # the reader's setting alone; the objects are not read here
+            setting = SETTING_NAMES[int(np.argmax(self._run_reader([arr])[1][0]))]
         return [mask for mask, _ in colour_regions(arr, setting, min_area)]
 
     def identity_match(

@@ -14,8 +14,11 @@ Command that produced the shipped weights (``diffusers_breakscene/assets/toy/eva
    object count.
 3. Embedder: every object's :func:`~diffusers_breakscene.toy.evaluator.crop_object` crop of the
    same scenes, cosine classifier over the 192 identities (scale 16, additive margin 0.15),
-   flips and noise.
-4. Evaluate the saved evaluator on ``--test-scenes`` fresh scenes (seeds from 10,000,000, never
+   flips and, on some crops, blur, colour drift and noise.
+4. Crop reader: every :func:`~diffusers_breakscene.toy.evaluator.colour_regions` region of the
+   same scenes (:func:`region_crops`), binary cross-entropy over the 24 (shape, pattern) pairs it
+   holds, a quarter of each batch from regions of several objects; same augmentation.
+5. Evaluate the saved evaluator on ``--test-scenes`` fresh scenes (seeds from 10,000,000, never
    used for training) and write the numbers into ``config.json`` (``metrics``).
 
 Fixed seed (``--seed``), one thread by default (``--threads``), progress on stdout.
@@ -32,6 +35,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -281,71 +285,91 @@ def _augment_crops(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([((rgb * gain + noise) * mask).clamp(0, 1), mask], 1)
 
 
+def _fit_on_crops(
+    net: torch.nn.Module,
+    name: str,
+    score_name: str,
+    crops: torch.Tensor,
+    steps: int,
+    seed: int,
+    draw: Callable[[torch.Generator], torch.Tensor],
+    loss_and_score: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    args: argparse.Namespace,
+    log: Any,
+) -> None:
+    """The loop both crop networks train with: AdamW, warmup + cosine decay, each step a batch
+    of ``draw(gen)`` indices into the uint8 ``crops``, augmented; ``loss_and_score(x, idx)``
+    gives the loss and a score logged as ``score_name``."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    net.train()
+    start, hist = time.time(), []
+    for step in range(steps):
+        idx = draw(gen)
+        x = _augment_crops(crops[idx].float() / 255.0, gen)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, args.lr)
+        loss, score = loss_and_score(x, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist.append((loss.item(), score.item()))
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            h = np.mean(hist[-args.log_every :], axis=0)
+            log(
+                f"{name} {step + 1}/{steps}  loss {h[0]:.4f}  {score_name} {h[1]:.3f}  "
+                f"{time.time() - start:.0f}s"
+            )
+    net.eval()
+
+
 def train_crop_reader(
     net: CropReader, crops: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, log: Any
 ) -> None:
     """Optimise ``net`` with binary cross-entropy on :func:`region_crops` (a quarter of each
     batch from the regions of several objects)."""
-    gen = torch.Generator().manual_seed(args.seed + 3)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    net.train()
-    n, start, hist = len(crops), time.time(), []
+    n = len(crops)
     # Regions of several touching objects are ~3% of all: a quarter of each batch is drawn from
     # them, or the reader learns to name one object per region.
     multi = torch.nonzero(labels.sum(1) > 1)[:, 0]
     n_multi = args.crop_batch_size // 4 if len(multi) else 0
-    for step in range(args.crop_steps):
+
+    def draw(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, n, (args.crop_batch_size - n_multi,), generator=gen)
         if n_multi:
             idx = torch.cat([idx, multi[torch.randint(0, len(multi), (n_multi,), generator=gen)]])
-        x = _augment_crops(crops[idx].float() / 255.0, gen)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, args.crop_steps, args.lr)
-        logits = net(x)
-        target = labels[idx]
-        loss = F.binary_cross_entropy_with_logits(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        exact = ((logits > 0).float() == target).all(1).float().mean()
-        hist.append((loss.item(), exact.item()))
-        if (step + 1) % args.log_every == 0 or step + 1 == args.crop_steps:
-            h = np.mean(hist[-args.log_every :], axis=0)
-            log(
-                f"crop reader {step + 1}/{args.crop_steps}  loss {h[0]:.4f}  exact {h[1]:.3f}  "
-                f"{time.time() - start:.0f}s"
-            )
-    net.eval()
+        return idx
+
+    def loss_and_score(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, target = net(x), labels[idx]
+        exact = ((logits > 0).float() == target).all(1).float().mean()  # every pair right
+        return F.binary_cross_entropy_with_logits(logits, target), exact
+
+    _fit_on_crops(
+        net, "crop reader", "exact", crops, args.crop_steps, args.seed + 3, draw, loss_and_score,
+        args, log,
+    )  # fmt: skip
 
 
 def train_embedder(
     embedder: EmbedNet, crops: torch.Tensor, ids: torch.Tensor, args: argparse.Namespace, log: Any
 ) -> None:
     """Optimise ``embedder`` as a cosine classifier with an additive margin."""
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    opt = torch.optim.AdamW(embedder.parameters(), lr=args.lr, weight_decay=1e-4)
-    embedder.train()
-    n, start, hist = len(crops), time.time(), []
-    for step in range(args.embed_steps):
-        idx = torch.randint(0, n, (args.embed_batch_size,), generator=gen)
-        x = _augment_crops(crops[idx].float() / 255.0, gen)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, args.embed_steps, args.lr)
-        logits = embedder.logits(embedder(x))
-        target = ids[idx]
+    n = len(crops)
+
+    def draw(gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, n, (args.embed_batch_size,), generator=gen)
+
+    def loss_and_score(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, target = embedder.logits(embedder(x)), ids[idx]
         margin = F.one_hot(target, NUM_IDENTITIES).float() * (16.0 * 0.15)
-        loss = F.cross_entropy(logits - margin, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist.append((loss.item(), (logits.argmax(1) == target).float().mean().item()))
-        if (step + 1) % args.log_every == 0 or step + 1 == args.embed_steps:
-            h = np.mean(hist[-args.log_every :], axis=0)
-            log(
-                f"embedder {step + 1}/{args.embed_steps}  loss {h[0]:.4f}  acc {h[1]:.3f}  "
-                f"{time.time() - start:.0f}s"
-            )
-    embedder.eval()
+        accuracy = (logits.argmax(1) == target).float().mean()
+        return F.cross_entropy(logits - margin, target), accuracy
+
+    _fit_on_crops(
+        embedder, "embedder", "acc", crops, args.embed_steps, args.seed + 2, draw, loss_and_score,
+        args, log,
+    )  # fmt: skip
 
 
 def evaluate(
