@@ -3,6 +3,8 @@
     python benchmarks/run.py --quick     # CPU, < 5 min: 256 px, few repeats
     python benchmarks/run.py             # full mode (meant for a GPU): 256 + 512 px, fp16/bf16
     python benchmarks/run.py --smoke     # seconds: tiny models only (the test suite runs this)
+    python benchmarks/run.py --gpu       # a GPU in minutes: 512 px only, fp32/fp16/bf16, no tiny
+                                         # alignment section (that runs on the CPU in every mode)
 
 Writes ``<out>/<mode>.json`` and ``<out>/<mode>.md`` (default out: benchmarks/results). Every
 training-step and inference configuration runs in its own subprocess so memory peaks do not mix;
@@ -36,6 +38,7 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("fused_inference_vs_base", "<= 1.01", lambda v: v <= 1.01),
     ("unfused_inference_vs_base", "<= 1.10", lambda v: v <= 1.10),
     ("idle_store_inference_vs_base", "(report)", None),
+    ("fresh_vs_cycled_base_inference", "(report; 1.0: no anomaly)", None),
     ("bundle_vs_full_pipeline_size", "<= 1/500 (0.002)", lambda v: v <= 1 / 500),
     ("alignment_iou_with_attention_loss", "> without", None),
     ("alignment_iou_without_attention_loss", "(report)", None),
@@ -67,6 +70,14 @@ MODES: dict[str, dict[str, Any]] = {
         "dtypes": ["fp32", "fp16", "bf16"],
         "inference": {"model": "sd15", "res": 512, "rounds": 10, "warmup": 1, "repeats": 3},
         "tiny": {"res": 128, "phase1_steps": 100, "phase2_steps": 200, "seeds": [0, 1, 2]},
+    },
+    "gpu": {
+        "step_model": "sd15",
+        "step_res": [512],
+        "step_repeats": {"lora": (2, 10), "full": (2, 5)},
+        "dtypes": ["fp32", "fp16", "bf16"],
+        "inference": {"model": "sd15", "res": 512, "rounds": 10, "warmup": 1, "repeats": 3},
+        "tiny": None,
     },
 }
 FULL_LR = 1e-4  # phase2="full" learning rate in the capacity comparison (tiny model)
@@ -196,6 +207,7 @@ def inference_section(mode: dict[str, Any], device: str, results: dict[str, Any]
     results["fused_inference_vs_base"] = t["fused"] / t["base"]
     results["unfused_inference_vs_base"] = t["unfused"] / t["base"]
     results["idle_store_inference_vs_base"] = t["store"] / t["base"]
+    results["fresh_vs_cycled_base_inference"] = inf["fresh_base_step_s"] / t["base"]
     full = sd21_base_pipeline_bytes()
     results["details"]["full_pipeline"] = {
         **full,
@@ -242,8 +254,11 @@ def report(results: dict[str, Any]) -> str:
         f"- load average (1, 5, 15 min) at start {fmt_load(results['load_average_start'])}, "
         f"at end {fmt_load(results['load_average_end'])}",
         f"- training-step ratios: {results.get('step_ratios_measured_at', '-')}; inference: "
-        f"{results['details']['inference']['spec']['model']} UNet at "
-        f"{results['details']['inference']['spec']['res']} px, CFG batch 2",
+        + (
+            f"{inf['spec']['model']} UNet at {inf['spec']['res']} px, CFG batch 2"
+            if (inf := results["details"].get("inference"))
+            else "-"
+        ),
         "",
         "| measurement | value | target | met |",
         "|---|---|---|---|",
@@ -253,23 +268,26 @@ def report(results: dict[str, Any]) -> str:
         met = checks.get(key)
         mark = "-" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {key} | {fmt(results.get(key))} | {target} | {mark} |")
-    a = results["details"]["alignment"]
-    lines += [
-        "",
-        f"Alignment IoU over seeds {a['config']['seeds']} (mean ± std): "
-        + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in a["iou"].items())
-        + ".",
-        f"Masked-loss reduction in phase two: LoRA {a['loss_reduction_lora']['mean']:.4g} ± "
-        f"{a['loss_reduction_lora']['std']:.2g}, full {a['loss_reduction_full']['mean']:.4g} ± "
-        f"{a['loss_reduction_full']['std']:.2g}.",
-        f"Bundle: {results['bundle_bytes'] / 1e6:.1f} MB; load unfused "
-        f"{results['bundle_load_unfused_s']:.2f} s, fused {results['bundle_load_fused_s']:.2f} s, "
-        f"unload {results['bundle_unload_s']:.2f} s.",
-        "",
-        "| step configuration | s/step | peak GB | step GB |",
-        "|---|---|---|---|",
-    ]
-    for name, d in results["details"]["steps"].items():
+    a = results["details"].get("alignment")
+    if a is not None:
+        lines += [
+            "",
+            f"Alignment IoU over seeds {a['config']['seeds']} (mean ± std): "
+            + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in a["iou"].items())
+            + ".",
+            f"Masked-loss reduction in phase two: LoRA {a['loss_reduction_lora']['mean']:.4g} ± "
+            f"{a['loss_reduction_lora']['std']:.2g}, full "
+            f"{a['loss_reduction_full']['mean']:.4g} ± {a['loss_reduction_full']['std']:.2g}.",
+        ]
+    if "bundle_bytes" in results:
+        lines += [
+            "",
+            f"Bundle: {results['bundle_bytes'] / 1e6:.1f} MB; load unfused "
+            f"{results['bundle_load_unfused_s']:.2f} s, fused "
+            f"{results['bundle_load_fused_s']:.2f} s, unload {results['bundle_unload_s']:.2f} s.",
+        ]
+    lines += ["", "| step configuration | s/step | peak GB | step GB |", "|---|---|---|---|"]
+    for name, d in results["details"].get("steps", {}).items():
         lines.append(
             f"| {name} | {d['step_time_s']:.3f} | {d['peak_bytes'] / 1e9:.2f} | "
             f"{d['step_bytes'] / 1e9:.2f} |"
@@ -286,7 +304,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="CPU-sized run, < 5 min")
     group.add_argument("--smoke", action="store_true", help="tiny models only, seconds")
+    group.add_argument("--gpu", action="store_true", help="512 px only, no alignment section")
     parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    parser.add_argument(
+        "--only",
+        choices=["steps", "inference", "alignment"],
+        default=None,
+        help="run one section only (the others' targets are left out of the report)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument(
         "--threads",
@@ -308,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    name = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
     mode = MODES[name]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     global IN_PROCESS, THREADS
@@ -323,21 +348,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_start": list(os.getloadavg()),
         "details": {},
     }
-    step_section(mode, device, results)
-    inference_section(mode, device, results)
-    alignment_section(mode, results)
+    if args.only in (None, "steps"):
+        step_section(mode, device, results)
+    if args.only in (None, "inference"):
+        inference_section(mode, device, results)
+    if args.only in (None, "alignment") and mode["tiny"] is not None:
+        alignment_section(mode, results)
     results["load_average_end"] = list(os.getloadavg())
     results["total_seconds"] = time.perf_counter() - start
     results["targets"] = {key: target for key, target, _ in TARGETS}
     results["targets_met"] = {
-        key: (bool(check(results[key])) if check else None) for key, _, check in TARGETS
+        key: (bool(check(results[key])) if check and key in results else None)
+        for key, _, check in TARGETS
     }
-    results["targets_met"]["alignment_iou_with_attention_loss"] = (
-        results["alignment_iou_with_attention_loss"]
-        > results["alignment_iou_without_attention_loss"]
-    )
+    if "alignment_iou_with_attention_loss" in results:
+        results["targets_met"]["alignment_iou_with_attention_loss"] = (
+            results["alignment_iou_with_attention_loss"]
+            > results["alignment_iou_without_attention_loss"]
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    name = f"{name}-{args.only}" if args.only else name
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{name}.md").write_text(report(results))
     log(report(results))

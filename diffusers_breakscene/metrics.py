@@ -36,7 +36,8 @@ def attention_mask_iou(
 
     ``attention`` is one token's ``(h, w)`` map; ``mask`` is ``(H, W)`` in {0, 1}.
     """
-    mask = resize_masks(mask, tuple(attention.shape)).bool()
+    attention = attention.detach().float().cpu()  # maps recorded on a GPU, masks on the CPU
+    mask = resize_masks(mask.cpu(), tuple(attention.shape)).bool()
     hot = attention / attention.max().clamp_min(1e-12) > threshold
     return ((hot & mask).sum() / (hot | mask).sum().clamp_min(1)).item()
 

@@ -67,3 +67,41 @@ def test_cli_startup_writes_json_and_markdown(tmp_path):
     assert rows["help_torch_check"]["torch_imported"] is False
     assert rows["eager_help"]["torch_imported"] is True
     assert "| breakscene --help (`help`) |" in (tmp_path / "cli_startup.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_trains_every_precision_the_device_has(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_check-smoke.json").read_text())
+    labels = [row["label"] for row in data["training"]]
+    # fp16 autocast exists on CUDA only (the trainer refuses it elsewhere)
+    assert labels[:2] == ["fp32", "bf16"] and ("fp16" in labels) == (
+        data["machine"]["device"] == "cuda"
+    )
+    for row in data["training"]:
+        assert row["steps"] == 4 and 0.0 <= row["prompt_accuracy_1"] <= 1.0
+        assert math.isfinite(row["identity_1"]) and math.isfinite(row["identity_2"])
+    inference = data["inference"]
+    assert inference["all_finite"] and inference["unloaded_vs_base_max_abs"] == 0.0
+    assert inference["handle_changes_image"] > 0.0
+    assert "| bf16 |" in (tmp_path / "gpu_check-smoke.md").read_text()
+
+
+@pytest.mark.slow
+def test_run_one_section_only(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--only", "inference",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "smoke-inference.json").read_text())
+    assert "steps" not in data["details"] and "alignment" not in data["details"]
+    assert data["fresh_vs_cycled_base_inference"] > 0
+    assert data["targets_met"]["fused_inference_vs_base"] in (True, False)
+    assert data["targets_met"]["lora_vs_full_step_time"] is None
