@@ -1,8 +1,8 @@
 """The ``breakscene`` command line.
 
-Subcommands: ``demo``, ``generate``, ``inspect``, ``export``, ``attention``, ``train`` and
-``tiny-model``. Exit codes: 0 success, 1 error (one line ``breakscene <cmd>: error: ...`` on
-stderr; ``--debug`` shows the traceback), 2 usage error.
+Subcommands: ``demo``, ``generate``, ``inspect``, ``export``, ``push``, ``attention``,
+``train`` and ``tiny-model``. Exit codes: 0 success, 1 error (one line
+``breakscene <cmd>: error: ...`` on stderr; ``--debug`` shows the traceback), 2 usage error.
 
 Why this module is over 500 lines: each subcommand is a small handler plus its argparse block
 (help texts and examples make up most of it); none holds logic the library lacks. When a
@@ -307,6 +307,55 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- push ------------------------------------------------------------------------------------
+
+_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise InvalidArgumentError(
+            f"REPO_ID {repo_id!r} is not a Hub repo id ({err}); use 'user/name' or 'name'."
+        ) from err
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    _check_repo_id(args.repo_id)
+    if args.local_dir is not None:
+        check_output_dir(args.local_dir, "--local-dir folder")
+    if args.preview is not None and not Path(args.preview).is_file():
+        raise InvalidArgumentError(f"--preview {args.preview!r} is not a file; pass an image.")
+    import torch
+
+    from .bundle import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    dtype = getattr(torch, _DTYPES[args.dtype])
+    if args.local_dir is not None:
+        files = bundle.save_hub_folder(
+            args.local_dir, args.repo_id, preview_image=args.preview, dtype=dtype
+        )
+        for name, path in files.items():
+            _say(args, f"{name:34s} -> {path}")
+        _say(args, f"Nothing was uploaded; the folder holds what would go to {args.repo_id}.")
+        return 0
+    url = bundle.push_to_hub(
+        args.repo_id,
+        private=True if args.private else None,
+        token=args.token,
+        commit_message=args.message,
+        preview_image=args.preview,
+        dtype=dtype,
+        overwrite_readme=args.overwrite_readme,
+    )
+    _say(args, f"Uploaded to {url}")
+    return 0
+
+
 # --- train -----------------------------------------------------------------------------------
 
 _CFG = "cfg__"
@@ -526,6 +575,32 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("bundle", help="bundle file, folder or hub repo id")
     export.add_argument("directory", help="folder to write into")
     export.set_defaults(func=_cmd_export)
+
+    push = add(
+        "push",
+        "upload a bundle to the Hub with stock diffusers files and a model card",
+        "breakscene push out/break_a_scene.safetensors me/my-scene --preview out/preview.png",
+    )
+    push.add_argument("bundle", help="bundle file, folder or hub repo id")
+    push.add_argument("repo_id", help="Hub model repo to create or update ('user/name')")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--preview", default=None, help="an image file shown on the model page")
+    push.add_argument("--token", default=None, help="Hub token (default: the saved login)")
+    push.add_argument("--message", default=None, help="commit message")
+    push.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="fp16", help="LoRA dtype in the bundle file"
+    )
+    push.add_argument(
+        "--overwrite-readme",
+        action="store_true",
+        help="replace the repo's README.md even when someone edited it after it was written",
+    )
+    push.add_argument(
+        "--local-dir",
+        default=None,
+        help="write what would be uploaded into this folder and upload nothing",
+    )
+    push.set_defaults(func=_cmd_push)
 
     att = add(
         "attention",

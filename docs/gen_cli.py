@@ -39,8 +39,17 @@ NOTES = {
     ),
     "export": (
         "Writes `pytorch_lora_weights.safetensors` (when the bundle has a LoRA) and "
-        "`learned_embeds.safetensors` into `directory` and prints a stock-diffusers loading "
+        "`break_a_scene_emb.safetensors` into `directory` and prints a stock-diffusers loading "
         "snippet; see [Stock diffusers interop](interop.md)."
+    ),
+    "push": (
+        "Uploads, in one commit, the bundle, the stock diffusers files "
+        "(`pytorch_lora_weights.safetensors`, `break_a_scene_emb.safetensors`), "
+        "`training_config.json`, the `--preview` image and a model card whose usage section "
+        "shows the plugin way and the stock diffusers way. A `README.md` on the Hub that was "
+        "edited after this library wrote it is kept unless `--overwrite-readme`. "
+        "`--local-dir DIR` writes the same files into `DIR` and uploads nothing; see "
+        "[Sharing on the Hub](interop.md#sharing-on-the-hub)."
     ),
     "attention": (
         "Generates the prompt once with an `AttentionStore` attached and writes `--output` "

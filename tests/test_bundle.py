@@ -695,7 +695,7 @@ def test_from_diffusers_without_adapter_metadata_assumes_alpha_equals_rank(sd1_l
     assert all(t.endswith(("to_q", "to_k", "to_v", "to_out.0")) for t in config["target_modules"])
     with pytest.raises(MissingFileError):
         Bundle.from_diffusers(tmp_path / "nothing-here")
-    with pytest.raises(MissingFileError, match="learned_embeds"):
+    with pytest.raises(MissingFileError, match="break_a_scene_emb"):
         Bundle.from_diffusers(tmp_path)
 
 
@@ -844,6 +844,7 @@ def test_push_to_hub_uploads_bundle_card_and_preview(bundle, monkeypatch):
 
     monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    monkeypatch.setattr(HfApi, "file_exists", lambda self, *a, **k: False)  # a new repo
     url = bundle.push_to_hub(
         "me/scene", private=True, preview_image=Image.new("RGB", (8, 8), "red")
     )
@@ -851,7 +852,10 @@ def test_push_to_hub_uploads_bundle_card_and_preview(bundle, monkeypatch):
     assert calls["create_repo"]["exist_ok"] is True and calls["create_repo"]["private"] is True
     assert calls["upload_folder"]["repo_id"] == "me/scene"
     assert "<asset0>" in calls["upload_folder"]["commit_message"]
-    assert sorted(uploaded) == ["README.md", DEFAULT_WEIGHT_NAME, "preview.png"]
+    assert sorted(uploaded) == [
+        "README.md", DEFAULT_WEIGHT_NAME, "break_a_scene_emb.safetensors", "preview.png",
+        "pytorch_lora_weights.safetensors", "training_config.json",
+    ]  # fmt: skip
     card = uploaded["README.md"].decode()
     assert "![preview](preview.png)" in card and "me/scene" in card
     with tempfile.TemporaryDirectory() as tmp:

@@ -184,7 +184,7 @@ def test_export_writes_stock_diffusers_files_and_a_recipe(trained, tmp_path, cap
     assert main(["export", str(trained["bundle"]), str(tmp_path / "exp")]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "exp" / "pytorch_lora_weights.safetensors").is_file()
-    assert (tmp_path / "exp" / "learned_embeds.safetensors").is_file()
+    assert (tmp_path / "exp" / "break_a_scene_emb.safetensors").is_file()
     assert "load_lora_weights" in out and "load_textual_inversion" in out
 
 

@@ -222,7 +222,7 @@ def _stock(bundle, directory):
     bundle.export_diffusers(directory)
     p = tiny_pipeline("sd1")
     p.load_lora_weights(directory, weight_name="pytorch_lora_weights.safetensors")
-    embeds = load_file(directory / "learned_embeds.safetensors")["clip_l"]
+    embeds = load_file(directory / "break_a_scene_emb.safetensors")["clip_l"]
     p.load_textual_inversion(
         embeds, token=bundle.tokens, tokenizer=p.tokenizer, text_encoder=p.text_encoder
     )

@@ -133,7 +133,7 @@ def test_sigkill_mid_save_never_leaves_a_partial_file(tmp_path):
         assert version == 0 or version >= 1000
         # the export: each file is a complete safetensors file of one version
         snap = tmp_path / "snap" / f"export-{k}"
-        embeds = load_file(snap / "learned_embeds.safetensors")
+        embeds = load_file(snap / "break_a_scene_emb.safetensors")
         lora = load_file(snap / "pytorch_lora_weights.safetensors")
         assert embeds.keys() == {"clip_l"} and len(lora) == 1
         _version_of(embeds["clip_l"]), _version_of(next(iter(lora.values())))

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -321,13 +322,27 @@ class Bundle:
         self._file = file
         return file
 
+    def with_lora_dtype(self, dtype: torch.dtype) -> Bundle:
+        """A copy whose LoRA tensors are rounded to ``dtype`` (what :meth:`save` with
+        ``dtype`` stores); handles and metadata are shared.
+
+        Example:
+            >>> import torch
+            >>> b = Bundle(handles={"<a>": torch.ones(1, 4)})
+            >>> b.with_lora_dtype(torch.float16).tokens
+            ['<a>']
+        """
+        tensors, _ = self._serialize(dtype)
+        lora = {k: tensors[k] for k in self.lora}
+        return Bundle(self.handles, lora, self.metadata, self.handles_2)
+
     # --- stock diffusers interchange ----------------------------------------------------
     def export_diffusers(self, directory: str | os.PathLike[str]) -> dict[str, Path]:
         """Write the bundle for stock diffusers into ``directory``.
 
         * ``pytorch_lora_weights.safetensors`` (when there are LoRA weights), written by
           ``save_lora_weights`` with adapter metadata so that ``lora_alpha`` survives;
-        * ``learned_embeds.safetensors``: ``{"clip_l": (n, d)}`` (+ ``"clip_g"``), rows in token
+        * ``break_a_scene_emb.safetensors``: ``{"clip_l": (n, d)}`` (+ ``"clip_g"``), rows in token
           order; its ``__metadata__`` records ``tokens`` and ``vectors_per_token`` (JSON).
 
         Returns ``{"lora": path, "embeddings": path}`` (``"lora"`` only when written; for a
@@ -423,7 +438,44 @@ class Bundle:
             >>> card.startswith("---") and "a photo of <a>" in card
             True
         """
-        return hub.model_card(self._info, bool(self.lora), repo_id=repo_id, preview=preview)
+        return hub.model_card(
+            self._info,
+            bool(self.lora),
+            repo_id=repo_id,
+            preview=preview,
+            embedding_tokens=self.embedding_tokens(),
+            sdxl=bool(self.handles_2),
+        )
+
+    def save_hub_folder(
+        self,
+        directory: str | os.PathLike[str],
+        repo_id: str | None = None,
+        *,
+        preview_image: Any = None,
+        dtype: torch.dtype | None = torch.float16,
+    ) -> dict[str, Path]:
+        """Write into ``directory`` exactly what :meth:`push_to_hub` uploads; returns
+        ``{file name: path}``:
+
+        * ``break_a_scene.safetensors``: the bundle (LoRA in ``dtype``), for
+          ``pipe.load_break_a_scene(repo_id)``;
+        * ``pytorch_lora_weights.safetensors`` (with a LoRA) and ``break_a_scene_emb.safetensors``
+          (:meth:`export_diffusers`), for stock diffusers' ``load_lora_weights`` and
+          ``load_textual_inversion``;
+        * ``training_config.json`` (when the bundle records its training settings), the preview
+          image (``preview.png`` or the file's own suffix) and ``README.md``, the model card whose
+          usage section shows both ways of loading.
+
+        Example:
+            >>> import tempfile, torch
+            >>> files = Bundle(handles={"<a>": torch.ones(1, 4)}).save_hub_folder(tempfile.mkdtemp())
+            >>> sorted(files)
+            ['README.md', 'break_a_scene.safetensors', 'break_a_scene_emb.safetensors']
+        """  # noqa: E501
+        return hub.write_hub_folder(
+            self, directory, repo_id, preview_image=preview_image, dtype=dtype
+        )
 
     def push_to_hub(
         self,
@@ -434,24 +486,26 @@ class Bundle:
         commit_message: str | None = None,
         preview_image: Any = None,
         dtype: torch.dtype | None = torch.float16,
+        overwrite_readme: bool = False,
     ) -> str:
-        """Create ``repo_id`` if needed and upload the bundle file and a generated ``README.md``
-        (and ``preview_image``, a PIL image or an image file path); returns the repo URL.
+        """Create ``repo_id`` if needed and upload, in one commit, what :meth:`save_hub_folder`
+        writes: the bundle, the stock diffusers LoRA and embeddings files, the training config,
+        ``preview_image`` (a PIL image or an image file path) and the model card; returns the
+        repo URL. A ``README.md`` on the Hub that was edited after this library wrote it is kept
+        unless ``overwrite_readme``.
 
         Example:
             >>> bundle.push_to_hub("me/my-scene", private=True)  # doctest: +SKIP
             'https://huggingface.co/me/my-scene'
         """
-        preview = hub.preview_writer(preview_image)
-        tensors, metadata = self._serialize(dtype)
-        files: dict[str, Any] = {
-            DEFAULT_WEIGHT_NAME: lambda path: safetensors.torch.save_file(
-                tensors, str(path), metadata=metadata
-            )
-        }
-        if preview is not None:
-            files[preview[0]] = preview[1]
-        card = self.model_card(repo_id, preview[0] if preview else None)
-        files["README.md"] = lambda path: path.write_text(card, encoding="utf-8")
         message = commit_message or f"Upload Break-A-Scene bundle ({', '.join(self.tokens)})"
-        return hub.upload(repo_id, files, private=private, token=token, commit_message=message)
+        with tempfile.TemporaryDirectory(prefix="breakscene-push-") as tmp:
+            self.save_hub_folder(tmp, repo_id, preview_image=preview_image, dtype=dtype)
+            return hub.upload(
+                repo_id,
+                Path(tmp),
+                private=private,
+                token=token,
+                commit_message=message,
+                overwrite_readme=overwrite_readme,
+            )

@@ -32,7 +32,9 @@ __all__ = [
     "FLOAT_DTYPES",
     "FORMAT",
     "FORMAT_VERSION",
+    "LEGACY_EMBEDDINGS_NAME",
     "LORA_COMPONENTS",
+    "TRAINING_CONFIG_NAME",
     "BundleMetadata",
     "ConceptInfo",
     "LoraInfo",
@@ -48,8 +50,15 @@ FORMAT_VERSION = 1
 DEFAULT_WEIGHT_NAME = "break_a_scene.safetensors"
 #: LoRA file written by :meth:`Bundle.export_diffusers`.
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
-#: Textual-inversion file written by :meth:`Bundle.export_diffusers`.
-DIFFUSERS_EMBEDDINGS_NAME = "learned_embeds.safetensors"
+#: Textual-inversion file written by :meth:`Bundle.export_diffusers`, in the pivotal-tuning
+#: layout (``{"clip_l": (n, d)}``). Not diffusers' default ``learned_embeds.safetensors``: with
+#: that name ``pipe.load_textual_inversion(repo_id)`` picks the file up by itself and takes the
+#: key ``clip_l`` for a token (diffusers' advanced training scripts name theirs ``*_emb``).
+DIFFUSERS_EMBEDDINGS_NAME = "break_a_scene_emb.safetensors"
+#: The embeddings name of exports made by version 0.1 of this library (still read).
+LEGACY_EMBEDDINGS_NAME = "learned_embeds.safetensors"
+#: The training configuration uploaded next to a bundle on the Hub.
+TRAINING_CONFIG_NAME = "training_config.json"
 #: Pipeline components a bundle may hold LoRA weights for (the tensor-name prefixes).
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 #: safetensors dtypes a bundle may store (handles and LoRA weights are floating point).

@@ -12,20 +12,48 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..base_pipeline import available_model_id
 from ..errors import BreakSceneError, MissingFileError, fail, message
+from ..files import atomic_write, check_output_dir
 from ..fingerprint import FINGERPRINT_FIELDS
-from .format import DEFAULT_WEIGHT_NAME, FORMAT, FORMAT_VERSION, BundleMetadata, library_version
+from .format import (
+    DEFAULT_WEIGHT_NAME,
+    DIFFUSERS_EMBEDDINGS_NAME,
+    DIFFUSERS_LORA_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    LEGACY_EMBEDDINGS_NAME,
+    TRAINING_CONFIG_NAME,
+    BundleMetadata,
+    library_version,
+)
+from .io import save_atomic
 
-__all__ = ["model_card", "preview_writer", "resolve_source", "upload"]
+if TYPE_CHECKING:
+    import torch
+
+    from .core import Bundle
+
+__all__ = [
+    "card_was_edited",
+    "model_card",
+    "preview_writer",
+    "resolve_source",
+    "upload",
+    "write_hub_folder",
+]
+
+logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _TRAINING_KEYS = (
@@ -145,7 +173,13 @@ def _example_prompts(tokens: tuple[str, ...]) -> list[str]:
 
 
 def model_card(
-    meta: BundleMetadata, has_lora: bool, repo_id: str | None = None, preview: str | None = None
+    meta: BundleMetadata,
+    has_lora: bool,
+    repo_id: str | None = None,
+    preview: str | None = None,
+    *,
+    embedding_tokens: list[str] | None = None,
+    sdxl: bool = False,
 ) -> str:
     """The Hub ``README.md`` of a bundle with metadata ``meta`` (see ``Bundle.model_card``).
 
@@ -166,10 +200,19 @@ def model_card(
     hub_base = base_model if base_model and _looks_like_repo_id(base_model) else None
     if hub_base and Path(hub_base).exists():
         hub_base = None
-    tags = ["break-a-scene", "diffusers-breakscene", "text-to-image", "stable-diffusion"]
-    tags += ["diffusers", "lora" if has_lora else "textual-inversion"]
+    prompts = _example_prompts(tokens)
+    tags = ["text-to-image", "diffusers", "break-a-scene", "diffusers-breakscene"]
+    tags += ["stable-diffusion-xl" if sdxl else "stable-diffusion", "textual-inversion"]
+    tags += ["lora", "template:sd-lora"] if has_lora else []
+    extra: dict[str, Any] = {"instance_prompt": prompts[0]}
+    if preview:  # the Hub shows a widget's output picture on the model page
+        extra["widget"] = [{"text": prompts[0], "output": {"url": preview}}]
     card_data = ModelCardData(
-        library_name="diffusers", tags=tags, base_model=hub_base, pipeline_tag="text-to-image"
+        library_name="diffusers",
+        tags=tags,
+        base_model=hub_base,
+        pipeline_tag="text-to-image",
+        **extra,
     )
     lines = ["---", card_data.to_yaml().strip(), "---", ""]
     lines += [f"# {repo_id.split('/')[-1] if repo_id else 'Break-A-Scene bundle'}", ""]
@@ -193,26 +236,9 @@ def model_card(
     lines.append(f"- base model: `{base_model}`" if base_model else "- base model: unknown")
     fingerprint = meta.base_fingerprint or {}
     lines += [f"- {key}: `{fingerprint[key]}`" for key in FINGERPRINT_FIELDS if key in fingerprint]
-    prompts = _example_prompts(tokens)
     lines += ["", "## Example prompts", "", *(f"- `{p}`" for p in prompts)]
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "from diffusers import StableDiffusionPipeline",
-        "import diffusers_breakscene  # adds load_break_a_scene to diffusers pipelines",
-        "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base_model or "<base model>"}")',
-        f'pipe.load_break_a_scene("{repo_id or "path/to/bundle"}")',
-        f'image = pipe("{prompts[0]}").images[0]',
-        "```",
-        "",
-        "Stock diffusers only: `Bundle.load(...).export_diffusers(folder)` writes "
-        "`pytorch_lora_weights.safetensors` (for `load_lora_weights`) and "
-        "`learned_embeds.safetensors` (for `load_textual_inversion`).",
-    ]
+    rows = embedding_tokens or list(tokens)
+    lines += _usage(rows, sdxl, has_lora, base_model, repo_id, prompts[0])
     if meta.lora:
         lines += ["", "## LoRA", "", "| component | r | lora_alpha | target modules |"]
         lines += ["|---|---|---|---|"]
@@ -232,7 +258,95 @@ def model_card(
         f"{FORMAT_VERSION}.",
         "",
     ]
-    return "\n".join(lines)
+    return _sign("\n".join(lines))
+
+
+def _usage(
+    tokens: list[str],
+    sdxl: bool,
+    has_lora: bool,
+    base_model: str | None,
+    repo_id: str | None,
+    prompt: str,
+) -> list[str]:
+    """The card's usage section: the plugin's one call, and stock diffusers' two calls on the
+    files that :func:`write_hub_folder` uploads next to the bundle."""
+    repo = repo_id or "path/to/this/folder"
+    base = base_model or "<base model>"
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    stock = [
+        "```python",
+        f"from diffusers import {pipeline}",
+        "from huggingface_hub import hf_hub_download",
+        "from safetensors.torch import load_file",
+        "",
+        f'pipe = {pipeline}.from_pretrained("{base}")',
+    ]
+    if has_lora:
+        stock.append(f'pipe.load_lora_weights("{repo}", weight_name="{DIFFUSERS_LORA_NAME}")')
+    stock += [
+        f'embeds = load_file(hf_hub_download("{repo}", "{DIFFUSERS_EMBEDDINGS_NAME}"))',
+        f'pipe.load_textual_inversion(embeds["clip_l"], token={tokens},',
+        "                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+    ]
+    if sdxl:
+        stock += [
+            f'pipe.load_textual_inversion(embeds["clip_g"], token={tokens},',
+            "                            text_encoder=pipe.text_encoder_2,",
+            "                            tokenizer=pipe.tokenizer_2)",
+        ]
+    stock += [f'image = pipe("{prompt}").images[0]', "```"]
+    return [
+        "",
+        "## Usage",
+        "",
+        "With the plugin (`pip install diffusers-breakscene`), one call:",
+        "",
+        "```python",
+        f"from diffusers import {pipeline}",
+        "import diffusers_breakscene  # adds load_break_a_scene to diffusers pipelines",
+        "",
+        f'pipe = {pipeline}.from_pretrained("{base}")',
+        f'pipe.load_break_a_scene("{repo}")',
+        f'image = pipe("{prompt}").images[0]',
+        "```",
+        "",
+        "With stock diffusers only"
+        + (" (the LoRA, then the handles as textual-inversion embeddings):" if has_lora else ":"),
+        "",
+        *stock,
+        "",
+        f"`{DIFFUSERS_EMBEDDINGS_NAME}` holds one row per token in the order above "
+        '(`{"clip_l": (rows, dim)}`' + (', plus `"clip_g"`' if sdxl else "") + "); it is not "
+        f"named `{LEGACY_EMBEDDINGS_NAME}`, so `load_textual_inversion(repo)` does not take its "
+        "key for a token.",
+    ]
+
+
+_SIGNATURE = re.compile(r"\n<!-- diffusers-breakscene card sha256:([0-9a-f]{64}) -->\n?$")
+
+
+def _sign(card: str) -> str:
+    """``card`` with a last line recording its hash, so that a later push can tell whether
+    someone edited it (see :func:`card_was_edited`)."""
+    digest = hashlib.sha256(card.encode("utf-8")).hexdigest()
+    return f"{card}\n<!-- diffusers-breakscene card sha256:{digest} -->\n"
+
+
+def card_was_edited(text: str) -> bool:
+    """True when ``text`` (a repo's ``README.md``) is not a card this library wrote, or was
+    changed after it was written.
+
+    Example:
+        >>> card = model_card(BundleMetadata(("<a>",)), has_lora=False)
+        >>> card_was_edited(card), card_was_edited(card.replace("# ", "# My ", 1))
+        (False, True)
+    """
+    match = _SIGNATURE.search(text)
+    if match is None:
+        return True
+    body = text[: match.start()]
+    return hashlib.sha256(body.encode("utf-8")).hexdigest() != match.group(1)
 
 
 def preview_writer(preview_image: Any) -> tuple[str, Callable[[Path], object]] | None:
@@ -241,7 +355,7 @@ def preview_writer(preview_image: Any) -> tuple[str, Callable[[Path], object]] |
     if preview_image is None:
         return None
     if hasattr(preview_image, "save"):
-        return "preview.png", preview_image.save
+        return "preview.png", lambda path: preview_image.save(path, format="PNG")
     path = Path(preview_image)
     if not path.is_file():
         fail(
@@ -252,24 +366,80 @@ def preview_writer(preview_image: Any) -> tuple[str, Callable[[Path], object]] |
     return "preview" + path.suffix.lower(), lambda target: shutil.copyfile(path, target)
 
 
+def write_hub_folder(
+    bundle: Bundle,
+    directory: str | os.PathLike[str],
+    repo_id: str | None = None,
+    *,
+    preview_image: Any = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Path]:
+    """Write what :meth:`Bundle.push_to_hub` uploads into ``directory`` (see
+    ``Bundle.save_hub_folder``); returns ``{file name: path}``. Every check (preview image,
+    dtype, writable folder) runs before the first file is written; each file is written
+    atomically."""
+    from . import interop
+
+    directory = check_output_dir(directory, "Hub folder")
+    preview = preview_writer(preview_image)
+    tensors, metadata = bundle._serialize(dtype)
+    card = bundle.model_card(repo_id, preview[0] if preview else None)
+    directory.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    out[DEFAULT_WEIGHT_NAME] = directory / DEFAULT_WEIGHT_NAME
+    save_atomic(tensors, metadata, out[DEFAULT_WEIGHT_NAME])
+    # The stock files hold the same (rounded) LoRA weights as the bundle file, so that both
+    # ways of loading give the same pictures.
+    stored = bundle if dtype is None else bundle.with_lora_dtype(dtype)
+    for path in interop.export_diffusers(stored, directory).values():
+        out[path.name] = path
+    training = bundle.metadata.get("training")
+    if training:
+        text = json.dumps(training, indent=2, sort_keys=True) + "\n"
+        out[TRAINING_CONFIG_NAME] = atomic_write(
+            directory / TRAINING_CONFIG_NAME,
+            lambda path: path.write_text(text, encoding="utf-8"),
+            "training config",
+        )
+    if preview is not None:
+        out[preview[0]] = atomic_write(directory / preview[0], preview[1], "preview image")
+    out["README.md"] = atomic_write(
+        directory / "README.md", lambda path: path.write_text(card, encoding="utf-8"), "card"
+    )
+    return out
+
+
 def upload(
     repo_id: str,
-    files: Mapping[str, Callable[[Path], object]],
+    folder: Path,
     *,
     private: bool | None,
     token: str | bool | None,
     commit_message: str,
+    overwrite_readme: bool = False,
 ) -> str:
-    """Create the model repo ``repo_id`` if needed and upload ``files`` (name -> ``write(path)``)
-    in one commit; returns the repo URL."""
+    """Create the model repo ``repo_id`` if needed and upload every file of ``folder`` in one
+    commit; returns the repo URL. The repo's ``README.md`` is kept (and a warning logged) when
+    someone edited it after this library wrote it, unless ``overwrite_readme``."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory(prefix="breakscene-push-") as tmp:
-        for name, write in files.items():
-            write(Path(tmp) / name)
-        api.upload_folder(
-            repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message
-        )
+    ignore: list[str] = []
+    if not overwrite_readme and api.file_exists(repo_id, "README.md", repo_type="model"):
+        remote = Path(api.hf_hub_download(repo_id, "README.md", repo_type="model"))
+        if card_was_edited(remote.read_text(encoding="utf-8", errors="replace")):
+            ignore.append("README.md")
+            logger.warning(
+                "%s: README.md on the Hub was edited after diffusers-breakscene wrote it; it is "
+                "kept. Pass overwrite_readme=True (--overwrite-readme) to replace it.",
+                repo_id,
+            )
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message=commit_message,
+        ignore_patterns=ignore or None,
+    )
     return str(url)

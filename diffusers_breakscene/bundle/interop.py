@@ -1,7 +1,7 @@
 """Interchange with diffusers: stock LoRA and textual-inversion files, trained pipelines.
 
 :func:`export_diffusers` writes ``pytorch_lora_weights.safetensors`` with diffusers' own
-``save_lora_weights`` and ``learned_embeds.safetensors`` in the pivotal-tuning layout
+``save_lora_weights`` and ``break_a_scene_emb.safetensors`` in the pivotal-tuning layout
 (``{"clip_l": (n, d)}``); :func:`read_diffusers` reads such files back into bundle parts, and
 :func:`read_pipeline` takes them from a trained pipeline.
 
@@ -40,6 +40,7 @@ from .format import (
     DIFFUSERS_EMBEDDINGS_NAME,
     DIFFUSERS_LORA_NAME,
     FIX_DAMAGED,
+    LEGACY_EMBEDDINGS_NAME,
     LORA_COMPONENTS,
     check_tokens,
     is_int,
@@ -187,6 +188,9 @@ def _diffusers_files(
                 "pass the folder written by export_diffusers or a list of .safetensors files",
             )
         lora_file, embeddings_file = folder / weight_name, folder / embeddings_name
+        legacy = folder / LEGACY_EMBEDDINGS_NAME
+        if embeddings_name == DIFFUSERS_EMBEDDINGS_NAME and not embeddings_file.is_file():
+            embeddings_file = legacy if legacy.is_file() else embeddings_file
         if not embeddings_file.is_file():
             fail(
                 MissingFileError,
@@ -227,7 +231,7 @@ def _classify_files(files: list[Path]) -> tuple[Path | None, Path]:
         fail(
             MissingFileError,
             "no embeddings file among the files given",
-            "add the learned_embeds.safetensors file",
+            f"add the {DIFFUSERS_EMBEDDINGS_NAME} file",
         )
     return lora_file, embeddings_file
 
