@@ -279,10 +279,49 @@ RECIPE = """Use it with stock diffusers (no diffusers-breakscene needed):
 """
 
 
+KOHYA_RECIPE = """\
+AUTOMATIC1111 / SD.Next: put {lora} in models/Lora{embeddings_where}, then prompt e.g.
+    a photo of {first} <lora:{lora_stem}:1>
+ComfyUI: {lora} in models/loras (LoraLoader node){comfy_embeddings}; prompt e.g.
+    a photo of embedding:{first}
+"""
+
+
+def _cmd_export_kohya(args: argparse.Namespace, bundle: Any) -> int:
+    bundled = args.format == "a1111"
+    files = bundle.export_kohya(args.directory, bundled=bundled)
+    for kind, path in files.items():
+        _say(args, f"{kind:10s} -> {path}")
+    if "lora" not in files:
+        return 0
+    from .bundle.kohya import embedding_name
+
+    _say(args)
+    _say(
+        args,
+        KOHYA_RECIPE.format(
+            lora=files["lora"].name,
+            lora_stem=files["lora"].stem,
+            first=embedding_name(bundle.tokens[0]),
+            embeddings_where=""
+            if bundled
+            else " and the embedding files in embeddings/ (each file name is its prompt word)",
+            comfy_embeddings=" (the embeddings inside it are not read by ComfyUI: export with "
+            "--format kohya for them)"
+            if bundled
+            else ", the embedding files in models/embeddings",
+        ),
+    )
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    check_output_dir(args.directory, "export folder")
     from .bundle import Bundle
 
     bundle = Bundle.load(args.bundle)
+    if args.format != "diffusers":
+        return _cmd_export_kohya(args, bundle)
     files = bundle.export_diffusers(args.directory)
     for kind, path in files.items():
         _say(args, f"{kind:10s} -> {path}")
@@ -569,11 +608,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = add(
         "export",
-        "write the bundle as stock-diffusers LoRA + textual-inversion files",
+        "write the bundle as stock diffusers, kohya / ComfyUI or A1111 files",
         "breakscene export out/break_a_scene.safetensors exported/",
     )
     export.add_argument("bundle", help="bundle file, folder or hub repo id")
     export.add_argument("directory", help="folder to write into")
+    export.add_argument(
+        "--format",
+        choices=("diffusers", "kohya", "a1111"),
+        default="diffusers",
+        help="diffusers: pytorch_lora_weights.safetensors + break_a_scene_emb.safetensors; "
+        "kohya: a kohya-keyed LoRA + one embedding file per handle (A1111, SD.Next, ComfyUI, "
+        "kohya); a1111: one kohya-keyed LoRA file with the embeddings bundled inside (A1111, "
+        "SD.Next)",
+    )
     export.set_defaults(func=_cmd_export)
 
     push = add(

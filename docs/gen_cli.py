@@ -38,9 +38,13 @@ NOTES = {
         "fit."
     ),
     "export": (
-        "Writes `pytorch_lora_weights.safetensors` (when the bundle has a LoRA) and "
-        "`break_a_scene_emb.safetensors` into `directory` and prints a stock-diffusers loading "
-        "snippet; see [Stock diffusers interop](interop.md)."
+        "`--format diffusers` (default) writes `pytorch_lora_weights.safetensors` (when the "
+        "bundle has a LoRA) and `break_a_scene_emb.safetensors` into `directory` and prints a "
+        "stock-diffusers loading snippet. `--format kohya` writes a kohya-keyed "
+        "`break_a_scene.safetensors` LoRA and one embedding file per handle named after it "
+        "(`asset0.safetensors`), for AUTOMATIC1111, SD.Next, ComfyUI and kohya; `--format "
+        "a1111` writes the LoRA alone with the embeddings bundled inside. Both print where the "
+        "files go and a prompt; see [Interop](interop.md#automatic1111-sdnext-comfyui-kohya)."
     ),
     "push": (
         "Uploads, in one commit, the bundle, the stock diffusers files "

@@ -20,7 +20,7 @@ import torch
 from ..errors import InvalidBundleError, fail
 from ..files import check_writable
 from ..fingerprint import check_compatible
-from . import hub, interop
+from . import hub, interop, kohya
 from .format import (
     DEFAULT_WEIGHT_NAME,
     DIFFUSERS_EMBEDDINGS_NAME,
@@ -375,6 +375,69 @@ class Bundle:
             rows = int(self.handles[token].shape[0])
             out += [token] + [f"{token}_{i}" for i in range(1, rows)]
         return out
+
+    def export_kohya(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        name: str = "break_a_scene",
+        bundled: bool = False,
+    ) -> dict[str, Path]:
+        """Write the bundle for AUTOMATIC1111, SD.Next, ComfyUI and kohya into ``directory``.
+
+        * ``<name>.safetensors`` (with a LoRA): the LoRA in kohya's keys, with the bundle's
+          ``lora_alpha`` in every ``.alpha``; A1111 prompts use it as ``<lora:<name>:1>``;
+        * one embedding file per handle, named after it without the angle brackets
+          (``<asset0>`` -> ``asset0.safetensors``: the prompt word in A1111 and, as
+          ``embedding:asset0``, in ComfyUI): ``{"emb_params": (k, d)}`` for SD1/SD2,
+          ``{"clip_l", "clip_g"}`` for SDXL; the metadata records the token and the encoder.
+
+        ``bundled=True`` puts the embeddings inside the LoRA file instead (A1111 / SD.Next
+        "bundled embeddings", ``bundle_emb.<name>.string_to_param.*``): one file holds the
+        scene. Returns ``{"lora": path, <token>: path, ...}``.
+
+        Example:
+            >>> import tempfile, torch
+            >>> files = Bundle(handles={"<a>": torch.ones(1, 4)}).export_kohya(tempfile.mkdtemp())
+            >>> files["<a>"].name
+            'a.safetensors'
+        """
+        return kohya.export_kohya(self, directory, name=name, bundled=bundled)
+
+    @classmethod
+    def from_kohya(
+        cls,
+        lora_file: str | os.PathLike[str] | None = None,
+        embeddings: Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]] = (),
+        *,
+        base_fingerprint: dict[str, Any] | None = None,
+        base_model: str | None = None,
+        training: dict[str, Any] | None = None,
+    ) -> Bundle:
+        """Build a bundle from a kohya / A1111 LoRA file and embedding files (one per token).
+
+        ``embeddings``: files (each token is the one its metadata records, else ``<stem>``) or
+        ``{token: file}``. Embeddings bundled inside ``lora_file`` (``bundle_emb.*``) are read
+        too. Embedding tensors may be ``emb_params``, ``clip_l`` (+ ``clip_g``) or diffusers'
+        ``{token: rows}``. The LoRA is read by diffusers' ``lora_state_dict`` (kohya keys and
+        alphas converted); its ``r`` and ``lora_alpha`` come from the weights and alphas.
+
+        Example:
+            >>> import tempfile, torch
+            >>> folder = tempfile.mkdtemp()
+            >>> files = Bundle(handles={"<a>": torch.ones(1, 4)}).export_kohya(folder)
+            >>> Bundle.from_kohya(embeddings=[files["<a>"]]).tokens
+            ['<a>']
+        """
+        parts = kohya.read_kohya(lora_file, embeddings)
+        given = {
+            "base_model": base_model,
+            "base_fingerprint": base_fingerprint,
+            "lora": parts["lora_config"] or None,
+            "training": training,
+        }
+        metadata = {"tokens": parts["tokens"]} | {k: v for k, v in given.items() if v is not None}
+        return cls(parts["handles"], parts["lora"], metadata, parts["handles_2"])
 
     @classmethod
     def from_diffusers(

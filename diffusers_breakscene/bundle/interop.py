@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -51,7 +52,7 @@ from .tensors import owned
 if TYPE_CHECKING:
     from .core import Bundle
 
-__all__ = ["export_diffusers", "read_diffusers", "read_pipeline"]
+__all__ = ["export_diffusers", "read_diffusers", "read_lora_state", "read_pipeline"]
 
 _EMBEDDING_KEYS = ("clip_l", "clip_g")
 
@@ -337,6 +338,46 @@ def _read_lora(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         )
     except (OSError, ValueError, RuntimeError) as err:
         fail(InvalidBundleError, f"{name} cannot be read by diffusers: {err}", FIX_DAMAGED)
+    return lora, _configs(lora, alphas, flat, name)
+
+
+def read_lora_state(
+    state: dict[str, torch.Tensor], name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights (diffusers' layout) and per-component LoRA configs of a LoRA state dict in
+    any layout diffusers' ``lora_state_dict`` reads (diffusers, peft, kohya / A1111)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    reader = StableDiffusionXLPipeline if any("lora_te2_" in k for k in state) else None
+    reader = reader or StableDiffusionPipeline
+    try:
+        lora, alphas = reader.lora_state_dict(dict(state))[:2]
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        fail(InvalidBundleError, f"{name} cannot be read by diffusers: {err}", FIX_DAMAGED)
+    # diffusers turns kohya's attention keys into its old attention-processor layout
+    # ("attn1.processor.to_q_lora.down"); bundles hold the module layout ("attn1.to_q.lora.down")
+    # that training writes, so that both read the same and the configs name real modules.
+    lora = {_OLD_PROCESSOR_KEY.sub(_module_key, k): v for k, v in lora.items()}
+    alphas = {_OLD_PROCESSOR_KEY.sub(_module_key, k): v for k, v in (alphas or {}).items()}
+    return lora, _configs(lora, alphas, None, name)
+
+
+_OLD_PROCESSOR_KEY = re.compile(r"\.processor\.to_(q|k|v|out)_lora\.")
+
+
+def _module_key(match: re.Match[str]) -> str:
+    projection = match.group(1)
+    return f".to_{projection}{'.0' if projection == 'out' else ''}.lora."
+
+
+def _configs(
+    lora: dict[str, torch.Tensor],
+    alphas: dict[str, float] | None,
+    flat: dict[str, Any] | None,
+    name: str,
+) -> dict[str, Any]:
+    """Per-component LoRA configs: from the file's adapter metadata (``flat``) when it has
+    them, else read from the weights and alphas."""
     config: dict[str, Any] = {}
     for component in sorted({k.split(".", 1)[0] for k in lora}):
         if component not in LORA_COMPONENTS:
@@ -352,7 +393,7 @@ def _read_lora(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if isinstance(info["target_modules"], list):
             info["target_modules"] = sorted(info["target_modules"])
         config[component] = info
-    return lora, config
+    return config
 
 
 def _guess_config(
@@ -379,6 +420,18 @@ def _guess_config(
     kwargs = get_peft_kwargs(ranks, alphas or None, peft_state, is_unet=component == "unet")
     info = {k: kwargs[k] for k in ("r", "lora_alpha", "target_modules")}
     info.update({k: kwargs[k] for k in ("rank_pattern", "alpha_pattern") if kwargs[k]})
+    if component != "unet":
+        # Module paths read from the keys start with "text_model.", which transformers 5's
+        # CLIPTextModel no longer has; without it they match either version (peft matches
+        # target names as suffixes of module paths).
+        def short(name: str) -> str:
+            return name.removeprefix("text_model.")
+
+        if isinstance(info["target_modules"], list | set | tuple):
+            info["target_modules"] = sorted({short(t) for t in info["target_modules"]})
+        for key in ("rank_pattern", "alpha_pattern"):
+            if key in info:
+                info[key] = {short(k): v for k, v in info[key].items()}
     return info
 
 
