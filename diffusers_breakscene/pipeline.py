@@ -27,12 +27,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .adapters import FuseBackups, activate, active_adapters, adapter_names, merged_adapters
 from .errors import (
     IncompatibleBaseError,
     InvalidArgumentError,
@@ -60,8 +62,8 @@ class _Loaded:
 @dataclass
 class _State:
     loaded: dict[str, _Loaded] = field(default_factory=dict)
-    # Pristine weights of layers changed by fused adapters, for an exact unfuse.
-    backups: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Pristine weights of layers changed by fused bundles, for an exact unfuse.
+    backups: FuseBackups = field(default_factory=FuseBackups)
 
 
 def _rename(token: str, prefix: str | None) -> str:
@@ -81,22 +83,16 @@ def _break_a_scene(pipe) -> _State:
 
 
 def _free_adapter_name(pipe) -> str:
-    taken = set(_break_a_scene(pipe).loaded) | set(_peft_adapters(pipe))
+    taken = set(_break_a_scene(pipe).loaded) | adapter_names(pipe)
     index = 0
     while f"break_a_scene_{index}" in taken:
         index += 1
     return f"break_a_scene_{index}"
 
 
-def _peft_adapters(pipe) -> set[str]:
-    names: set[str] = set()
-    for component in ("unet", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, component, None)
-        names |= set(getattr(model, "peft_config", None) or {})
-    return names
-
-
-def _check_can_load(pipe, bundle: Bundle, tokens: list[str], name: str, scale: float) -> None:
+def _check_can_load(
+    pipe, bundle: Bundle, tokens: list[str], name: str, scale: float, replacing: list[str]
+) -> None:
     for method in ("load_textual_inversion", "unload_textual_inversion"):
         if not hasattr(pipe, method):
             raise IncompatibleBaseError(
@@ -114,14 +110,15 @@ def _check_can_load(pipe, bundle: Bundle, tokens: list[str], name: str, scale: f
         raise InvalidArgumentError(
             f"adapter_name={name!r} may only use letters, digits, '_', '.', '-'; e.g. 'scene_1'."
         )
-    if name in _break_a_scene(pipe).loaded or name in _peft_adapters(pipe):
+    if not replacing and (name in _break_a_scene(pipe).loaded or name in adapter_names(pipe)):
         raise TokenConflictError(
-            f"An adapter named {name!r} is already loaded; pass another adapter_name or "
-            f"unload it first with pipe.unload_break_a_scene({name!r})."
+            f"An adapter named {name!r} is already loaded; pass another adapter_name, unload it "
+            f"first with pipe.unload_break_a_scene({name!r}), or replace it in place with "
+            "hotswap=True."
         )
     bundle.check_compatible(pipe)
     vocab = pipe.tokenizer.get_vocab()
-    clash = [t for t in tokens if t in vocab]
+    clash = [t for t in tokens if t in vocab and t not in replacing]
     if clash:
         owner = [n for n, info in _break_a_scene(pipe).loaded.items() if set(clash) & set(
             info.tokens)]  # fmt: skip
@@ -142,20 +139,26 @@ def _check_can_load(pipe, bundle: Bundle, tokens: list[str], name: str, scale: f
         check_not_words(pipe.tokenizer_2, tokens, "The bundle's handles", fix)
 
 
-def _load_handles(pipe, bundle: Bundle, tokens: list[str]) -> None:
-    rows = torch.cat([bundle.handles[t].reshape(-1, bundle.handles[t].shape[-1]) for t in
-                      bundle.tokens])  # fmt: skip
-    if rows.shape[0] != len(tokens):
+def _check_one_row(bundle: Bundle) -> None:
+    if any(rows.shape[0] != 1 for rows in bundle.handles.values()):
         raise InvalidBundleError(
             "Each handle must be one embedding row (k=1) to load with load_textual_inversion."
         )
+
+
+def _load_handles(pipe, bundle: Bundle, tokens: list[str]) -> None:
+    _check_one_row(bundle)
+    rows = torch.cat([bundle.handles[t].reshape(-1, bundle.handles[t].shape[-1]) for t in
+                      bundle.tokens])  # fmt: skip
     encoder = pipe.text_encoder
     pipe.load_textual_inversion(
         rows.to(encoder.dtype), token=tokens, tokenizer=pipe.tokenizer, text_encoder=encoder
     )
 
 
-def _load_lora(pipe, bundle: Bundle, name: str) -> None:
+def _load_lora(pipe, bundle: Bundle, name: str, **options: Any) -> None:
+    """The bundle's LoRA as adapter ``name``; ``options``: ``low_cpu_mem_usage``, ``hotswap``
+    (passed to diffusers' loaders)."""
     metadata = bundle.lora_adapter_metadata or None
     state_dict = dict(bundle.lora)
     if any(k.startswith("unet.") for k in state_dict):
@@ -166,6 +169,7 @@ def _load_lora(pipe, bundle: Bundle, name: str) -> None:
             adapter_name=name,
             _pipeline=pipe,
             metadata=metadata,
+            **options,
         )
     if any(k.startswith("text_encoder.") for k in state_dict):
         pipe.load_lora_into_text_encoder(
@@ -176,65 +180,33 @@ def _load_lora(pipe, bundle: Bundle, name: str) -> None:
             adapter_name=name,
             _pipeline=pipe,
             metadata=metadata,
+            **options,
         )
-
-
-def _apply_scales(pipe) -> None:
-    loaded = {n: i for n, i in _break_a_scene(pipe).loaded.items() if i.components}
-    if not loaded:
-        return
-    foreign = [n for n in pipe.get_active_adapters() if n not in loaded]
-    names = list(loaded) + foreign
-    weights = [loaded[n].scale for n in loaded] + [1.0] * len(foreign)
-    pipe.set_adapters(names, adapter_weights=weights)
-
-
-def _lora_layers(pipe, components: list[str]) -> dict[str, Any]:
-    layers = {}
-    for component in components:
-        model = getattr(pipe, component)
-        for module_name, module in model.named_modules():
-            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-                layers[f"{component}.{module_name}"] = module
-    return layers
 
 
 def _fuse(pipe, name: str) -> None:
     state = _break_a_scene(pipe)
     info = state.loaded[name]
-    for key, module in _lora_layers(pipe, info.components).items():
-        if name in module.lora_A and key not in state.backups:
-            state.backups[key] = module.base_layer.weight.detach().to("cpu", copy=True)
-    # The per-bundle scale is already in the layers' scaling (set_adapters); fuse_lora's
-    # lora_scale would multiply it again, and that of every other active adapter too.
-    pipe.fuse_lora(components=info.components, lora_scale=1.0, adapter_names=[name])
+    state.backups.fuse(pipe, name, info.components)
     info.fused = True
 
 
 def _unfuse_all(pipe) -> None:
     state = _break_a_scene(pipe)
-    components = sorted({key.split(".", 1)[0] for key in state.backups})
-    if not components:
-        return
-    pipe.unfuse_lora(components=components)
-    layers = _lora_layers(pipe, components)
-    with torch.no_grad():
-        for key, weight in state.backups.items():
-            target = layers[key].base_layer.weight
-            target.copy_(weight.to(target.device, target.dtype))
-    state.backups.clear()
+    state.backups.unfuse_all(pipe)
     for info in state.loaded.values():
         info.fused = False
 
 
 def _remove(pipe, name: str, tokens: list[str], components: list[str]) -> None:
-    """Take one bundle's adapter and tokens out; tolerant of half-done loads."""
-    if name in _peft_adapters(pipe):
-        pipe.delete_adapters(name)
-        if not _peft_adapters(pipe):
+    """Take one bundle's adapter and tokens out; tolerant of half-done loads. Calls diffusers'
+    own methods (not the pipeline's hooks, see :func:`_install_hooks`)."""
+    if name in adapter_names(pipe):
+        type(pipe).delete_adapters(pipe, name)
+        if not adapter_names(pipe):
             # The last adapter is gone: take the PEFT layers out too, so module names and
             # state_dict keys are exactly the original ones.
-            pipe.unload_lora_weights()
+            type(pipe).unload_lora_weights(pipe)
     vocab = pipe.tokenizer.get_vocab()
     present = [t for t in tokens if t in vocab]
     if present:
@@ -248,7 +220,10 @@ class BreakAScenePipelineMixin:
 
     @property
     def break_a_scene_adapters(self) -> dict[str, list[str]]:
-        """``{adapter_name: [tokens]}`` of the bundles loaded into this pipeline."""
+        """``{adapter_name: [tokens]}`` of the bundles loaded into this pipeline (a bundle whose
+        adapter was deleted some other way, e.g. ``pipe.unet.delete_adapters``, is forgotten
+        and its tokens removed)."""
+        _sync(self)
         return {name: list(info.tokens) for name, info in _break_a_scene(self).loaded.items()}
 
     def load_break_a_scene(
@@ -258,19 +233,32 @@ class BreakAScenePipelineMixin:
         scale: float = 1.0,
         fuse: bool = False,
         token_prefix: str | None = None,
+        *,
+        low_cpu_mem_usage: bool = False,
+        hotswap: bool = False,
         **load_kwargs: Any,
     ) -> list[str]:
         """Load a bundle (file, folder, hub repo id or :class:`Bundle`); returns its tokens.
+
+        The bundle's LoRA joins the adapters already active (a LoRA of your own keeps its
+        weights); ``pipe.delete_adapters(name)`` and ``pipe.unload_lora_weights()`` take a
+        bundle's tokens out with its adapter, and ``pipe.fuse_lora()`` works as for any LoRA.
 
         Args:
             source: where the bundle is; ``load_kwargs`` (``weight_name``, ``revision``,
                 ``local_files_only``, ...) go to :meth:`Bundle.load`.
             adapter_name: PEFT adapter name; default ``break_a_scene_<n>``.
-            scale: LoRA strength of this bundle (per-bundle adapter weight).
+            scale: LoRA strength of this bundle (its ``set_adapters`` weight).
             fuse: fuse the LoRA into the base weights (no per-step overhead). The fused layers'
                 original weights are kept on the CPU so unloading restores them exactly.
             token_prefix: rename the handles (``"<asset0>"`` -> ``"<{prefix}asset0>"``), to load
                 two bundles whose tokens collide.
+            low_cpu_mem_usage: create the LoRA weights empty and fill them from the bundle
+                (diffusers' ``load_lora_weights`` option).
+            hotswap: replace the bundle loaded as ``adapter_name`` in place: its LoRA weights
+                through diffusers' hotswapping (no new PEFT layers, so a compiled UNet is not
+                recompiled; same targets and ranks, or call ``pipe.enable_lora_hotswap`` first)
+                and its tokens by this bundle's.
 
         Example:
             >>> import diffusers_breakscene
@@ -281,11 +269,14 @@ class BreakAScenePipelineMixin:
 
         bundle = source if isinstance(source, Bundle) else Bundle.load(source, **load_kwargs)
         state = _break_a_scene(self)
+        _sync(self)
         tokens = [_rename(t, token_prefix) for t in bundle.tokens]
-        name = adapter_name or _free_adapter_name(self)
-        _check_can_load(self, bundle, tokens, name, scale)
-
         components = sorted({key.split(".", 1)[0] for key in bundle.lora})
+        if hotswap:
+            return _hotswap(self, bundle, tokens, components, adapter_name, scale)
+        name = adapter_name or _free_adapter_name(self)
+        _check_can_load(self, bundle, tokens, name, scale, replacing=[])
+        active = active_adapters(self)
         # set_adapters unmerges fused layers (inexactly), so fused bundles are unfused (exactly,
         # from the backups) while the new adapter goes in and fused again afterwards.
         refuse = [n for n, i in state.loaded.items() if i.fused] if components else []
@@ -293,53 +284,164 @@ class BreakAScenePipelineMixin:
             _load_handles(self, bundle, tokens)
             if components:
                 _unfuse_all(self)
-                _load_lora(self, bundle, name)
+                _load_lora(self, bundle, name, low_cpu_mem_usage=low_cpu_mem_usage)
             state.loaded[name] = _Loaded(tokens, float(scale), False, components)
-            _apply_scales(self)
+            if components:
+                activate(self, [*active, name], {name: float(scale)})
             for other in refuse:
                 _fuse(self, other)
             if fuse and components:
                 _fuse(self, name)
         except Exception:
             # Roll back: take every fused delta out (pristine weights back), remove this
-            # bundle's adapter and tokens, then fuse the others again.
+            # bundle's adapter and tokens, then restore the active set and fuse the others.
             state.loaded.pop(name, None)
             _unfuse_all(self)
             _remove(self, name, tokens, components)
-            if state.loaded:
-                _apply_scales(self)
+            activate(self, active, {})
             for other in refuse:
                 _fuse(self, other)
             raise
+        _install_hooks(self)
         return tokens
 
     def unload_break_a_scene(self, adapter_name: str | None = None) -> None:
         """Unload one bundle (by adapter name) or, with no name, every loaded bundle.
 
-        The pipeline gets back its exact original weights and vocabulary; other bundles keep
-        working.
+        The pipeline gets back its exact original weights and vocabulary; other bundles and
+        your own adapters keep working, with the weights and active set they had.
 
         Example:
             >>> pipe.unload_break_a_scene("scene")  # doctest: +SKIP
         """
         state = _break_a_scene(self)
+        _sync(self)
         if adapter_name is not None and adapter_name not in state.loaded:
             raise InvalidArgumentError(
                 f"No Break-A-Scene bundle is loaded as adapter {adapter_name!r}; loaded: "
                 f"{sorted(state.loaded) or 'none'}. Pass one of those names, or none to unload all."
             )
         names = [adapter_name] if adapter_name is not None else list(state.loaded)
-        refuse = [n for n in state.loaded if state.loaded[n].fused and n not in names]
-        # Deleting adapters and set_adapters unmerge fused layers inexactly: unfuse everything
-        # exactly first, then fuse the remaining fused bundles again after the scales are set.
-        _unfuse_all(self)
-        for name in names:
-            info = state.loaded.pop(name)
-            _remove(self, name, info.tokens, info.components)
-        if state.loaded:
-            _apply_scales(self)
-        for name in refuse:
-            _fuse(self, name)
+        _unload(self, names)
+
+
+def _unload(pipe, names: list[str]) -> None:
+    state = _break_a_scene(pipe)
+    active = active_adapters(pipe)
+    refuse = [n for n in state.loaded if state.loaded[n].fused and n not in names]
+    # Deleting adapters and set_adapters unmerge fused layers inexactly: unfuse everything
+    # exactly first, then fuse the remaining fused bundles again after the active set is back.
+    _unfuse_all(pipe)
+    # Layers fused with a plain pipe.fuse_lora() have no backups: diffusers' unfuse_lora takes
+    # them apart (as for any LoRA), and adapters of others that were fused are fused again.
+    user_fused = merged_adapters(pipe)
+    if user_fused:
+        type(pipe).unfuse_lora(pipe)
+    for name in names:
+        info = state.loaded.pop(name)
+        _remove(pipe, name, info.tokens, info.components)
+    activate(pipe, [n for n in active if n not in names], {})
+    for name in refuse:
+        _fuse(pipe, name)
+    others = sorted(user_fused & adapter_names(pipe) - set(refuse))
+    if others:
+        type(pipe).fuse_lora(pipe, lora_scale=1.0, adapter_names=others)
+    if not state.loaded:
+        _remove_hooks(pipe)
+
+
+def _hotswap(
+    pipe, bundle: Bundle, tokens: list[str], components: list[str], name: str | None, scale: float
+) -> list[str]:
+    state = _break_a_scene(pipe)
+    old = state.loaded.get(name or "")
+    if old is None:
+        raise InvalidArgumentError(
+            f"hotswap=True replaces a loaded bundle in place; adapter_name={name!r} is not one "
+            f"(loaded: {sorted(state.loaded) or 'none'}). Load it normally first."
+        )
+    if components != old.components:
+        raise InvalidArgumentError(
+            f"hotswap=True needs the same LoRA components: the loaded bundle has "
+            f"{old.components or 'none'}, this one {components or 'none'}. Unload and load instead."
+        )
+    if old.fused:
+        raise InvalidArgumentError(
+            f"bundle {name!r} is fused; hotswapping changes unfused LoRA weights. Load it without "
+            "fuse=True, or unload and load instead."
+        )
+    _check_can_load(pipe, bundle, tokens, name, scale, replacing=old.tokens)
+    _check_one_row(bundle)
+    active = active_adapters(pipe)
+    if components:
+        _load_lora(pipe, bundle, name, hotswap=True)  # diffusers checks the layout first
+    try:
+        _remove(pipe, "", old.tokens, [])  # the old tokens out (no adapter named "")
+        _load_handles(pipe, bundle, tokens)
+    except Exception:
+        _unload(pipe, [name])  # never half a bundle: the whole adapter goes
+        raise
+    state.loaded[name] = _Loaded(tokens, float(scale), False, components)
+    if components:
+        activate(pipe, active, {name: float(scale)})
+    return tokens
+
+
+def _sync(pipe) -> None:
+    """Forget bundles whose adapter was removed behind the mixin's back (their tokens go too)."""
+    state = _break_a_scene(pipe)
+    present = adapter_names(pipe)
+    for name in [n for n, i in state.loaded.items() if i.components and n not in present]:
+        info = state.loaded.pop(name)
+        _remove(pipe, name, info.tokens, [])
+
+
+# -- diffusers' own adapter methods, on a pipeline that holds bundles -------------------------
+# delete_adapters, unload_lora_weights and unfuse_lora are wrapped on the pipeline instance (as
+# bound methods in its __dict__, so copies stay independent) while it holds a bundle: a bundle's
+# adapter then leaves with its tokens, and layers fused from backups are restored exactly.
+_HOOKED = ("delete_adapters", "unload_lora_weights", "unfuse_lora")
+
+
+def _delete_adapters(pipe, adapter_names: list[str] | str) -> None:  # diffusers' signature
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    ours = [n for n in names if n in _break_a_scene(pipe).loaded]
+    if ours:
+        _unload(pipe, ours)
+    rest = [n for n in names if n not in ours]
+    if rest:
+        type(pipe).delete_adapters(pipe, rest)
+
+
+def _unload_lora_weights(pipe) -> None:
+    ours = [n for n, i in _break_a_scene(pipe).loaded.items() if i.components]
+    if ours:
+        _unload(pipe, ours)
+    if adapter_names(pipe):
+        type(pipe).unload_lora_weights(pipe)
+
+
+def _unfuse_lora(pipe, *args: Any, **kwargs: Any) -> None:
+    _unfuse_all(pipe)  # exact for the bundles fused from backups
+    type(pipe).unfuse_lora(pipe, *args, **kwargs)  # the rest, as diffusers does
+
+
+_HOOKS = {
+    "delete_adapters": _delete_adapters,
+    "unload_lora_weights": _unload_lora_weights,
+    "unfuse_lora": _unfuse_lora,
+}
+
+
+def _install_hooks(pipe) -> None:
+    for method, hook in _HOOKS.items():
+        if method not in pipe.__dict__ and hasattr(type(pipe), method):
+            pipe.__dict__[method] = types.MethodType(hook, pipe)
+
+
+def _remove_hooks(pipe) -> None:
+    for method in _HOOKS:
+        pipe.__dict__.pop(method, None)
 
 
 def register(pipeline_class: type | None = None) -> None:

@@ -412,9 +412,9 @@ def test_failure_half_way_is_rolled_back(bundle, bundle_b, pipe, monkeypatch):
     seen = {}
     real = mod._load_lora
 
-    def boom(p, b, name):
+    def boom(p, b, name, **options):
         seen["vocab"] = "<s2_asset0>" in p.tokenizer.get_vocab()
-        real(p, b, name)  # the adapter is in, too
+        real(p, b, name, **options)  # the adapter is in, too
         seen["adapter"] = name in p.unet.peft_config
         raise RuntimeError("disk on fire")
 
@@ -431,8 +431,8 @@ def test_failure_half_way_on_empty_pipeline_restores_keys(bundle, pipe, monkeypa
     before = snapshot(pipe)
     real = mod._load_lora
 
-    def boom(p, b, name):
-        real(p, b, name)
+    def boom(p, b, name, **options):
+        real(p, b, name, **options)
         raise RuntimeError("boom")
 
     monkeypatch.setattr(mod, "_load_lora", boom)
