@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidConfigError, MissingFileError, message
+from .errors import InvalidArgumentError, InvalidConfigError, MissingFileError, message
 from .files import check_utf8_path
 
 __all__ = [
@@ -92,9 +92,10 @@ def _not_found_message(source: str, error: BaseException) -> str:
     return message(problem, fix)
 
 
-def load_base_pipeline(source: str | os.PathLike[str]) -> Any:
-    """``StableDiffusionPipeline.from_pretrained(source)`` without safety checker, for a local
-    folder (read offline) or a Hub repo id. When ``source`` cannot be found (no such folder or
+def load_base_pipeline(source: str | os.PathLike[str], **from_pretrained: Any) -> Any:
+    """``StableDiffusionPipeline.from_pretrained(source, **from_pretrained)`` without safety
+    checker, for a local folder (read offline) or a Hub repo id (``from_pretrained``: e.g.
+    ``revision``, ``variant``, ``cache_dir``, ``token``; ``None`` values are left out). When ``source`` cannot be found (no such folder or
     repo, a removed repo, a repo not in the cache while offline), raises a one-line
     :class:`MissingFileError` naming ``source`` and what to pass instead: the mirror of a removed
     id (:data:`MIRRORS`) and the built-in names.
@@ -116,6 +117,7 @@ def load_base_pipeline(source: str | os.PathLike[str]) -> Any:
             f"{source} has no model_index.json; pass a diffusers pipeline folder or a hub id."
         )
     kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    kwargs.update({k: v for k, v in from_pretrained.items() if v is not None})
     if local.exists():
         kwargs["local_files_only"] = True
     try:
@@ -127,7 +129,7 @@ def load_base_pipeline(source: str | os.PathLike[str]) -> Any:
         raise MissingFileError(_not_found_message(str(source), err)) from err
 
 
-def load_pipeline(model: str | os.PathLike[str] | None) -> Any:
+def load_pipeline(model: str | os.PathLike[str] | None, **from_pretrained: Any) -> Any:
     """A fresh pipeline: a built-in model by name (``"toy"``, ``"tiny-sd1"`` — also for
     ``None`` — or ``"tiny-sd2"``), otherwise :func:`load_base_pipeline` ``(model)`` (a local
     folder or a hub id).
@@ -138,13 +140,19 @@ def load_pipeline(model: str | os.PathLike[str] | None) -> Any:
     """
     name = TINY_MODEL if model is None else str(model)
     if name in BUILTIN_MODELS:
+        given = sorted(k for k, v in from_pretrained.items() if v is not None)
+        if given:
+            raise InvalidArgumentError(
+                f"{given} apply to Hub models; the built-in model {name!r} has none. Leave them "
+                "out, or name a Hub id or folder."
+            )
         from .tiny import tiny_pipeline
 
         return tiny_pipeline(name.removeprefix("tiny-"))
-    return load_base_pipeline(model)
+    return load_base_pipeline(model, **from_pretrained)
 
 
-def as_pipeline(source: Any) -> Any:
+def as_pipeline(source: Any, **from_pretrained: Any) -> Any:
     """``source`` itself if it is an SD-family pipeline object, else :func:`load_pipeline`.
 
     Example:
@@ -154,7 +162,7 @@ def as_pipeline(source: Any) -> Any:
         True
     """
     if isinstance(source, str | os.PathLike):
-        return load_pipeline(source)
+        return load_pipeline(source, **from_pretrained)
     for part in _PARTS:
         if getattr(source, part, None) is None:
             raise InvalidConfigError(

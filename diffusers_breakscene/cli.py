@@ -118,13 +118,19 @@ def _load_with_bundles(args: argparse.Namespace) -> tuple[Any, list[str]]:
     count = len(args.bundle)
     scales = _per_bundle(args.scale or [1.0], count, "--scale")
     prefixes = _per_bundle(args.token_prefix or [None], count, "--token-prefix")
+    device, dtype = _device_and_dtype(args)
     bundles = [Bundle.load(source) for source in args.bundle]  # fail fast, before the model
     _say(args, f"Loading {args.model} ...")
     pipe = load_pipeline(args.model)
+    if args.scheduler is not None:
+        pipe.scheduler = _scheduler(pipe, args.scheduler)
+    pipe.to(device, dtype)
     tokens: list[str] = []
     for source, bundle, scale, prefix in zip(args.bundle, bundles, scales, prefixes, strict=True):
         try:
-            loaded = pipe.load_break_a_scene(bundle, scale=scale, token_prefix=prefix or None)
+            loaded = pipe.load_break_a_scene(
+                bundle, scale=scale, token_prefix=prefix or None, fuse=args.fuse
+            )
         except TokenConflictError as error:
             raise TokenConflictError(
                 f"{source}: {error} On the command line: give each --bundle a "
@@ -133,6 +139,41 @@ def _load_with_bundles(args: argparse.Namespace) -> tuple[Any, list[str]]:
         _say(args, f"Loaded {source}: tokens {loaded} (scale {scale})")
         tokens += loaded
     return pipe, tokens
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``--device`` and ``--dtype``, checked before any model is loaded."""
+    import torch
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise InvalidArgumentError(f"--device {args.device!r}: {err}; e.g. cpu or cuda") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda: no CUDA device here; use --device cpu.")
+    name = args.dtype
+    if name == "auto":
+        name = "fp16" if device.type == "cuda" else "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise InvalidArgumentError(
+            "--dtype fp16 on the CPU is very slow or unsupported; use --dtype fp32 or bf16."
+        )
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return device, dtype
+
+
+def _scheduler(pipe: Any, name: str) -> Any:
+    """The scheduler class ``name`` from diffusers, built from the model's scheduler config."""
+    import diffusers
+
+    compatible = sorted(c.__name__ for c in pipe.scheduler.compatibles)
+    cls = getattr(diffusers, name, None)
+    if cls is None or name not in compatible:
+        raise InvalidArgumentError(
+            f"--scheduler {name!r} is not a scheduler this model can use; pick one of "
+            f"{', '.join(compatible)}."
+        )
+    return cls.from_config(pipe.scheduler.config)
 
 
 def _per_bundle(values: list[Any], count: int, flag: str) -> list[Any]:
@@ -166,9 +207,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         progress=not args.quiet,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        device=pipe.device,
     )
-    for i, (prompt, image) in enumerate(zip(args.prompt, images, strict=True)):
-        path = save_png(image, out / f"{i:02d}.png")
+    n = args.num_images
+    for i, image in enumerate(images):
+        prompt = args.prompt[i // n]
+        name = f"{i // n:02d}.png" if n == 1 else f"{i // n:02d}-{i % n:02d}.png"
+        path = save_png(image, out / name)
         _say(args, f"{prompt!r} (seed {args.seed + i}) -> {path}")
     return 0
 
@@ -206,6 +253,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         progress=not args.quiet,
+        device=pipe.device,
     )
     path = save_png(picture, args.output)
     image_path = save_png(image, Path(args.output).with_suffix(".image.png"))
@@ -408,6 +456,49 @@ def _optional(kind: Any) -> Any:
     return parse
 
 
+#: List flags take one or more values and may be repeated: ``--mask a.png --mask b.png`` and
+#: ``--mask a.png b.png`` are the same.
+_LIST: dict[str, Any] = {"action": "extend", "nargs": "+"}
+#: diffusers' training-script names whose underscore spelling is not one of ours.
+_SCRIPT_ALIASES = {"--rank": "--lora-rank", "--validation_prompt": "--validation-prompts"}
+
+
+def _add_underscore_aliases(parser: argparse.ArgumentParser) -> None:
+    """Accept diffusers' training-script spelling (``--lora_rank``, ``--mixed_precision``, ...)
+    of every ``--dashed-flag``, and the script names in :data:`_SCRIPT_ALIASES`; hidden from
+    ``--help``."""
+    for action in list(parser._actions):
+        names = [o for o in action.option_strings if o.startswith("--") and "-" in o[2:]]
+        aliases = [o.replace("-", "_").replace("__", "--", 1) for o in names]
+        aliases += [a for a, target in _SCRIPT_ALIASES.items() if target in action.option_strings]
+        aliases = [a for a in aliases if a not in parser._option_string_actions]
+        if not aliases:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            positive = [a for a in aliases if not a.startswith("--no_")]
+            negative = [a for a in aliases if a.startswith("--no_")]
+            negative += [a.replace("--", "--no_", 1) for a in positive]
+            for names, value in ((positive, True), (negative, False)):
+                if names:
+                    parser.add_argument(
+                        *names, dest=action.dest, action="store_const", const=value,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                    )  # fmt: skip
+        else:
+            parser._add_action(_alias(action, aliases))
+
+
+def _alias(action: argparse.Action, names: list[str]) -> argparse.Action:
+    import copy
+
+    alias = copy.copy(action)  # same dest, type, nargs and choices under other names
+    alias.option_strings = names
+    alias.help = argparse.SUPPRESS
+    alias.required = False
+    alias.default = argparse.SUPPRESS
+    return alias
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ``BreakASceneConfig`` field, with the field's help text and default."""
     group = parser.add_argument_group(
@@ -425,7 +516,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif spec.kind == "choice":
             kwargs["choices"] = list(spec.choices)
         elif spec.kind == "names":
-            kwargs["nargs"] = "+"
+            kwargs.update(_LIST)
             kwargs["metavar"] = "NAME"
         else:
             kind = kinds[spec.kind]
@@ -460,6 +551,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("pass --scene-dir DIR, or --image IMG with one --mask per object")
     config = config_from_args(args)
     check_output_dir(args.output, "--output folder")
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            raise InvalidArgumentError(
+                "--push-to-hub needs --hub-model-id user/name (the repo to upload the bundle to)."
+            )
+        _check_repo_id(args.hub_model_id)
     from .scene import Scene
     from .trainer import BreakASceneTrainer
 
@@ -476,7 +573,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _say(args, f"Loading {args.model} ...")
     # The model goes in as text (built-in name, folder or hub id) so that the bundle records it
     # as its base model.
-    trainer = BreakASceneTrainer(args.model, scene, config)
+    trainer = BreakASceneTrainer(
+        args.model,
+        scene,
+        config,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+    )
     _say(
         args,
         f"Training {config.phase1_steps} + {config.phase2_steps} steps at "
@@ -484,6 +588,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     path = trainer.train(args.output, progress=not args.quiet)
     _say(args, f"Bundle written to {path}")
+    if args.push_to_hub:
+        from .bundle import Bundle
+
+        previews = sorted(Path(args.output).glob("validation/step-*/00.png"))
+        url = Bundle.load(path).push_to_hub(
+            args.hub_model_id,
+            private=True if args.hub_private else None,
+            token=args.hub_token,
+            preview_image=max(previews, key=lambda p: int(p.parent.name[5:])) if previews else None,
+        )
+        _say(args, f"Uploaded to {url}")
     _say(args, f'Try: breakscene generate --model {args.model} --bundle {path} --prompt "a photo '
                f'of {scene.tokens[0]} on the beach"')  # fmt: skip
     return 0
@@ -510,9 +625,9 @@ def _add_generation_flags(parser: argparse.ArgumentParser, steps: int = 25) -> N
     )
     parser.add_argument(
         "--bundle",
-        action="append",
+        **_LIST,
         required=True,
-        help="bundle file, folder or hub repo id; repeat to load several",
+        help="bundle file, folder or hub repo id; several to load several",
     )
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
@@ -522,15 +637,42 @@ def _add_generation_flags(parser: argparse.ArgumentParser, steps: int = 25) -> N
     parser.add_argument(
         "--scale",
         type=float,
-        action="append",
+        **_LIST,
         help="LoRA strength: once for all bundles or once per --bundle (default 1.0)",
     )
     parser.add_argument(
         "--token-prefix",
-        action="append",
+        **_LIST,
         help="rename a bundle's tokens (<asset0> -> <PREFIXasset0>): once per --bundle, in "
         "order ('' keeps a bundle's names); needed when two bundles use the same tokens",
     )
+    parser.add_argument(
+        "--fuse", action="store_true", help="fuse the bundles' LoRA (no per-step overhead)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="weights' dtype (default auto: fp16 on CUDA, fp32 elsewhere)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: CUDA when present)"
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="NAME",
+        help="a diffusers scheduler class compatible with the model, e.g. "
+        "DPMSolverMultistepScheduler, EulerDiscreteScheduler, DDIMScheduler (default: the "
+        "model's own)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -593,7 +735,14 @@ def build_parser() -> argparse.ArgumentParser:
         'breakscene generate --bundle out --prompt "a photo of <asset0> on the beach"',
     )
     _add_generation_flags(gen)
-    gen.add_argument("--prompt", action="append", required=True, help="prompt; repeatable")
+    gen.add_argument("--prompt", **_LIST, required=True, help="one or more prompts")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    gen.add_argument(
+        "--num-images",
+        type=_positive_int,
+        default=1,
+        help="images per prompt (seeds --seed, --seed + 1, ... over all images)",
+    )
     gen.add_argument("--output", default="breakscene-images", help="folder for the PNGs")
     gen.set_defaults(func=_cmd_generate)
 
@@ -669,21 +818,40 @@ def build_parser() -> argparse.ArgumentParser:
         "breakscene train --image img.png --mask m0.png --mask m1.png --output out",
     )
     train.add_argument("--image", default=None, help="the scene image")
-    train.add_argument("--mask", action="append", default=[], help="one mask per object")
-    train.add_argument("--scene-dir", default=None, help="folder with img.* and mask*.png")
-    train.add_argument("--token", action="append", default=[], help="handle names, in order")
     train.add_argument(
-        "--initializer", action="append", default=[], help="initializer word per handle"
+        "--mask", **_LIST, default=[], metavar="MASK", help="one mask per object, in order"
+    )
+    train.add_argument(
+        "--scene-dir",
+        "--instance_data_dir",
+        default=None,
+        help="folder with img.* and mask*.png",
+    )
+    train.add_argument("--token", **_LIST, default=[], metavar="TOKEN", help="handle names")
+    train.add_argument(
+        "--initializer", **_LIST, default=[], metavar="WORD", help="initializer word per handle"
     )
     train.add_argument(
         "--model",
+        "--pretrained_model_name_or_path",
         default=DEFAULT_MODEL,
         help=f"base pipeline: hub id, local folder or a built-in name ({_BUILTIN}) "
         f"(default: {DEFAULT_MODEL})",
     )
-    train.add_argument("--output", required=True, help="output folder")
+    train.add_argument("--revision", default=None, help="Hub revision of --model")
+    train.add_argument("--variant", default=None, help="weights variant of --model, e.g. fp16")
+    train.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
+    train.add_argument("--output", "--output_dir", required=True, help="output folder")
     train.add_argument("--config", default=None, help="a .json/.yaml BreakASceneConfig file")
+    hub = train.add_argument_group("sharing (after training)")
+    hub.add_argument(
+        "--push-to-hub", action="store_true", help="upload the bundle (see breakscene push)"
+    )
+    hub.add_argument("--hub-model-id", default=None, help="the repo to upload to ('user/name')")
+    hub.add_argument("--hub-token", default=None, help="Hub token (default: the saved login)")
+    hub.add_argument("--hub-private", action="store_true", help="create the repo private")
     _add_config_flags(train)
+    _add_underscore_aliases(train)
     train.set_defaults(func=_cmd_train)
 
     tiny = add(

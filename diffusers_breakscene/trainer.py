@@ -90,6 +90,8 @@ class BreakASceneTrainer:
         scene: the image, masks and tokens.
         config: hyperparameters; ``BreakASceneConfig()`` (the paper's) when omitted.
         accelerator: an ``accelerate.Accelerator`` to use instead of a new one.
+        revision, variant, cache_dir: passed to ``from_pretrained`` when ``pipeline_or_path``
+            is a Hub id or folder (as in diffusers' training scripts).
 
     Example:
         >>> from diffusers_breakscene import BreakASceneConfig, BreakASceneTrainer, Scene
@@ -106,6 +108,9 @@ class BreakASceneTrainer:
         config: BreakASceneConfig | None = None,
         *,
         accelerator: Any = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(scene, Scene):
             raise InvalidSceneError(
@@ -120,7 +125,9 @@ class BreakASceneTrainer:
             )
         self.scene = scene
         self.config = config
-        self.pipeline = as_pipeline(pipeline_or_path)
+        self.pipeline = as_pipeline(
+            pipeline_or_path, revision=revision, variant=variant, cache_dir=cache_dir
+        )
         self.base_model = (
             str(pipeline_or_path)
             if isinstance(pipeline_or_path, str | os.PathLike)

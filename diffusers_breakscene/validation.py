@@ -54,8 +54,12 @@ def generate_images(
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
+    negative_prompt: str | None = None,
+    num_images: int = 1,
+    device: str | None = None,
 ) -> list[Image.Image]:
-    """Render one image per prompt with a seeded generator (seed, seed + 1, ...).
+    """Render ``num_images`` images per prompt, each with its own seeded generator (seed,
+    seed + 1, ... over all images in order), on ``device`` (default: CUDA when present).
 
     Example:
         >>> from diffusers_breakscene.tiny import tiny_pipeline
@@ -65,12 +69,14 @@ def generate_images(
         [(64, 64)]
     """
     pipe.set_progress_bar_config(disable=not progress)
-    pipe.to(_device())
+    pipe.to(device or _device())
     images = []
-    for i, prompt in enumerate(prompts):
+    jobs = [prompt for prompt in prompts for _ in range(num_images)]
+    for i, prompt in enumerate(jobs):
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         out = pipe(
             prompt,
+            negative_prompt=negative_prompt,
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=height,
@@ -138,6 +144,7 @@ def attention_picture(
     height: int | None = None,
     width: int | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> tuple[Image.Image, Image.Image]:
     """Generate ``prompt`` while recording cross-attention; return ``(image, picture)``.
 
@@ -171,6 +178,7 @@ def attention_picture(
             height=height,
             width=width,
             progress=progress,
+            device=device,
         )
         maps = store.aggregate(part="cond", over_steps=True)[0]
     picture = attention_grid(pipe.tokenizer, prompt, image, maps, tokens, masks, mask_image)

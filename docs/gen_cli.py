@@ -64,8 +64,11 @@ NOTES = {
     "train": (
         "Give the scene as `--scene-dir DIR` (`img.*` + `mask*.png`, see [Making "
         "masks](masks.md)) or as `--image IMG` with one `--mask` per object, in order. "
-        "`--token` and `--initializer` are repeated once per mask. Writes "
-        "`OUTPUT/break_a_scene.safetensors`. Under `accelerate launch` / `torchrun` it trains"
+        "`--token` and `--initializer` give one value per mask. Writes "
+        "`OUTPUT/break_a_scene.safetensors`. `--revision`, `--variant` and `--cache-dir` go to "
+        "`from_pretrained` of a Hub `--model`; `--push-to-hub --hub-model-id user/name` uploads "
+        "the bundle afterwards as `breakscene push` does (with the last validation picture as "
+        "its preview). Under `accelerate launch` / `torchrun` it trains"
         " data parallel ([Training](training.md#several-gpus))."
     ),
     "tiny-model": (
@@ -82,6 +85,14 @@ runs the same). Every subcommand accepts `--quiet` (print nothing on success) an
 (show the full traceback on errors). Exit codes: 0 success, 1 error (one line
 `breakscene <command>: error: ...` on stderr), 2 usage error. `breakscene --version` prints
 the version.
+
+List flags take one or more values and may be repeated: `--mask m0.png --mask m1.png` and
+`--mask m0.png m1.png` are the same (`--initializer`, `--token`, `--prompt`, `--bundle`,
+`--scale`, `--token-prefix` and the list settings such as `--lora-target-modules` alike).
+`breakscene train` also accepts the spelling of diffusers' training scripts: every
+`--dashed-flag` as `--underscored_flag` (`--lora_rank`, `--mixed_precision`,
+`--gradient_checkpointing`, `--no_union_sampling`, ...), and `--pretrained_model_name_or_path`,
+`--output_dir`, `--instance_data_dir`, `--rank` (`--lora-rank`), `--validation_prompt`.
 
 Models (`--model`) are a hub id, a local diffusers folder, or `tiny-sd1`: the built-in tiny
 model with random weights (offline; shows the workflow, not image quality). Bundles

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from diffusers import StableDiffusionPipeline
@@ -138,6 +139,40 @@ def test_generate_writes_one_png_per_prompt(trained, tmp_path, capsys):
         path = out / f"{i:02d}.png"
         assert Image.open(path).size == (64, 64)
         assert str(path) in printed
+
+
+def test_generate_flags_images_negative_prompt_scheduler_dtype_fuse(trained, tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "images"
+    argv = ["generate", "--model", trained["model"], "--bundle", str(trained["bundle"])]
+    argv += ["--prompt", "a photo of <asset0>", "--steps", "2", "--height", "64", "--width", "64"]
+    common = [*argv, "--output", str(out), "--quiet"]
+    assert main([*common, "--num-images", "2", "--negative-prompt", "blurry"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00-00.png", "00-01.png"]
+    first = np.asarray(Image.open(out / "00-00.png"))
+    assert not np.array_equal(first, np.asarray(Image.open(out / "00-01.png")))  # seeds 0, 1
+    plain = tmp_path / "plain"
+    assert main([*argv, "--output", str(plain), "--quiet"]) == 0
+    assert not np.array_equal(first, np.asarray(Image.open(plain / "00.png")))  # the negative
+    fused = tmp_path / "fused"
+    flags = [
+        "--fuse",
+        "--dtype",
+        "bf16",
+        "--device",
+        "cpu",
+        "--scheduler",
+        "EulerDiscreteScheduler",
+    ]
+    assert main([*argv, "--output", str(fused), "--quiet", *flags]) == 0
+    assert Image.open(fused / "00.png").size == (64, 64)
+    assert main([*common, "--scheduler", "NoSuchScheduler"]) == 1
+    assert "EulerDiscreteScheduler" in capsys.readouterr().err  # the compatible ones are listed
+    assert main([*common, "--dtype", "fp16", "--device", "cpu"]) == 1
+    assert "--dtype fp32 or bf16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--num-images", "0"])
 
 
 @pytest.mark.slow
@@ -300,3 +335,51 @@ def test_printable_shows_undecodable_file_name_bytes():
 
     assert printable("to " + os.fsdecode(b"caf\xe9"), "utf-8") == "to caf\\xe9"
     assert printable("café", "ascii") == "caf\\xe9"
+
+
+def test_train_takes_diffusers_script_names_and_list_flags_either_way(trained, tmp_path):
+    out = tmp_path / "out"
+    argv = ["train", "--instance_data_dir", str(trained["scene"]), "--output_dir", str(out)]
+    argv += ["--pretrained_model_name_or_path", trained["model"], "--rank", "2"]
+    argv += ["--phase1_steps", "1", "--phase2_steps", "1", "--resolution", "64"]
+    argv += ["--no_union_sampling", "--lora_target_modules", "to_q", "to_k"]
+    argv += ["--initializer", "red", "green", "--quiet"]
+    assert main(argv) == 0
+    bundle = Bundle.load(out / "break_a_scene.safetensors")
+    assert bundle.metadata["lora"]["unet"]["r"] == 2
+    assert bundle.metadata["training"]["union_sampling"] is False
+    assert bundle.metadata["lora"]["unet"]["target_modules"] == ["to_k", "to_q"]
+    assert [c["initializer"] for c in bundle.metadata["concepts"].values()] == ["red", "green"]
+
+
+def test_train_model_options_and_hub_flags_are_checked_first(trained, tmp_path, capsys):
+    scene = ["train", "--scene-dir", str(trained["scene"]), "--output", str(tmp_path / "o")]
+    assert main([*scene, "--model", "toy", "--revision", "main", "--quiet"]) == 1
+    assert "built-in model 'toy'" in capsys.readouterr().err
+    assert main([*scene, "--model", trained["model"], "--variant", "fp16", "--quiet"]) == 1
+    assert "fp16" in capsys.readouterr().err
+    assert main([*scene, "--push-to-hub", "--quiet"]) == 1
+    assert "--hub-model-id" in capsys.readouterr().err
+    assert main([*scene, "--push-to-hub", "--hub-model-id", "bad id", "--quiet"]) == 1
+    assert "repo id" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was trained or written
+
+
+def test_train_pushes_the_bundle_with_its_last_validation_picture(trained, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: f"https://hf.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "file_exists", lambda self, *a, **k: False)
+    monkeypatch.setattr(
+        HfApi,
+        "upload_folder",
+        lambda self, **k: uploads.append(sorted(p.name for p in Path(k["folder_path"]).iterdir())),
+    )
+    argv = ["train", "--scene-dir", str(trained["scene"]), "--model", trained["model"]]
+    argv += ["--output", str(tmp_path / "o"), "--phase1-steps", "1", "--phase2-steps", "1"]
+    argv += ["--resolution", "64", "--lora-rank", "2", "--validation-steps", "2"]
+    argv += ["--validation-prompts", "a photo of <asset0>", "--validation-num-inference-steps", "1"]
+    argv += ["--push-to-hub", "--hub-model-id", "me/scene", "--quiet"]
+    assert main(argv) == 0
+    assert uploads and "preview.png" in uploads[0] and "break_a_scene.safetensors" in uploads[0]
