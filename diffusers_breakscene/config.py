@@ -255,6 +255,16 @@ class BreakASceneConfig:
     resume_from_checkpoint: str | None = _f(
         None, 'Resume from a checkpoint folder, or "latest" for the newest one in the output.'
     )
+    checkpoint_phase_ends: bool = _f(
+        True,
+        "Also save a checkpoint at the end of each phase (a few MB with the LoRA; the whole "
+        'UNet and its optimizer state with phase2="full").',
+    )
+    checkpoint_on_interrupt: bool = _f(
+        True,
+        "On Ctrl-C, finish the step in flight and save a checkpoint before stopping (one "
+        'process only; resume with resume_from_checkpoint="latest").',
+    )
 
     # --- validation and logging ------------------------------------------------------------
     validation_prompts: tuple[str, ...] = _f(
@@ -262,6 +272,11 @@ class BreakASceneConfig:
     )
     validation_steps: int | None = _f(
         None, "Render the validation prompts every N optimizer steps; None never does."
+    )
+    validate_phase_ends: bool = _f(
+        True,
+        "Render the validation prompts (default: every handle in one prompt) with attention "
+        "pictures at the end of each phase.",
     )
     validation_num_inference_steps: int = _f(25, "Denoising steps of validation images.")
     validation_guidance_scale: float = _f(

@@ -46,6 +46,7 @@ from .errors import (
 )
 from .files import check_output_dir, check_output_file, check_utf8_path
 from .handles import HandleEmbedding, add_handles, check_handle_names
+from .interrupt import GracefulInterrupt
 from .lora import add_text_encoder_lora, add_unet_lora
 from .scene import Scene
 from .step import (
@@ -59,6 +60,34 @@ from .step import (
 from .validation import encode_class_images, generate_class_images, render_validation
 
 __all__ = ["BreakASceneTrainer"]
+
+
+def _log_images(accelerator: Any, step: int, files: list[Path]) -> None:
+    """Validation images and attention pictures to the trackers that take images (accelerate's
+    ``log_images``: TensorBoard, Weights & Biases), as diffusers' training scripts do."""
+    if not accelerator.trackers:
+        return
+    import numpy as np
+    from PIL import Image
+
+    groups: dict[str, list[np.ndarray]] = {}
+    for file in files:
+        if file.suffix == ".png":
+            key = "attention" if file.stem.endswith("-attention") else "validation"
+            groups.setdefault(key, []).append(np.asarray(Image.open(file).convert("RGB")))
+    for tracker in accelerator.trackers:
+        if not hasattr(tracker, "log_images"):
+            continue
+        for key, images in groups.items():
+            if tracker.name == "tensorboard":
+                for i, image in enumerate(images):  # sizes may differ: one call per picture
+                    tracker.log_images({f"{key}/{i}": image[None]}, step, dataformats="NHWC")
+            else:
+                tracker.log_images({key: images}, step)
+
+
+def _every(period: int | None, step: int) -> bool:
+    return bool(period) and step % period == 0
 
 
 @dataclass
@@ -294,10 +323,34 @@ class BreakASceneTrainer:
         models = [run.text_encoder] if phase == 1 else [run.unet, run.text_encoder]
         prepared = accelerator.prepare(*models, optimizer, lr_scheduler)
         *models, optimizer, lr_scheduler = prepared
-        ddp_text_encoder = models[-1]
-        ddp_unet = models[0] if phase == 2 else run.unet
 
         run.bar.set_description(f"phase {phase}/2")
+        # Ctrl-C is taken after a finished step (one process: several would have to agree).
+        graceful = cfg.checkpoint_on_interrupt and accelerator.num_processes == 1
+        with GracefulInterrupt(graceful) as interrupt:
+            step = self._loop(phase, step, last, run, models, optimizer, lr_scheduler,
+                              trainable, interrupt)  # fmt: skip
+        if cfg.checkpoint_phase_ends and not _every(cfg.checkpointing_steps, step):
+            self._save(step, phase, trainable, optimizer, lr_scheduler, run)
+        if cfg.validate_phase_ends and not _every(cfg.validation_steps, step):
+            self._validate(step, run)
+
+    def _loop(
+        self,
+        phase: int,
+        step: int,
+        last: int,
+        run: _Run,
+        models: list[Any],
+        optimizer: Any,
+        lr_scheduler: Any,
+        trainable: dict[str, torch.nn.Parameter],
+        interrupt: GracefulInterrupt,
+    ) -> int:
+        """Optimizer steps ``step + 1`` ... ``last`` of ``phase``; returns the last step done."""
+        cfg, accelerator = self.config, run.accelerator
+        ddp_text_encoder = models[-1]
+        ddp_unet = models[0] if phase == 2 else run.unet
         while step < last:
             with accelerator.accumulate(*models):
                 batch = sample_batch(
@@ -331,10 +384,18 @@ class BreakASceneTrainer:
             accelerator.log(logs, step=step)
             run.bar.update(1)
             run.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss")})
-            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            if _every(cfg.checkpointing_steps, step):
                 self._save(step, phase, trainable, optimizer, lr_scheduler, run)
-            if cfg.validation_steps and step % cfg.validation_steps == 0:
+            if _every(cfg.validation_steps, step):
                 self._validate(step, run)
+            if interrupt.requested:
+                self._save(step, phase, trainable, optimizer, lr_scheduler, run)
+                where = run.output_dir / "checkpoints" / f"checkpoint-{step}"
+                raise KeyboardInterrupt(
+                    f"stopped at step {step}; checkpoint: {where}. Resume with "
+                    "resume_from_checkpoint='latest' (--resume-from-checkpoint latest)."
+                )
+        return step
 
     def _param_groups(
         self, phase: int, unet: Any, text_encoder: Any, handles: HandleEmbedding
@@ -416,7 +477,8 @@ class BreakASceneTrainer:
             # Under mixed precision the frozen UNet is in half precision and the text encoder
             # is not: generate under the same autocast as the training steps.
             with run.accelerator.autocast():
-                render_validation(self.pipeline, self.scene, self.config, folder, run.store)
+                files = render_validation(self.pipeline, self.scene, self.config, folder, run.store)
+            _log_images(run.accelerator, step, files)
 
     def _class_latents(self, output_dir: Path, accelerator: Any) -> EncodedImages:
         """Class images for prior preservation: generated once (main process), encoded once."""

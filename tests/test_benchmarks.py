@@ -70,7 +70,7 @@ def test_cli_startup_writes_json_and_markdown(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_trains_every_precision_the_device_has(tmp_path):
+def test_gpu_check_smoke_writes_its_report(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke",
          "--out", str(tmp_path)],
@@ -79,17 +79,17 @@ def test_gpu_check_smoke_trains_every_precision_the_device_has(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check-smoke.json").read_text())
     labels = [row["label"] for row in data["training"]]
-    # fp16 autocast exists on CUDA only (the trainer refuses it elsewhere)
-    assert labels[:2] == ["fp32", "bf16"] and ("fp16" in labels) == (
-        data["machine"]["device"] == "cuda"
-    )
+    # every precision on CUDA; on the CPU the smoke run trains fp32 only (fp16 is refused
+    # there, bf16 is slow there and tested in test_trainer.py)
+    cuda = data["machine"]["device"] == "cuda"
+    assert labels == (["fp32", "bf16", "fp16", "fp16 + grad. checkpointing"] if cuda else ["fp32"])
     for row in data["training"]:
         assert row["steps"] == 4 and 0.0 <= row["prompt_accuracy_1"] <= 1.0
         assert math.isfinite(row["identity_1"]) and math.isfinite(row["identity_2"])
     inference = data["inference"]
     assert inference["all_finite"] and inference["unloaded_vs_base_max_abs"] == 0.0
     assert inference["handle_changes_image"] > 0.0
-    assert "| bf16 |" in (tmp_path / "gpu_check-smoke.md").read_text()
+    assert "| fp32 |" in (tmp_path / "gpu_check-smoke.md").read_text()
 
 
 @pytest.mark.slow

@@ -41,7 +41,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(**changes) -> bas.BreakASceneConfig:
-    base = {"phase1_steps": 3, "phase2_steps": 3, "resolution": RES, "lora_rank": 4}
+    # validation pictures are tested on their own (test_trainer.py); here they only cost time
+    base = {
+        "phase1_steps": 3,
+        "phase2_steps": 3,
+        "resolution": RES,
+        "lora_rank": 4,
+        "validate_phase_ends": False,
+    }
     return bas.BreakASceneConfig(**{**base, **changes})
 
 

@@ -18,7 +18,14 @@ RES = 128  # latent 16x16, attention-loss maps 4x4: tiny_scene's quadrants fill 
 
 
 def config(**changes) -> bas.BreakASceneConfig:
-    base = {"phase1_steps": 3, "phase2_steps": 3, "resolution": RES, "lora_rank": 4}
+    # validation pictures are tested on their own (test_trainer.py); here they only cost time
+    base = {
+        "phase1_steps": 3,
+        "phase2_steps": 3,
+        "resolution": RES,
+        "lora_rank": 4,
+        "validate_phase_ends": False,
+    }
     return bas.BreakASceneConfig(**{**base, **changes})
 
 
@@ -334,3 +341,108 @@ def test_fp16_without_a_gpu_is_refused_before_the_pipeline_changes(tmp_path):
         trainer.train(tmp_path, progress=False)
     after = snapshot(pipe.unet)
     assert same(after, before) and pipe.unet.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_by_default_each_phase_ends_with_a_checkpoint_and_validation_pictures(tmp_path):
+    cfg = bas.BreakASceneConfig(phase1_steps=2, phase2_steps=2, resolution=RES, lora_rank=4,
+                                validation_num_inference_steps=2)  # fmt: skip
+    bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg).train(
+        tmp_path, progress=False
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "checkpoint-2", "checkpoint-4",
+    ]  # fmt: skip
+    for step in (2, 4):
+        names = sorted(p.name for p in (tmp_path / "validation" / f"step-{step}").iterdir())
+        assert names == ["00-attention.png", "00.png", "00.txt"]
+    prompt = (tmp_path / "validation" / "step-2" / "00.txt").read_text().strip()
+    assert prompt == "a photo of <asset0> and <asset1>"
+
+
+INTERRUPTED = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    torch.set_num_threads({threads})  # as in the test process: the same bits
+    sys.path.insert(0, {tests!r})
+    import diffusers_breakscene.trainer as trainer_module
+    from diffusers_breakscene import BreakASceneTrainer
+    from diffusers_breakscene.tiny import tiny_pipeline, tiny_scene
+    from test_trainer import RES, interrupted_config
+    real, calls = trainer_module.training_step, []
+
+    def step_and_press_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # during the second step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    trainer_module.training_step = step_and_press_ctrl_c
+    BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), interrupted_config()).train(
+        {out!r}, progress=False)
+    """
+)
+
+
+def interrupted_config(**changes) -> bas.BreakASceneConfig:
+    return config(phase1_steps=3, phase2_steps=2, validate_phase_ends=False, **changes)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    script = tmp_path / "train.py"
+    out = tmp_path / "out"
+    script.write_text(INTERRUPTED.format(tests=os.path.dirname(__file__), out=str(out),
+                                         threads=torch.get_num_threads()))  # fmt: skip
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode != 0 and "KeyboardInterrupt" in result.stderr
+    assert "stopped at step 2" in result.stderr and "finishing this step" in result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not (out / "break_a_scene.safetensors").exists()
+    resumed = bas.BreakASceneTrainer(
+        tiny_pipeline("sd1"), tiny_scene(RES), interrupted_config(resume_from_checkpoint="latest")
+    ).train(out, progress=False)
+    reference = bas.BreakASceneTrainer(
+        tiny_pipeline("sd1"), tiny_scene(RES), interrupted_config()
+    ).train(tmp_path / "reference", progress=False)
+    got, expected = _final_tensors(resumed), _final_tensors(reference)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+@pytest.mark.slow
+def test_validation_pictures_go_to_the_trackers(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):
+        name = "recorder"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+            self.images = []
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step, **kwargs):
+            pass
+
+        def log_images(self, values, step, **kwargs):
+            self.images.append((step, {k: len(v) for k, v in values.items()}))
+
+    recorder = Recorder()
+    accelerator = Accelerator(log_with=[recorder])
+    accelerator.init_trackers("test")
+    cfg = config(phase1_steps=1, phase2_steps=1, validation_num_inference_steps=1,
+                 validate_phase_ends=True)  # fmt: skip
+    bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES), cfg,
+                           accelerator=accelerator).train(tmp_path, progress=False)  # fmt: skip
+    logged = sorted((step, key, n) for step, values in recorder.images for key, n in values.items())
+    assert logged == [(1, "attention", 1), (1, "validation", 1),
+                      (2, "attention", 1), (2, "validation", 1)]  # fmt: skip

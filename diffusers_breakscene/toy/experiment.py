@@ -67,13 +67,20 @@ TWO_HANDLE_PROMPTS: tuple[str, ...] = (
 def toy_config(**changes: Any) -> BreakASceneConfig:
     """The default :class:`~diffusers_breakscene.BreakASceneConfig`, scaled to the toy model:
     64 px images (the toy model's size; its latent/4 attention grid is 8x8) and a LoRA rank
-    that fits its narrow layers (4 instead of 32); every other setting is the default.
+    that fits its narrow layers (4 instead of 32), without the phase-end checkpoints and
+    validation pictures (experiments train and time many runs and score their own images);
+    every other setting is the default.
 
     Example:
         >>> toy_config().resolution, toy_config(phase2_steps=0).phase2_steps
         (64, 0)
     """
-    base: dict[str, Any] = {"resolution": 64, "lora_rank": 4}
+    base: dict[str, Any] = {
+        "resolution": 64,
+        "lora_rank": 4,
+        "checkpoint_phase_ends": False,
+        "validate_phase_ends": False,
+    }
     return BreakASceneConfig(**{**base, **changes})
 
 
