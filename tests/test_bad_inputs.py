@@ -485,6 +485,25 @@ CASES = [
     Case("pipe-unload-unknown", "pipeline", "unload_break_a_scene('nope')",
          _loaded_first(lambda c: c.pipe.unload_break_a_scene("nope")),
          InvalidArgumentError, ValueError, "'nope'", r"loaded: \['first'\]"),
+    Case("pipe-hotswap-unknown", "pipeline", "hotswap=True for an adapter_name not loaded",
+         _loaded_first(lambda c: c.pipe.load_break_a_scene(
+             c.bundles["sd1"], adapter_name="nope", hotswap=True, token_prefix="b_")),
+         InvalidArgumentError, ValueError, "adapter_name='nope' is not one",
+         "Load it normally first"),
+    # --- sharing and other programs' files ----------------------------------------------
+    Case("bundle-hub-missing-preview", "Bundle", "save_hub_folder with a preview file that "
+         "does not exist",
+         lambda c: lambda: bas.Bundle.load(c.bundles["sd1"]).save_hub_folder(
+             c.tmp / "hub", preview_image=c.tmp / "nope.png"),
+         bas.MissingFileError, FileNotFoundError, "nope\\.png", "PIL image or an image file"),
+    Case("bundle-kohya-bad-name", "Bundle", "export_kohya(name='../x')",
+         lambda c: lambda: bas.Bundle.load(c.bundles["sd1"]).export_kohya(
+             c.tmp / "out", name="../x"),
+         InvalidArgumentError, ValueError, r"name='\.\./x'", "use e.g."),
+    Case("bundle-kohya-nothing", "Bundle", "Bundle.from_kohya() with no file",
+         lambda c: lambda: bas.Bundle.from_kohya(),
+         bas.MissingFileError, FileNotFoundError, "neither a LoRA file nor embedding files",
+         "pass the LoRA file"),
 ]  # fmt: skip
 
 
@@ -568,6 +587,12 @@ CLI_CASES = [
      r"a-file.*is a file, not a folder; choose another location"),
     ("cli-missing-argument", "breakscene tiny-model (no folder)",
      lambda c: ["tiny-model"], 2, "required: directory"),
+    ("cli-push-bad-repo-id", "breakscene push BUNDLE 'not a repo'",
+     lambda c: ["push", str(c / "b.safetensors"), "not a repo"], 1,
+     "'not a repo' is not a Hub repo id"),
+    ("cli-train-push-without-repo", "breakscene train ... --push-to-hub (no --hub-model-id)",
+     lambda c: ["train", "--scene-dir", str(c), "--output", str(c / "o"), "--push-to-hub"], 1,
+     "needs --hub-model-id"),
 ]  # fmt: skip
 
 
@@ -586,7 +611,8 @@ def test_cli_bad_input_exits_non_zero_with_one_line(case, tmp_path, capsys):
     assert "Traceback" not in err
     if code == 1:
         lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("breakscene tiny-model: error:")
+        command = argv(tmp_path)[0]
+        assert len(lines) == 1 and lines[0].startswith(f"breakscene {command}: error:")
     assert _files(tmp_path) == files
     shutil.rmtree(tmp_path / "m", ignore_errors=True)
 

@@ -430,14 +430,16 @@ class Bundle:
             ['<a>']
         """
         parts = kohya.read_kohya(lora_file, embeddings)
-        given = {
-            "base_model": base_model,
-            "base_fingerprint": base_fingerprint,
-            "lora": parts["lora_config"] or None,
-            "training": training,
-        }
-        metadata = {"tokens": parts["tokens"]} | {k: v for k, v in given.items() if v is not None}
-        return cls(parts["handles"], parts["lora"], metadata, parts["handles_2"])
+        given = {"base_model": base_model, "base_fingerprint": base_fingerprint}
+        return cls._from_parts(parts, **given, training=training)
+
+    @classmethod
+    def _from_parts(cls, parts: dict[str, Any], **metadata: Any) -> Bundle:
+        """A bundle from the parts an importer read (``tokens``, ``handles``, ``handles_2``,
+        ``lora``, ``lora_config``) and the metadata fields given (``None`` ones left out)."""
+        given = {"lora": parts["lora_config"] or None, **metadata}
+        meta = {"tokens": parts["tokens"]} | {k: v for k, v in given.items() if v is not None}
+        return cls(parts["handles"], parts["lora"], meta, parts["handles_2"])
 
     @classmethod
     def from_diffusers(
@@ -478,15 +480,13 @@ class Bundle:
             weight_name=weight_name,
             embeddings_name=embeddings_name,
         )
-        given = {
-            "concepts": concepts,
-            "base_model": base_model,
-            "base_fingerprint": base_fingerprint,
-            "lora": parts["lora_config"] or None,
-            "training": training,
-        }
-        metadata = {"tokens": parts["tokens"]} | {k: v for k, v in given.items() if v is not None}
-        return cls(parts["handles"], parts["lora"], metadata, parts["handles_2"])
+        return cls._from_parts(
+            parts,
+            concepts=concepts,
+            base_model=base_model,
+            base_fingerprint=base_fingerprint,
+            training=training,
+        )
 
     # --- sharing ------------------------------------------------------------------------
     def model_card(self, repo_id: str | None = None, preview: str | None = None) -> str:

@@ -199,7 +199,11 @@ def read_kohya(
     """The bundle parts (``tokens``, ``handles``, ``handles_2``, ``lora``, ``lora_config``) of
     a kohya / A1111 LoRA file and embedding files (see ``Bundle.from_kohya``)."""
     if lora_file is None and not embeddings:
-        fail(MissingFileError, "neither a LoRA file nor embedding files were given")
+        fail(
+            MissingFileError,
+            "neither a LoRA file nor embedding files were given",
+            "pass the LoRA file, the embedding files (one per handle), or both",
+        )
     state: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
     if lora_file is not None:
