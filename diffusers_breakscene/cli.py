@@ -141,6 +141,10 @@ def _load_with_bundles(args: argparse.Namespace) -> tuple[Any, list[str]]:
     return pipe, tokens
 
 
+#: --dtype names -> torch attribute names (torch is imported only once a command runs).
+_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
 def _device_and_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
     """``--device`` and ``--dtype``, checked before any model is loaded."""
     import torch
@@ -158,8 +162,7 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
         raise InvalidArgumentError(
             "--dtype fp16 on the CPU is very slow or unsupported; use --dtype fp32 or bf16."
         )
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-    return device, dtype
+    return device, getattr(torch, _DTYPES[name])
 
 
 def _scheduler(pipe: Any, name: str) -> Any:
@@ -395,8 +398,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 # --- push ------------------------------------------------------------------------------------
-
-_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def _check_repo_id(repo_id: str) -> None:

@@ -54,7 +54,6 @@ _STATE = "_break_a_scene_state"
 @dataclass
 class _Loaded:
     tokens: list[str]
-    scale: float
     fused: bool
     components: list[str]
 
@@ -198,7 +197,7 @@ def _unfuse_all(pipe) -> None:
         info.fused = False
 
 
-def _remove(pipe, name: str, tokens: list[str], components: list[str]) -> None:
+def _remove(pipe, name: str, tokens: list[str]) -> None:
     """Take one bundle's adapter and tokens out; tolerant of half-done loads. Calls diffusers'
     own methods (not the pipeline's hooks, see :func:`_install_hooks`)."""
     if name in adapter_names(pipe):
@@ -207,6 +206,10 @@ def _remove(pipe, name: str, tokens: list[str], components: list[str]) -> None:
             # The last adapter is gone: take the PEFT layers out too, so module names and
             # state_dict keys are exactly the original ones.
             type(pipe).unload_lora_weights(pipe)
+    _remove_tokens(pipe, tokens)
+
+
+def _remove_tokens(pipe, tokens: list[str]) -> None:
     vocab = pipe.tokenizer.get_vocab()
     present = [t for t in tokens if t in vocab]
     if present:
@@ -285,7 +288,7 @@ class BreakAScenePipelineMixin:
             if components:
                 _unfuse_all(self)
                 _load_lora(self, bundle, name, low_cpu_mem_usage=low_cpu_mem_usage)
-            state.loaded[name] = _Loaded(tokens, float(scale), False, components)
+            state.loaded[name] = _Loaded(tokens, False, components)
             if components:
                 activate(self, [*active, name], {name: float(scale)})
             for other in refuse:
@@ -297,7 +300,7 @@ class BreakAScenePipelineMixin:
             # bundle's adapter and tokens, then restore the active set and fuse the others.
             state.loaded.pop(name, None)
             _unfuse_all(self)
-            _remove(self, name, tokens, components)
+            _remove(self, name, tokens)
             activate(self, active, {})
             for other in refuse:
                 _fuse(self, other)
@@ -339,7 +342,7 @@ def _unload(pipe, names: list[str]) -> None:
         type(pipe).unfuse_lora(pipe)
     for name in names:
         info = state.loaded.pop(name)
-        _remove(pipe, name, info.tokens, info.components)
+        _remove(pipe, name, info.tokens)
     activate(pipe, [n for n in active if n not in names], {})
     for name in refuse:
         _fuse(pipe, name)
@@ -376,12 +379,12 @@ def _hotswap(
     if components:
         _load_lora(pipe, bundle, name, hotswap=True)  # diffusers checks the layout first
     try:
-        _remove(pipe, "", old.tokens, [])  # the old tokens out (no adapter named "")
+        _remove_tokens(pipe, old.tokens)
         _load_handles(pipe, bundle, tokens)
     except Exception:
         _unload(pipe, [name])  # never half a bundle: the whole adapter goes
         raise
-    state.loaded[name] = _Loaded(tokens, float(scale), False, components)
+    state.loaded[name] = _Loaded(tokens, False, components)
     if components:
         activate(pipe, active, {name: float(scale)})
     return tokens
@@ -392,17 +395,13 @@ def _sync(pipe) -> None:
     state = _break_a_scene(pipe)
     present = adapter_names(pipe)
     for name in [n for n, i in state.loaded.items() if i.components and n not in present]:
-        info = state.loaded.pop(name)
-        _remove(pipe, name, info.tokens, [])
+        _remove_tokens(pipe, state.loaded.pop(name).tokens)  # the adapter is already gone
 
 
 # -- diffusers' own adapter methods, on a pipeline that holds bundles -------------------------
 # delete_adapters, unload_lora_weights and unfuse_lora are wrapped on the pipeline instance (as
 # bound methods in its __dict__, so copies stay independent) while it holds a bundle: a bundle's
 # adapter then leaves with its tokens, and layers fused from backups are restored exactly.
-_HOOKED = ("delete_adapters", "unload_lora_weights", "unfuse_lora")
-
-
 def _delete_adapters(pipe, adapter_names: list[str] | str) -> None:  # diffusers' signature
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     ours = [n for n in names if n in _break_a_scene(pipe).loaded]

@@ -277,9 +277,13 @@ class BreakASceneTrainer:
         check_output_dir(output_dir, "output_dir")
         check_utf8_path(output_dir, "output_dir", UnwritableOutputError)  # safetensors files
         check_output_file(output_dir / "break_a_scene.safetensors", "bundle")
-        folders = {"checkpoints": cfg.checkpointing_steps is not None}
-        folders["validation"] = bool(cfg.validation_prompts)
-        folders["unet"] = cfg.phase2 == "full" and cfg.phase2_steps > 0
+        folders = {
+            "checkpoints": cfg.checkpointing_steps is not None
+            or cfg.checkpoint_phase_ends
+            or cfg.checkpoint_on_interrupt,
+            "validation": cfg.validation_steps is not None or cfg.validate_phase_ends,
+            "unet": cfg.phase2 == "full" and cfg.phase2_steps > 0,
+        }
         for name, used in folders.items():
             if used:
                 check_output_dir(output_dir / name, f"{name} folder")
@@ -389,7 +393,8 @@ class BreakASceneTrainer:
             if _every(cfg.validation_steps, step):
                 self._validate(step, run)
             if interrupt.requested:
-                self._save(step, phase, trainable, optimizer, lr_scheduler, run)
+                if not _every(cfg.checkpointing_steps, step):  # else just written above
+                    self._save(step, phase, trainable, optimizer, lr_scheduler, run)
                 where = run.output_dir / "checkpoints" / f"checkpoint-{step}"
                 raise KeyboardInterrupt(
                     f"stopped at step {step}; checkpoint: {where}. Resume with "

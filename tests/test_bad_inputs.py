@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -53,15 +54,7 @@ def _scene(**kwargs: Any) -> bas.Scene:
 
 
 def _config(**changes: Any) -> bas.BreakASceneConfig:
-    # validation pictures are tested on their own (test_trainer.py); here they only cost time
-    base = {
-        "phase1_steps": 1,
-        "phase2_steps": 1,
-        "resolution": RES,
-        "lora_rank": 4,
-        "validate_phase_ends": False,
-    }
-    return bas.BreakASceneConfig(**{**base, **changes})
+    return tiny_config(RES, **{"phase1_steps": 1, "phase2_steps": 1, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +202,12 @@ def _word_token_bundle(ctx: Ctx):
 
 def _bundle_path_is_folder(ctx: Ctx):
     (ctx.tmp / "out" / "break_a_scene.safetensors").mkdir(parents=True)
+    return _train(ctx)
+
+
+def _checkpoints_is_a_file(ctx: Ctx):
+    (ctx.tmp / "out").mkdir()
+    (ctx.tmp / "out" / "checkpoints").write_text("notes")  # checkpoints go there by default
     return _train(ctx)
 
 
@@ -374,6 +373,11 @@ CASES = [
          _bundle_path_is_folder,
          bas.UnwritableOutputError, PermissionError, r"break_a_scene\.safetensors.*is a folder",
          "pass a file name"),
+    Case("trainer-checkpoints-is-a-file", "BreakASceneTrainer",
+         "output_dir/checkpoints is a file (phase-end checkpoints are on by default)",
+         _checkpoints_is_a_file,
+         bas.UnwritableOutputError, PermissionError, r"checkpoints folder.*is a file",
+         "choose another location"),
     Case("trainer-class-images-is-a-file", "BreakASceneTrainer",
          "class_images_dir that is an existing file (prior preservation)",
          lambda c: _train(c, config=_config(prior_preservation=True, num_class_images=1,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 from safetensors.torch import load_file
 
 import diffusers_breakscene as bas
@@ -41,15 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(**changes) -> bas.BreakASceneConfig:
-    # validation pictures are tested on their own (test_trainer.py); here they only cost time
-    base = {
-        "phase1_steps": 3,
-        "phase2_steps": 3,
-        "resolution": RES,
-        "lora_rank": 4,
-        "validate_phase_ends": False,
-    }
-    return bas.BreakASceneConfig(**{**base, **changes})
+    return tiny_config(RES, **changes)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import tiny_config
 
 import diffusers_breakscene as bas
 from diffusers_breakscene.metrics import evaluate_alignment
@@ -18,15 +19,7 @@ RES = 128  # latent 16x16, attention-loss maps 4x4: tiny_scene's quadrants fill 
 
 
 def config(**changes) -> bas.BreakASceneConfig:
-    # validation pictures are tested on their own (test_trainer.py); here they only cost time
-    base = {
-        "phase1_steps": 3,
-        "phase2_steps": 3,
-        "resolution": RES,
-        "lora_rank": 4,
-        "validate_phase_ends": False,
-    }
-    return bas.BreakASceneConfig(**{**base, **changes})
+    return tiny_config(RES, **changes)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -382,15 +382,15 @@ def write_hub_folder(
 
     directory = check_output_dir(directory, "Hub folder")
     preview = preview_writer(preview_image)
-    tensors, metadata = bundle._serialize(dtype)
+    # The LoRA rounded to dtype once: the bundle file and the stock files hold the same
+    # weights, so that both ways of loading give the same pictures.
+    stored = bundle if dtype is None else bundle.with_lora_dtype(dtype)
+    tensors, metadata = stored._serialize(None)
     card = bundle.model_card(repo_id, preview[0] if preview else None)
     directory.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     out[DEFAULT_WEIGHT_NAME] = directory / DEFAULT_WEIGHT_NAME
     save_atomic(tensors, metadata, out[DEFAULT_WEIGHT_NAME])
-    # The stock files hold the same (rounded) LoRA weights as the bundle file, so that both
-    # ways of loading give the same pictures.
-    stored = bundle if dtype is None else bundle.with_lora_dtype(dtype)
     for path in interop.export_diffusers(stored, directory).values():
         out[path.name] = path
     training = bundle.metadata.get("training")

@@ -237,7 +237,7 @@ def _classify_files(files: list[Path]) -> tuple[Path | None, Path]:
     return lora_file, embeddings_file
 
 
-def _json_field(meta: dict[str, str], key: str, name: str) -> Any:
+def json_field(meta: dict[str, str], key: str, name: str) -> Any:
     try:
         return json.loads(meta[key])
     except (ValueError, RecursionError):
@@ -251,7 +251,7 @@ def _embedding_tokens(
     if tokens is not None:
         return check_tokens([tokens] if isinstance(tokens, str) else list(tokens))
     if "tokens" in meta:
-        return check_tokens(_json_field(meta, "tokens", name))
+        return check_tokens(json_field(meta, "tokens", name))
     if any(k in embeds for k in _EMBEDDING_KEYS):
         fail(
             InvalidBundleError,
@@ -276,9 +276,9 @@ def _split_embeddings(
             )
         return {t: embeds[t].reshape(-1, embeds[t].shape[-1]) for t in tokens}, {}
     counts: Any = [1] * len(tokens)
-    recorded = _json_field(meta, "tokens", name) if "tokens" in meta else None
+    recorded = json_field(meta, "tokens", name) if "tokens" in meta else None
     if "vectors_per_token" in meta and recorded == tokens:
-        counts = _json_field(meta, "vectors_per_token", name)
+        counts = json_field(meta, "vectors_per_token", name)
         if not (
             isinstance(counts, list)
             and len(counts) == len(tokens)
@@ -321,7 +321,7 @@ def _read_lora(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     name = f"LoRA file {str(file)!r}"
     _, raw = read_header(file, "LoRA file")
     if raw.get("lora_adapter_metadata") and not isinstance(
-        _json_field(raw, "lora_adapter_metadata", name), dict
+        json_field(raw, "lora_adapter_metadata", name), dict
     ):
         fail(
             InvalidBundleError,

@@ -31,12 +31,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import safetensors.torch
 import torch
 
 from ..errors import InvalidArgumentError, InvalidBundleError, MissingFileError, fail
-from ..files import atomic_write, check_output_dir, fsync_dir
-from .io import read_file
+from ..files import check_output_dir, fsync_dir
+from .interop import json_field, read_lora_state
+from .io import read_file, save_atomic
 
 if TYPE_CHECKING:
     from .core import Bundle
@@ -171,21 +171,16 @@ def export_kohya(
             "ss_network_dim": str(unet.r) if unet else "",
             "ss_network_alpha": str(unet.lora_alpha) if unet else "",
         }
-        out["lora"] = _save(tensors, meta, directory / f"{name}.safetensors")
+        out["lora"] = directory / f"{name}.safetensors"
+        save_atomic(tensors, meta, out["lora"], "export file")
     if not bundled:
         for token, stem in names.items():
             meta = {**common, "token": token, "name": stem}
             tensors = _embedding_tensors(bundle, token, family)
-            out[token] = _save(tensors, meta, directory / f"{stem}.safetensors")
+            out[token] = directory / f"{stem}.safetensors"
+            save_atomic(tensors, meta, out[token], "export file")
     fsync_dir(directory)
     return out
-
-
-def _save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> Path:
-    def write(tmp: Path) -> None:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
-
-    return atomic_write(path, write, "export file")
 
 
 # ------------------------------------------------------------------------------------------
@@ -206,11 +201,14 @@ def read_kohya(
         )
     state: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
+    lora_name = ""
     if lora_file is not None:
         path = _existing(lora_file, "LoRA file")
-        state, meta = read_file(path, f"LoRA file {str(path)!r}")
+        lora_name = f"LoRA file {str(path)!r}"
+        state, meta = read_file(path, lora_name)
     bundled = {k: state.pop(k) for k in list(state) if k.startswith(_BUNDLED)}
-    known = json.loads(meta.get("breakscene_tokens", "{}") or "{}")
+    # the embedding names export_kohya gave the tokens ({token: file stem})
+    known = json_field(meta, "breakscene_tokens", lora_name) if "breakscene_tokens" in meta else {}
     by_name = {stem: token for token, stem in known.items()} if isinstance(known, dict) else {}
     handles: dict[str, torch.Tensor] = {}
     handles_2: dict[str, torch.Tensor] = {}
@@ -255,7 +253,7 @@ def read_kohya(
             "were given",
             "pass the embedding files (one per handle)",
         )
-    lora, config = _lora_parts(state, lora_file) if state else ({}, {})
+    lora, config = read_lora_state(state, lora_name) if state else ({}, {})
     return {
         "tokens": list(handles),
         "handles": handles,
@@ -263,15 +261,6 @@ def read_kohya(
         "lora": lora,
         "lora_config": config,
     }
-
-
-def _lora_parts(
-    state: dict[str, torch.Tensor], lora_file: Any
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The LoRA (without bundled embeddings), read by diffusers' own kohya conversion."""
-    from . import interop
-
-    return interop.read_lora_state(state, f"LoRA file {str(lora_file)!r}")
 
 
 def _rows(tensor: torch.Tensor, where: str) -> torch.Tensor:
