@@ -19,11 +19,8 @@ and a picture of the first scene's generations per variant.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +28,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(HERE))
+import reports  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
     "full": {"scenes": None, "seeds": [0, 1], "steps": None, "inference_steps": 25},
@@ -38,16 +37,6 @@ MODES: dict[str, dict[str, Any]] = {
     "smoke": {"scenes": 1, "seeds": [0], "steps": 2, "inference_steps": 2},
 }
 VARIANTS = ("ours", "phase1", "base")
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    clean = [v for v in values if v == v]  # drop NaN (a scene without that prompt kind)
-    if not clean:
-        return {"mean": float("nan"), "std": float("nan")}
-    return {
-        "mean": statistics.fmean(clean),
-        "std": statistics.pstdev(clean) if len(clean) > 1 else 0.0,
-    }
 
 
 def run(mode: str, out: Path) -> dict[str, Any]:
@@ -90,16 +79,16 @@ def run(mode: str, out: Path) -> dict[str, Any]:
                 pictures[variant] = result.generations
     summary = {
         variant: {
-            f"{what}_{k}": _stats([r[f"{what}_{k}"] for r in rows if r["variant"] == variant])
+            f"{what}_{k}": reports.stats(
+                [r[f"{what}_{k}"] for r in rows if r["variant"] == variant]
+            )
             for what in ("identity", "prompt_accuracy")
             for k in (1, 2)
         }
         for variant in VARIANTS
     }
     report = {
-        "mode": mode,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        **reports.header(mode),
         "config": config.to_dict(),
         "seeds": spec["seeds"],
         "scenes": len(scenes),
@@ -108,9 +97,7 @@ def run(mode: str, out: Path) -> dict[str, Any]:
         "summary": summary,
     }
     name = "toy_world" if mode == "full" else f"toy_world-{mode}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(report))
+    reports.write(out, name, report, markdown(report))
     _picture(scenes[0], pictures).save(out / f"{name}.png")
     return report
 

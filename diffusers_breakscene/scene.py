@@ -26,8 +26,10 @@ Rules, in one place:
   longer side, centred on the bounding box of the union of the concept masks and clamped to the
   image.
 
-Why this module is just over 500 lines: the documented resize and crop rules and their
-warnings; input checks and decoding live in :mod:`~diffusers_breakscene.scene_inputs`.
+Why this module is over 500 lines: the documented resize and crop rules and their warnings, and
+scenes of several images (:meth:`Scene.from_images`); input checks and decoding live in
+:mod:`~diffusers_breakscene.scene_inputs`, folder reading in
+:mod:`~diffusers_breakscene.scene_folder`.
 
 Example:
     >>> import numpy as np, torch
@@ -51,10 +53,8 @@ from __future__ import annotations
 import math
 import operator
 import os
-import re
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,26 +62,35 @@ import torch
 from PIL import Image
 
 from .config import DEFAULT_PROMPT_TEMPLATE, DEFAULT_TOKEN_JOINER
-from .errors import InvalidSceneError, MissingFileError
+from .errors import InvalidSceneError
+from .scene_folder import IMAGE_SUFFIXES, read_scene_dir, read_scene_options
 from .scene_inputs import (
     DEFAULT_MASK_THRESHOLD,
     ImageInput,
     MaskInput,
+    SceneView,
+    check_concepts,
+    check_images,
     check_initializers,
     check_mask_sequence,
+    check_per_image,
     check_resolution,
     check_threshold,
     check_token_text,
     check_tokens,
-    exif_hint,
-    load_image,
-    load_mask,
+    decode_view,
 )
 
-__all__ = ["DEFAULT_MASK_THRESHOLD", "IMAGE_SUFFIXES", "ImageInput", "MaskInput", "Scene", "hflip"]
+__all__ = [
+    "DEFAULT_MASK_THRESHOLD",
+    "IMAGE_SUFFIXES",
+    "ImageInput",
+    "MaskInput",
+    "Scene",
+    "SceneView",
+    "hflip",
+]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-"""File suffixes :meth:`Scene.from_dir` accepts for ``img.*``."""
 
 _LARGE_CROP_LOSS = 0.5  # warn when the square crop keeps less than this share of a concept
 
@@ -141,6 +150,70 @@ class Scene:
         mask_list = check_mask_sequence(masks)
         n = len(mask_list)
         token_list = check_tokens(tokens, n)
+        self._setup(
+            [(image, mask_list, list(range(n)))], token_list, initializer_tokens,
+            background_token, threshold, multi=False,
+        )  # fmt: skip
+
+    @classmethod
+    def from_images(
+        cls,
+        images: Sequence[ImageInput],
+        masks: Sequence[Sequence[MaskInput]],
+        concepts: Sequence[Sequence[int]] | None = None,
+        tokens: Sequence[str] | None = None,
+        initializer_tokens: Sequence[str | None] | None = None,
+        *,
+        background_token: str | None = None,
+        mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+    ) -> Scene:
+        """A scene seen in several images: the same concepts, each in some of the images.
+
+        ``masks[i]`` holds the masks of ``images[i]``, and ``concepts[i][j]`` says which concept
+        (handle index) ``masks[i][j]`` shows; by default the masks of every image are concepts
+        ``0, 1, ...`` in order. A concept may be missing from some images but must be in at
+        least one, and in an image at most once. Training picks an image per example, then a
+        subset of the concepts it shows (see :meth:`sample`). With ``background_token``, each
+        image's background is the complement of its own masks. Other arguments as in
+        :class:`Scene`, with ``tokens`` and ``initializer_tokens`` one per concept.
+
+        Example:
+            >>> import numpy as np
+            >>> def box(x):
+            ...     m = np.zeros((32, 32), dtype=bool); m[4:20, x:x + 10] = True; return m
+            >>> images = [np.zeros((32, 32, 3), np.uint8)] * 3
+            >>> scene = Scene.from_images(images, [[box(2), box(18)], [box(8)], [box(4)]],
+            ...                           concepts=[[0, 1], [1], [0]],
+            ...                           initializer_tokens=["cup", "bowl"])
+            >>> scene.num_images, scene.tokens, scene.concepts_in(1)
+            (3, ['<asset0>', '<asset1>'], [1])
+        """
+        threshold = check_threshold(mask_threshold)
+        image_list = check_images(images)
+        masks = check_per_image(masks, "masks", len(image_list), "list of masks", "[[cup], [cup]]")
+        mask_lists = [check_mask_sequence(m, f"masks[{i}]") for i, m in enumerate(masks)]
+        concept_lists = check_concepts(concepts, mask_lists)
+        n = 1 + max(c for cs in concept_lists for c in cs)
+        token_list = check_tokens(tokens, n)
+        scene = cls.__new__(cls)
+        scene._setup(
+            list(zip(image_list, mask_lists, concept_lists, strict=True)), token_list,
+            initializer_tokens, background_token, threshold, multi=True,
+        )  # fmt: skip
+        return scene
+
+    def _setup(
+        self,
+        views: list[tuple[ImageInput, list[MaskInput], list[int]]],
+        token_list: list[str],
+        initializer_tokens: Sequence[str | None] | None,
+        background_token: str | None,
+        threshold: float,
+        *,
+        multi: bool,
+    ) -> None:
+        """Check and decode every image and mask, then store them (nothing is stored on error)."""
+        n = len(token_list)
         if background_token is not None:
             check_token_text(background_token, "background_token")
             if background_token in token_list:
@@ -150,65 +223,47 @@ class Scene:
                     f"token, e.g. '<background>'."
                 )
         init_list = check_initializers(initializer_tokens, n, background_token)
-
-        rgb = load_image(image)
-        width, height = rgb.size
-        total = n + (background_token is not None)
-        bool_masks: list[np.ndarray] = []
-        for i, mask in enumerate(mask_list):
-            what = f"masks[{i}]"
-            arr = load_mask(mask, what, threshold)
-            if arr.shape != (height, width):
-                raise InvalidSceneError(
-                    f"{what} is {arr.shape[1]}x{arr.shape[0]} (width x height) but the image is "
-                    f"{width}x{height}; masks must have the image's size. Resize the mask to the "
-                    f"image, e.g. mask.resize(({width}, {height}), Image.NEAREST)."
-                    + exif_hint(image, mask)
-                )
-            if not arr.any():
-                raise InvalidSceneError(
-                    f"{what} (token {token_list[i]!r}) is empty: no pixel is above "
-                    f"mask_threshold={threshold} of the largest value. The object must be "
-                    f"light (white) on a dark (black) background, or transparent around an "
-                    f"opaque object; check the mask, or lower mask_threshold."
-                )
-            if arr.all() and total > 1:
-                raise InvalidSceneError(
-                    f"{what} (token {token_list[i]!r}) covers the whole image; with several "
-                    f"concepts the masked and attention losses cannot separate them. Draw the "
-                    f"mask around the object only (use background_token=... for the background)."
-                )
-            arr.setflags(write=False)
-            bool_masks.append(arr)
-
+        decoded = []
+        for v, (image, masks, concepts) in enumerate(views):
+            names = [token_list[c] for c in concepts]
+            where = v if multi else None
+            decoded.append(
+                decode_view(image, masks, names, concepts, threshold, background_token,
+                            background_index=n, where=where)
+            )  # fmt: skip
         if background_token is not None:
-            complement = ~np.logical_or.reduce(bool_masks)
-            if not complement.any():
-                raise InvalidSceneError(
-                    f"background_token {background_token!r}: the masks together cover the whole "
-                    f"image, so the background mask (their complement) is empty. Leave out "
-                    f"background_token, or make the masks tighter around their objects."
-                )
-            complement.setflags(write=False)
-            bool_masks.append(complement)
-            token_list.append(background_token)
+            token_list = [*token_list, background_token]
 
-        self._image = rgb
-        self._masks = bool_masks
+        self._views = decoded
         self._tokens = token_list
         self._initializers = init_list
         self._background = background_token is not None
         self._threshold = threshold
-        self._prepared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prepared: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_dir(cls, folder: str | os.PathLike[str], **kwargs: Any) -> Scene:
-        """Read ``img.*`` and ``mask*.png`` from a folder.
+        """Read a scene folder: one image, or several images of the same concepts.
 
-        The folder must hold exactly one ``img.png`` / ``.jpg`` / ``.jpeg`` / ``.webp`` /
-        ``.bmp`` and at least one ``mask*.png``; masks are taken in natural order (``mask0``,
-        ``mask1``, ..., ``mask10``), so the first gets ``<asset0>``. Names are matched without
-        regard to case. Other keyword arguments go to :class:`Scene`.
+        **One image**: the folder holds exactly one ``img.png`` / ``.jpg`` / ``.jpeg`` /
+        ``.webp`` / ``.bmp`` and at least one ``mask*.png``; masks are taken in natural order
+        (``mask0``, ``mask1``, ..., ``mask10``), so the first gets ``<asset0>``.
+
+        **Several images**: the folder holds no ``img.*`` but one subfolder per image (taken in
+        natural order of their names; names starting with ``.`` are ignored), each with one
+        ``img.*`` and a ``mask<N>.png`` for every concept it shows, where ``N`` is the concept's
+        handle index: ``mask1.png`` in any subfolder is ``<asset1>``. A concept may be missing
+        from some images (see :meth:`from_images`)::
+
+            my_scene/
+              front/  img.jpg  mask0.png  mask1.png
+              side/   img.jpg  mask0.png
+              back/   img.jpg  mask1.png
+
+        Names are matched without regard to case. An optional ``scene.json`` sets keyword
+        arguments of :class:`Scene` (``tokens``, ``initializer_tokens``, ``background_token``,
+        ``mask_threshold``), e.g. ``{"initializer_tokens": ["dog", "hat"]}``; keyword arguments
+        given here win over it. They go to :class:`Scene` (or :meth:`from_images`).
 
         Example:
             >>> import tempfile
@@ -223,36 +278,51 @@ class Scene:
             >>> Scene.from_dir(folder, initializer_tokens=["cup", None]).tokens
             ['<asset0>', '<asset1>']
         """
-        path = Path(folder)
-        if not path.exists():
-            raise MissingFileError(f"Scene.from_dir: folder not found: {path}")
-        if not path.is_dir():
+        images, masks, concepts = read_scene_dir(folder)
+        kwargs = {**read_scene_options(folder), **kwargs}
+        if concepts is None:
+            return cls(images[0], masks[0], **kwargs)
+        return cls.from_images(images, masks, concepts, **kwargs)
+
+    @property
+    def num_images(self) -> int:
+        """How many images the scene has (1 unless built with :meth:`from_images`)."""
+        return len(self._views)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """Every image, RGB, original size (copies)."""
+        return [view.image.copy() for view in self._views]
+
+    def view(self, index: int) -> SceneView:
+        """Image ``index``, its masks and the concept index each mask shows (the background, if
+        any, last). The image is a copy; the masks are read-only.
+
+        Example:
+            >>> import numpy as np
+            >>> mask = np.eye(8, dtype=bool)
+            >>> view = Scene(np.zeros((8, 8, 3), np.uint8), [mask], background_token="<bg>").view(0)
+            >>> view.concepts, len(view.masks)
+            ((0, 1), 2)
+        """
+        view = self._views[self._image_index(index)]
+        return SceneView(view.image.copy(), view.masks, view.concepts)
+
+    def concepts_in(self, index: int) -> list[int]:
+        """Concept indices that image ``index`` shows (the background, if any, last)."""
+        return list(self._views[self._image_index(index)].concepts)
+
+    def _image_index(self, index: int) -> int:
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int)
+            or not (0 <= index < self.num_images)
+        ):
             raise InvalidSceneError(
-                f"Scene.from_dir: {path} is a file, not a folder; pass the folder that holds "
-                f"img.* and mask*.png, or build Scene(image, masks) directly."
+                f"image index {index!r} is out of range: this scene has {self.num_images} "
+                f"image(s) (0..{self.num_images - 1})."
             )
-        files = sorted(p.name for p in path.iterdir() if p.is_file())
-        images = [
-            name
-            for name in files
-            if Path(name).stem.lower() == "img" and Path(name).suffix.lower() in IMAGE_SUFFIXES
-        ]
-        mask_names = sorted(
-            (n for n in files if n.lower().startswith("mask") and n.lower().endswith(".png")),
-            key=_natural_key,
-        )
-        if len(images) != 1:
-            found = ", ".join(images) if images else _listing(files)
-            raise InvalidSceneError(
-                f"Scene.from_dir: {path} must hold exactly one image named img with suffix "
-                f"{'/'.join(IMAGE_SUFFIXES)}; found {len(images)} ({found}). Keep one img.* file."
-            )
-        if not mask_names:
-            raise InvalidSceneError(
-                f"Scene.from_dir: {path} holds no mask*.png (files: {_listing(files)}); save one "
-                f"mask per concept as mask0.png, mask1.png, ..."
-            )
-        return cls(path / images[0], [path / name for name in mask_names], **kwargs)
+        return index
 
     @property
     def tokens(self) -> list[str]:
@@ -281,24 +351,26 @@ class Scene:
 
     @property
     def image(self) -> Image.Image:
-        """The image, RGB, original size (a copy: editing it does not change the scene)."""
-        return self._image.copy()
+        """The (first) image, RGB, original size (a copy: editing it does not change the scene)."""
+        return self._views[0].image.copy()
 
     @property
     def masks(self) -> list[np.ndarray]:
-        """Binary masks, bool ``HxW`` at the original size, one per concept, background last.
+        """Binary masks of the (first) image, bool ``HxW`` at its original size, one per concept
+        it shows (every concept when the scene has one image), background last.
 
-        The arrays are read-only.
+        The arrays are read-only. :meth:`view` gives the masks of every image.
         """
-        return list(self._masks)
+        return list(self._views[0].masks)
 
     @property
     def size(self) -> tuple[int, int]:
-        """``(width, height)`` of the image, as PIL reports it."""
-        return self._image.size
+        """``(width, height)`` of the (first) image, as PIL reports it."""
+        return self._views[0].image.size
 
     def mask_areas(self) -> list[float]:
-        """Fraction of the image area each concept's mask covers, in :attr:`tokens` order.
+        """Fraction of the image area each concept's mask covers, in :attr:`tokens` order (with
+        several images: the mean over the images that show the concept).
 
         Example:
             >>> import numpy as np
@@ -307,10 +379,14 @@ class Scene:
             >>> Scene(np.zeros((10, 10, 3), np.uint8), [mask], background_token="<bg>").mask_areas()
             [0.5, 0.5]
         """
-        return [float(m.mean()) for m in self._masks]
+        areas: list[list[float]] = [[] for _ in self._tokens]
+        for view in self._views:
+            for concept, mask in zip(view.concepts, view.masks, strict=True):
+                areas[concept].append(float(mask.mean()))
+        return [sum(a) / len(a) for a in areas]
 
-    def prepare(self, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Square training tensors at ``resolution`` x ``resolution``.
+    def prepare(self, resolution: int, image: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Square training tensors of image ``image`` at ``resolution`` x ``resolution``.
 
         The image is resized (bicubic) so that its shorter side equals ``resolution``; masks are
         resized the same way as float with bilinear filtering and thresholded again at 0.5. A
@@ -322,10 +398,12 @@ class Scene:
 
         Args:
             resolution: Output side in pixels, a positive multiple of 8.
+            image: Which image (for scenes of several images, :meth:`from_images`).
 
         Returns:
             ``pixel_values``: float32 ``(3, R, R)`` in ``[-1, 1]`` (``x / 255 * 2 - 1``), and
-            ``masks``: float32 ``(num_concepts, R, R)`` with values in ``{0, 1}``.
+            ``masks``: float32 ``(num_concepts, R, R)`` with values in ``{0, 1}``; the masks of
+            concepts the image does not show are all zero.
 
         Example:
             >>> import numpy as np
@@ -338,21 +416,23 @@ class Scene:
             True
         """
         resolution = check_resolution(resolution)
-        cached = self._prepared.get(resolution)
+        key = (resolution, self._image_index(image))
+        cached = self._prepared.get(key)
         if cached is None:
-            cached = self._prepare(resolution)
-            self._prepared[resolution] = cached
+            cached = self._prepare(*key)
+            self._prepared[key] = cached
         pixels, masks = cached
         return pixels.clone(), masks.clone()
 
-    def _prepare(self, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        width, height = self.size
+    def _prepare(self, resolution: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        view = self._views[index]
+        width, height = view.image.size
         if width <= height:
             new_w, new_h = resolution, max(resolution, round(height * resolution / width))
         else:
             new_w, new_h = max(resolution, round(width * resolution / height)), resolution
 
-        concept_masks = self._masks[:-1] if self._background else self._masks
+        concept_masks = view.masks[:-1] if self._background else view.masks
         union = np.logical_or.reduce(concept_masks)
         left = top = 0
         if new_w > resolution:
@@ -361,13 +441,13 @@ class Scene:
             top = _window_start(union.any(axis=1), new_h / height, new_h, resolution)
         box = (left, top, left + resolution, top + resolution)
 
-        image = self._image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop(box)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+        resized_image = view.image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop(box)
+        pixels = torch.from_numpy(np.asarray(resized_image, dtype=np.float32).copy())
         pixels = (pixels.permute(2, 0, 1) / 255.0 * 2.0 - 1.0).contiguous()
 
-        out = []
-        for k, mask in enumerate(self._masks):
-            name = self._concept_name(k)
+        out = torch.zeros(self.num_concepts, resolution, resolution)
+        for k, mask in enumerate(view.masks):
+            name = self._concept_name(index, k)
             soft = Image.fromarray(mask.astype(np.float32))
             resized = np.asarray(soft.resize((new_w, new_h), Image.Resampling.BILINEAR)) > 0.5
             if not resized.any():
@@ -392,11 +472,53 @@ class Scene:
                     UserWarning,
                     stacklevel=3,
                 )
-            out.append(torch.from_numpy(cropped.astype(np.float32)))
-        return pixels, torch.stack(out)
+            out[view.concepts[k]] = torch.from_numpy(cropped.astype(np.float32))
+        return pixels, out
+
+    def sample(
+        self, generator: torch.Generator, union_sampling: bool = True
+    ) -> tuple[int, list[int]]:
+        """An image index and concept indices for one training example.
+
+        With several images an image is drawn first (``torch.randint``); then, with union
+        sampling (the paper's), ``k ~ Uniform{1..N}`` for the ``N`` concepts that image shows,
+        and ``k`` of them in a random order (``torch.randint``, then ``torch.randperm``). Every
+        draw comes from ``generator``, so a seeded generator, or one restored with
+        ``set_state``, repeats the same sequence. With ``union_sampling=False`` every concept of
+        the image is returned in order; a scene of one image then does not use the generator.
+
+        Example:
+            >>> import numpy as np, torch
+            >>> masks = [np.eye(8, dtype=bool), np.eye(8, dtype=bool)[::-1]]
+            >>> scene = Scene.from_images([np.zeros((8, 8, 3), np.uint8)] * 2,
+            ...                           [masks, masks[:1]], concepts=[[0, 1], [1]])
+            >>> g = torch.Generator().manual_seed(0)
+            >>> all(set(c) <= set(scene.concepts_in(i)) for i, c in
+            ...     (scene.sample(g) for _ in range(20)))
+            True
+        """
+        needs_generator = union_sampling or self.num_images > 1
+        if needs_generator and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"sampling needs a torch.Generator, got {type(generator).__name__}; pass "
+                f"e.g. torch.Generator().manual_seed(seed)."
+            )
+        index = 0
+        if self.num_images > 1:
+            draw = torch.randint(
+                self.num_images, (1,), generator=generator, device=generator.device
+            )
+            index = int(draw.item())
+        present = self._views[index].concepts
+        if not union_sampling:
+            return index, sorted(present)
+        device = generator.device
+        k = int(torch.randint(1, len(present) + 1, (1,), generator=generator, device=device).item())
+        order = torch.randperm(len(present), generator=generator, device=device)[:k].tolist()
+        return index, [present[i] for i in order]
 
     def sample_concepts(self, generator: torch.Generator, union_sampling: bool = True) -> list[int]:
-        """Concept indices for one training step.
+        """Concept indices for one training step: :meth:`sample` without the image index.
 
         Union sampling (the paper's): ``k ~ Uniform{1..N}``, then ``k`` different indices in a
         random order. Every draw comes from ``generator`` (two draws: ``torch.randint``, then
@@ -414,17 +536,7 @@ class Scene:
             >>> scene.sample_concepts(g, union_sampling=False)
             [0, 1]
         """
-        n = self.num_concepts
-        if not union_sampling:
-            return list(range(n))
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"sample_concepts needs a torch.Generator, got {type(generator).__name__}; pass "
-                f"e.g. torch.Generator().manual_seed(seed)."
-            )
-        device = generator.device
-        k = int(torch.randint(1, n + 1, (1,), generator=generator, device=device).item())
-        return torch.randperm(n, generator=generator, device=device)[:k].tolist()
+        return self.sample(generator, union_sampling)[1]
 
     def prompt(
         self,
@@ -475,15 +587,24 @@ class Scene:
         return template.replace("{}", joiner.join(chosen))
 
     def __repr__(self) -> str:
-        width, height = self.size
         parts = [f"{t}: {a:.1%}" for t, a in zip(self._tokens, self.mask_areas(), strict=True)]
         background = f", background={self._tokens[-1]!r}" if self._background else ""
-        return f"Scene(size={width}x{height}, concepts=[{', '.join(parts)}]{background})"
+        if self.num_images > 1:
+            where = f"images={self.num_images}"
+        else:
+            where = "size={}x{}".format(*self.size)
+        return f"Scene({where}, concepts=[{', '.join(parts)}]{background})"
 
-    def _concept_name(self, k: int) -> str:
-        if self._background and k == len(self._tokens) - 1:
-            return f"the background mask (token {self._tokens[k]!r})"
-        return f"masks[{k}] (token {self._tokens[k]!r})"
+    def _concept_name(self, index: int, k: int) -> str:
+        view = self._views[index]
+        concept = view.concepts[k]
+        token = self._tokens[concept]
+        if self._background and concept == len(self._tokens) - 1:
+            where = f" of images[{index}]" if self.num_images > 1 else ""
+            return f"the background mask{where} (token {token!r})"
+        if self.num_images > 1:
+            return f"masks[{index}][{k}] (token {token!r})"
+        return f"masks[{k}] (token {token!r})"
 
 
 def hflip(pixel_values: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,14 +636,3 @@ def _window_start(occupied: np.ndarray, scale: float, length: int, window: int) 
     centre = (where[0] + where[-1] + 1) / 2.0 * scale
     start = math.floor(centre - window / 2.0 + 0.5)
     return min(max(start, 0), length - window)
-
-
-def _natural_key(name: str) -> list[int | str]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
-
-
-def _listing(names: list[str], limit: int = 20) -> str:
-    if not names:
-        return "the folder is empty"
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -19,8 +19,9 @@ import numbers
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -32,12 +33,17 @@ __all__ = [
     "DEFAULT_MASK_THRESHOLD",
     "ImageInput",
     "MaskInput",
+    "SceneView",
+    "check_concepts",
+    "check_images",
     "check_initializers",
     "check_mask_sequence",
+    "check_per_image",
     "check_resolution",
     "check_threshold",
     "check_token_text",
     "check_tokens",
+    "decode_view",
     "exif_hint",
     "load_image",
     "load_mask",
@@ -48,6 +54,17 @@ ImageInput: TypeAlias = Image.Image | str | os.PathLike[str] | np.ndarray | torc
 
 MaskInput: TypeAlias = Image.Image | str | os.PathLike[str] | np.ndarray | torch.Tensor
 """What :class:`~diffusers_breakscene.Scene` accepts as one mask."""
+
+
+@dataclass(frozen=True)
+class SceneView:
+    """One image of a :class:`Scene`: the RGB ``image``, its bool ``masks`` and the concept
+    index each mask shows (``concepts``, same order; the background, if any, last)."""
+
+    image: Image.Image
+    masks: tuple[np.ndarray, ...]
+    concepts: tuple[int, ...]
+
 
 DEFAULT_MASK_THRESHOLD = 0.5
 """A mask pixel is inside when its value is above this fraction of the largest possible value."""
@@ -85,16 +102,16 @@ def check_resolution(value: int) -> int:
     return int(value)
 
 
-def check_mask_sequence(masks: Sequence[MaskInput]) -> list[MaskInput]:
+def check_mask_sequence(masks: Sequence[MaskInput], what: str = "masks") -> list[MaskInput]:
     single = (str, bytes, os.PathLike, np.ndarray, torch.Tensor, Image.Image)
     if isinstance(masks, single) or not isinstance(masks, Sequence):
         raise InvalidSceneError(
-            f"masks must be a list with one mask per concept, got {type(masks).__name__}; wrap "
-            f"a single mask in a list (masks=[mask]), or split a stack with list(stack)."
+            f"{what} must be a list with one mask per concept, got {type(masks).__name__}; wrap "
+            f"a single mask in a list ({what}=[mask]), or split a stack with list(stack)."
         )
     if len(masks) == 0:
         raise InvalidSceneError(
-            "masks is empty; pass one binary mask per concept (at least one), e.g. masks=[mask]."
+            f"{what} is empty; pass one binary mask per concept (at least one), e.g. {what}=[mask]."
         )
     return list(masks)
 
@@ -167,6 +184,77 @@ def check_initializers(
 # --- decoding ---------------------------------------------------------------------------------
 
 
+def check_images(images: Sequence[ImageInput]) -> list[ImageInput]:
+    single = (str, bytes, os.PathLike, np.ndarray, torch.Tensor, Image.Image)
+    if isinstance(images, single) or not isinstance(images, Sequence):
+        raise InvalidSceneError(
+            f"images must be a list of images, got {type(images).__name__}; for one image use "
+            f"Scene(image, masks), or wrap it: Scene.from_images([image], [masks])."
+        )
+    if len(images) == 0:
+        raise InvalidSceneError("images is empty; pass at least one image.")
+    return list(images)
+
+
+def check_per_image(value: Any, what: str, count: int, kind: str, example: str) -> list[Any]:
+    """``value`` as a list with one entry (a ``kind``) per image of ``count``."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise InvalidSceneError(
+            f"{what} must be a list with one {kind} per image, got {type(value).__name__}; "
+            f"e.g. {what}={example}."
+        )
+    if len(value) != count:
+        raise InvalidSceneError(
+            f"{what} has {len(value)} entries for {count} images; pass one {kind} per image "
+            f"({what}[i] belongs to images[i])."
+        )
+    return list(value)
+
+
+def check_concepts(
+    concepts: Sequence[Sequence[int]] | None, mask_lists: list[list[MaskInput]]
+) -> list[list[int]]:
+    """One list of handle indices per image, one index per mask, covering ``0..N-1``."""
+    if concepts is None:
+        return [list(range(len(m))) for m in mask_lists]
+    check_per_image(
+        concepts, "concepts", len(mask_lists), "list of handle indices", "[[0, 1], [1]]"
+    )
+    out: list[list[int]] = []
+    for i, (indices, masks) in enumerate(zip(concepts, mask_lists, strict=True)):
+        if isinstance(indices, str | bytes) or not isinstance(indices, Sequence):
+            raise InvalidSceneError(
+                f"concepts[{i}] must be a list of handle indices, one per mask of images[{i}], "
+                f"got {type(indices).__name__}."
+            )
+        if len(indices) != len(masks):
+            raise InvalidSceneError(
+                f"concepts[{i}] has {len(indices)} entries but masks[{i}] has {len(masks)} "
+                f"masks; give the handle index of every mask of images[{i}]."
+            )
+        row: list[int] = []
+        for j, value in enumerate(indices):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidSceneError(
+                    f"concepts[{i}][{j}] must be a handle index (an integer >= 0), got {value!r}."
+                )
+            if value in row:
+                raise InvalidSceneError(
+                    f"concepts[{i}] names handle {value} twice; an image shows each handle at "
+                    f"most once (merge its masks into one)."
+                )
+            row.append(value)
+        out.append(row)
+    n = 1 + max(c for row in out for c in row)
+    missing = sorted(set(range(n)) - {c for row in out for c in row})
+    if missing:
+        raise InvalidSceneError(
+            f"handle {missing[0]} is in no image (concepts use indices up to {n - 1}); number "
+            f"the handles 0, 1, ... without gaps, each shown by at least one image."
+        )
+    return out
+
+
 def _open_file(path: str | os.PathLike[str], what: str) -> Image.Image:
     p = Path(path)
     if not p.exists():
@@ -187,8 +275,7 @@ def _open_file(path: str | os.PathLike[str], what: str) -> Image.Image:
         ) from exc
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    what = "image"
+def load_image(image: ImageInput, what: str = "image") -> Image.Image:
     if isinstance(image, str | os.PathLike):
         image = _open_file(image, what)
     elif isinstance(image, Image.Image):
@@ -403,3 +490,65 @@ def exif_hint(image: object, mask: object) -> str:
                 "mask on the upright image."
             )
     return ""
+
+
+def decode_view(
+    image: ImageInput,
+    masks: list[MaskInput],
+    tokens: list[str],
+    concepts: list[int],
+    threshold: float,
+    background_token: str | None,
+    *,
+    background_index: int,
+    where: int | None,
+) -> SceneView:
+    """Decode and check one image and its masks (``tokens[i]``/``concepts[i]``: the handle
+    ``masks[i]`` shows). ``where`` is the image's index in a scene of several images (named in
+    errors as ``images[where]``, ``masks[where][i]``), ``None`` for a one-image scene."""
+    multi = where is not None
+    owner = f"images[{where}]" if multi else "the image"
+    rgb = load_image(image, f"images[{where}]" if multi else "image")
+    width, height = rgb.size
+    total = len(masks) + (background_token is not None)
+    bool_masks: list[np.ndarray] = []
+    for i, mask in enumerate(masks):
+        what = f"masks[{where}][{i}]" if multi else f"masks[{i}]"
+        token = tokens[i]
+        arr = load_mask(mask, what, threshold)
+        if arr.shape != (height, width):
+            raise InvalidSceneError(
+                f"{what} is {arr.shape[1]}x{arr.shape[0]} (width x height) but {owner} is "
+                f"{width}x{height}; masks must have the image's size. Resize the mask to the "
+                f"image, e.g. mask.resize(({width}, {height}), Image.NEAREST)."
+                + exif_hint(image, mask)
+            )
+        if not arr.any():
+            raise InvalidSceneError(
+                f"{what} (token {token!r}) is empty: no pixel is above "
+                f"mask_threshold={threshold} of the largest value. The object must be light "
+                f"(white) on a dark (black) background, or transparent around an opaque object; "
+                f"check the mask, or lower mask_threshold."
+            )
+        if arr.all() and total > 1:
+            raise InvalidSceneError(
+                f"{what} (token {token!r}) covers the whole image; with several concepts the "
+                f"masked and attention losses cannot separate them. Draw the mask around the "
+                f"object only (use background_token=... for the background)."
+            )
+        arr.setflags(write=False)
+        bool_masks.append(arr)
+    present = list(concepts)
+    if background_token is not None:
+        complement = ~np.logical_or.reduce(bool_masks)
+        if not complement.any():
+            raise InvalidSceneError(
+                f"background_token {background_token!r}: the masks"
+                f"{' of ' + owner if multi else ''} together cover the whole image, so the "
+                f"background mask (their complement) is empty. Leave out background_token, or "
+                f"make the masks tighter around their objects."
+            )
+        complement.setflags(write=False)
+        bool_masks.append(complement)
+        present.append(background_index)
+    return SceneView(rgb, tuple(bool_masks), tuple(present))

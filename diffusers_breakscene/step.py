@@ -15,7 +15,7 @@ Example:
     >>> mask = torch.zeros(64, 64); mask[8:40, 8:40] = 1
     >>> scene = Scene(image, [mask])
     >>> data = encode_scene(pipe.vae, scene, resolution=64)
-    >>> data.latent_mean.shape  # image and its flip
+    >>> data.latent_mean.shape  # the image and its flip
     torch.Size([2, 4, 8, 8])
 """
 
@@ -120,11 +120,16 @@ def encode_images(vae: Any, pixel_values: torch.Tensor) -> EncodedImages:
 
 
 def encode_scene(vae: Any, scene: Scene, resolution: int) -> EncodedImages:
-    """Encode the scene image and its horizontal flip once (index 0: as is, 1: flipped)."""
-    pixels, masks = scene.prepare(resolution)
-    flipped_pixels, flipped_masks = hflip(pixels, masks)
-    encoded = encode_images(vae, torch.stack([pixels, flipped_pixels]))
-    encoded.masks = torch.stack([masks, flipped_masks])
+    """Encode every scene image and its horizontal flip once: index ``2 * i`` is image ``i`` as
+    it is, ``2 * i + 1`` its mirror image."""
+    pixels, masks = [], []
+    for i in range(scene.num_images):
+        image_pixels, image_masks = scene.prepare(resolution, i)
+        flipped_pixels, flipped_masks = hflip(image_pixels, image_masks)
+        pixels += [image_pixels, flipped_pixels]
+        masks += [image_masks, flipped_masks]
+    encoded = encode_images(vae, torch.stack(pixels))
+    encoded.masks = torch.stack(masks)
     return encoded
 
 
@@ -162,7 +167,8 @@ def sample_batch(
     scaling_factor: float,
     prior: EncodedImages | None = None,
 ) -> Batch:
-    """Draw one batch; each example gets its own concept subset, flip and latent noise draw.
+    """Draw one batch; each example gets its own image (scenes of several images), concept
+    subset, flip and latent noise draw.
 
     ``settings`` default to :meth:`SamplingSettings.from_config` of the default config;
     ``scaling_factor`` is the VAE's (``vae.config.scaling_factor``).
@@ -172,11 +178,11 @@ def sample_batch(
     latents, masks, prompts, sampled = [], [], [], []
     assert encoded.masks is not None
     for _ in range(batch_size):
-        indices = scene.sample_concepts(generator, union_sampling=settings.union_sampling)
+        image, indices = scene.sample(generator, union_sampling=settings.union_sampling)
         sampled.append(indices)
         flip = int(torch.rand((), generator=generator).item() < settings.flip_probability)
-        latents.append(encoded.sample(flip, generator, scaling_factor))
-        masks.append(encoded.masks[flip][indices])
+        latents.append(encoded.sample(2 * image + flip, generator, scaling_factor))
+        masks.append(encoded.masks[2 * image + flip][indices])
         prompts.append(
             scene.prompt(indices, template=settings.prompt_template, joiner=settings.token_joiner)
         )

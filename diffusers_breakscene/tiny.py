@@ -39,6 +39,7 @@ __all__ = [
     "TINY_WORDS",
     "TinySpec",
     "save_tiny_pipeline",
+    "save_tiny_sam",
     "sd_scheduler",
     "tiny_components",
     "tiny_pipeline",
@@ -363,3 +364,57 @@ def tiny_scene(resolution: int = 128, **scene_kwargs: Any) -> Any:
     image[:, m0.bool()] = torch.tensor([0.9, 0.1, 0.1])[:, None]
     image[:, m1.bool()] = torch.tensor([0.1, 0.1, 0.9])[:, None]
     return Scene(image, [m0, m1], **scene_kwargs)
+
+
+def save_tiny_sam(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Save a Segment Anything model with random weights and 64 px inputs (``SamModel`` and
+    ``SamProcessor``, about 0.2 M parameters) for offline tests of
+    :func:`~diffusers_breakscene.masks.masks_from_sam`: it runs the real code, and its masks
+    mean nothing.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import SamModel
+        >>> path = save_tiny_sam(tempfile.mkdtemp())
+        >>> SamModel.from_pretrained(path).config.vision_config.image_size
+        64
+    """
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    side, width = 64, 32
+    config = SamConfig(
+        vision_config=SamVisionConfig(
+            hidden_size=width, output_channels=width, num_hidden_layers=2, num_attention_heads=2,
+            image_size=side, patch_size=16, mlp_dim=64, window_size=2, global_attn_indexes=[1],
+            num_pos_feats=width // 2,
+        ),
+        prompt_encoder_config=SamPromptEncoderConfig(
+            hidden_size=width, image_size=side, patch_size=16, mask_input_channels=4
+        ),
+        mask_decoder_config=SamMaskDecoderConfig(
+            hidden_size=width, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+            iou_head_hidden_dim=width,
+        ),
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SamModel(config).eval()
+    processor = SamProcessor(
+        SamImageProcessor(
+            size={"longest_edge": side}, pad_size={"height": side, "width": side},
+            mask_size={"longest_edge": side // 4}, mask_pad_size={"height": side // 4,
+                                                                  "width": side // 4},
+        )
+    )  # fmt: skip
+    path = Path(directory)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -48,6 +48,7 @@ from .files import check_output_dir, check_output_file, check_utf8_path
 from .handles import HandleEmbedding, add_handles, check_handle_names
 from .interrupt import GracefulInterrupt
 from .lora import add_text_encoder_lora, add_unet_lora
+from .optimizer import adamw_class
 from .scene import Scene
 from .step import (
     EncodedImages,
@@ -152,6 +153,7 @@ class BreakASceneTrainer:
                 f"config must be a BreakASceneConfig, got {type(config).__name__}; use "
                 "BreakASceneConfig(**fields) or BreakASceneConfig.from_file(path)."
             )
+        adamw_class(config.use_8bit_adam)  # bitsandbytes is there when it is asked for
         self.scene = scene
         self.config = config
         self.pipeline = as_pipeline(
@@ -283,6 +285,7 @@ class BreakASceneTrainer:
             or cfg.checkpoint_on_interrupt,
             "validation": cfg.validation_steps is not None or cfg.validate_phase_ends,
             "unet": cfg.phase2 == "full" and cfg.phase2_steps > 0,
+            "text_encoder": cfg.train_text_encoder and cfg.phase2_steps > 0,
         }
         for name, used in folders.items():
             if used:
@@ -304,7 +307,7 @@ class BreakASceneTrainer:
         groups, trainable = self._param_groups(phase, run.unet, run.text_encoder, run.handles)
         from diffusers.optimization import get_scheduler
 
-        optimizer = torch.optim.AdamW(
+        optimizer = adamw_class(cfg.use_8bit_adam)(
             groups,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay,
@@ -432,6 +435,16 @@ class BreakASceneTrainer:
                 lr = cfg.phase2_learning_rate
             trainable.update({f"unet.{n}": p for n, p in unet_params.items()})
             groups.append({"params": list(unet_params.values()), "lr": lr})
+            if cfg.train_text_encoder:  # the reference's phase 2: the whole text encoder too
+                te = {
+                    n: p
+                    for n, p in text_encoder.named_parameters()
+                    if not n.endswith("handle_weight")
+                }
+                for param in te.values():
+                    param.requires_grad_(True)
+                trainable.update({f"text_encoder.{n}": p for n, p in te.items()})
+                groups.append({"params": list(te.values()), "lr": cfg.phase2_full_learning_rate})
             if cfg.train_text_encoder_lora:
                 add_text_encoder_lora(
                     text_encoder,
@@ -511,7 +524,24 @@ class BreakASceneTrainer:
         )
         if cfg.phase2 == "full" and cfg.phase2_steps:
             self.pipeline.unet.save_pretrained(output_dir / "unet")
+            if cfg.train_text_encoder:
+                self._save_text_encoder(output_dir / "text_encoder")
         return bundle.save(output_dir / "break_a_scene.safetensors")
+
+    def _save_text_encoder(self, folder: Path) -> None:
+        """The fine-tuned text encoder without the handle rows, so that it loads next to the
+        base model's tokenizer like the original and the bundle adds the handles back."""
+        text_encoder = self.pipeline.text_encoder
+        rows = text_encoder.get_input_embeddings().weight.shape[0] - len(self.scene.tokens)
+        state = {k: v for k, v in text_encoder.state_dict().items()}
+        key = next(k for k in state if k.endswith("token_embedding.weight"))
+        state[key] = state[key][:rows].clone()
+        vocab = text_encoder.config.vocab_size
+        text_encoder.config.vocab_size = rows
+        try:
+            text_encoder.save_pretrained(folder, state_dict=state)
+        finally:
+            text_encoder.config.vocab_size = vocab
 
     # -- plumbing --------------------------------------------------------------------------------
 

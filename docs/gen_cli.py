@@ -63,13 +63,33 @@ NOTES = {
     ),
     "train": (
         "Give the scene as `--scene-dir DIR` (`img.*` + `mask*.png`, see [Making "
-        "masks](masks.md)) or as `--image IMG` with one `--mask` per object, in order. "
+        "masks](masks.md); or one subfolder per image of the same objects, see [Datasets of "
+        "scenes](datasets.md)) or as `--image IMG` with one `--mask` per object, in order. "
         "`--token` and `--initializer` give one value per mask. Writes "
         "`OUTPUT/break_a_scene.safetensors`. `--revision`, `--variant` and `--cache-dir` go to "
         "`from_pretrained` of a Hub `--model`; `--push-to-hub --hub-model-id user/name` uploads "
         "the bundle afterwards as `breakscene push` does (with the last validation picture as "
         "its preview). Under `accelerate launch` / `torchrun` it trains"
         " data parallel ([Training](training.md#several-gpus))."
+    ),
+    "masks": (
+        "Proposes one mask per object and writes `--output` as a scene folder (`img.png`, "
+        "`mask0.png`, ..., `scene.json` with an initializer word per mask, `preview.png`). "
+        "`--words` takes one phrase per object and uses `--model`'s own cross-attention (no "
+        "extra weights); `--point X Y` or `--box X0 Y0 X1 Y1`, once per object, use Segment "
+        "Anything (`--sam-model`, with `--label` names). A folder that already holds an image "
+        "or masks is refused. See [Making masks](masks.md#proposed-masks-breakscene-masks)."
+    ),
+    "train-many": (
+        "Trains every subfolder of `SCENES_DIR` (a scene folder in either layout of [Datasets "
+        "of scenes](datasets.md), with an optional `scene.json` for its words) from a fresh "
+        "`--model` into `OUTPUT/<scene>/`, with the same settings (every `train` setting flag "
+        "and `--config`). Finished scenes are skipped and an interrupted one resumes from its "
+        "latest checkpoint, so the same command finishes an interrupted run; a failing scene "
+        "is recorded (`OUTPUT/<scene>/error.txt`) and the others go on; exit 1 names the failed "
+        "scenes. Writes `OUTPUT/summary.md` and `summary.json` (steps, time, final losses, and "
+        "the toy evaluator's identity with `--model toy`). Under `torchrun` / `accelerate "
+        "launch` the scenes are spread over the processes, each training whole scenes."
     ),
     "tiny-model": (
         "Saves the built-in tiny pipeline with `save_pretrained`, so it can be used like any "

@@ -42,3 +42,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the long subprocess jobs of the selected test modules (see background.py)."""
+    from pathlib import Path
+
+    from background import BACKGROUND
+
+    BACKGROUND.start_for({Path(str(item.fspath)).stem for item in session.items})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from background import BACKGROUND
+
+    BACKGROUND.close()

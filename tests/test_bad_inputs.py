@@ -136,6 +136,24 @@ def _from_dir_without_masks(ctx: Ctx):
     return lambda: bas.Scene.from_dir(ctx.tmp / "scene")
 
 
+def _views_with_gap(ctx: Ctx):
+    from PIL import Image
+
+    for name, handle in (("front", 0), ("back", 2)):
+        (ctx.tmp / "scene" / name).mkdir(parents=True)
+        Image.new("RGB", (RES, RES)).save(ctx.tmp / "scene" / name / "img.png")
+        Image.new("L", (RES, RES), 255).save(ctx.tmp / "scene" / name / f"mask{handle}.png")
+    return lambda: bas.Scene.from_dir(ctx.tmp / "scene")
+
+
+def _train_many(ctx: Ctx, **changes: Any):
+    from diffusers_breakscene.train_many import train_many
+
+    (ctx.tmp / "scenes" / "a").mkdir(parents=True)
+    args = {"model": "tiny-sd1", "config": _config(), "progress": False, "log": None, **changes}
+    return lambda: train_many(ctx.tmp / "scenes", ctx.tmp / "out", **args)
+
+
 def _config_file(text: str):
     def setup(ctx: Ctx):
         (ctx.tmp / "config.json").write_text(text)
@@ -277,6 +295,25 @@ CASES = [
     Case("scene-initializers", "Scene", "3 initializer_tokens for 2 masks",
          lambda c: lambda: _scene(initializer_tokens=["a", "b", "c"]),
          bas.InvalidSceneError, ValueError, "initializer_tokens", "pass 2 entries"),
+    Case("scene-images-handle-gap", "Scene",
+         "Scene.from_dir of image subfolders with mask0.png and mask2.png but no mask1.png",
+         _views_with_gap,
+         bas.InvalidSceneError, ValueError, r"mask1\.png", "without gaps"),
+    Case("scene-images-masks-per-image", "Scene",
+         "Scene.from_images with 2 images but 1 list of masks",
+         lambda c: lambda: bas.Scene.from_images([_scene_parts()[0]] * 2, [_scene_parts()[1]]),
+         bas.InvalidSceneError, ValueError, "masks has 1 entries for 2 images",
+         "one list of masks per image"),
+    Case("train-many-resume-set", "train_many",
+         "train_many with config.resume_from_checkpoint set",
+         lambda c: _train_many(c, config=_config(resume_from_checkpoint="latest")),
+         bas.InvalidConfigError, ValueError, "resume_from_checkpoint='latest'",
+         "leave resume_from_checkpoint unset"),
+    Case("train-many-pipeline-object", "train_many",
+         "train_many(model=<a pipeline>) (each scene needs a fresh one)",
+         lambda c: _train_many(c, model=c.pipe),
+         bas.InvalidArgumentError, ValueError, "StableDiffusionPipeline",
+         "function that returns a new pipeline"),
     Case("scene-from-dir-missing", "Scene", "Scene.from_dir of a missing folder",
          lambda c: lambda: bas.Scene.from_dir(c.tmp / "no-such-scene"),
          bas.MissingFileError, FileNotFoundError, "no-such-scene", "folder not found"),
@@ -594,6 +631,9 @@ CLI_CASES = [
     ("cli-push-bad-repo-id", "breakscene push BUNDLE 'not a repo'",
      lambda c: ["push", str(c / "b.safetensors"), "not a repo"], 1,
      "'not a repo' is not a Hub repo id"),
+    ("cli-train-many-no-scenes", "breakscene train-many EMPTY_DIR --output OUT",
+     lambda c: ["train-many", str(c / "empty"), "--output", str(c / "o")], 1,
+     "holds no scene folders"),
     ("cli-train-push-without-repo", "breakscene train ... --push-to-hub (no --hub-model-id)",
      lambda c: ["train", "--scene-dir", str(c), "--output", str(c / "o"), "--push-to-hub"], 1,
      "needs --hub-model-id"),
@@ -604,6 +644,7 @@ CLI_CASES = [
 def test_cli_bad_input_exits_non_zero_with_one_line(case, tmp_path, capsys):
     _, _, argv, code, message = case
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
     files = _files(tmp_path)
     try:
         result = cli_main(argv(tmp_path))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from background import BACKGROUND
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = [
@@ -31,15 +32,9 @@ KEYS = [
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_json_and_markdown(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_smoke_run_writes_json_and_markdown():
+    BACKGROUND.stdout("smoke")  # run beside the other tests (background.py)
+    tmp_path = BACKGROUND.root / "smoke"
     data = json.loads((tmp_path / "smoke.json").read_text())
     for key in KEYS:
         assert isinstance(data[key], float | int), key
@@ -70,13 +65,9 @@ def test_cli_startup_writes_json_and_markdown(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_writes_its_report(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_gpu_check_smoke_writes_its_report():
+    BACKGROUND.stdout("gpu_check")
+    tmp_path = BACKGROUND.root / "gpu_check"
     data = json.loads((tmp_path / "gpu_check-smoke.json").read_text())
     labels = [row["label"] for row in data["training"]]
     # every precision on CUDA; on the CPU the smoke run trains fp32 only (fp16 is refused
@@ -93,13 +84,9 @@ def test_gpu_check_smoke_writes_its_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_one_section_only(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--only", "inference",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_run_one_section_only():
+    BACKGROUND.stdout("smoke_inference")
+    tmp_path = BACKGROUND.root / "smoke_inference"
     data = json.loads((tmp_path / "smoke-inference.json").read_text())
     assert "steps" not in data["details"] and "alignment" not in data["details"]
     assert data["fresh_vs_cycled_base_inference"] > 0

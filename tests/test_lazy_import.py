@@ -77,21 +77,19 @@ print(json.dumps({{n: getattr(bas, n) is not None for n in bas.__all__}}))
     assert _run(code) == dict.fromkeys(diffusers_breakscene.__all__, True)
 
 
-@pytest.mark.slow  # imports diffusers in a subprocess
-@pytest.mark.parametrize(
-    "code",
-    [
-        # ours first, then a stock pipeline class (the hook registers when diffusers loads it)
-        "import diffusers_breakscene\nfrom diffusers import StableDiffusionPipeline as P",
-        # diffusers' pipelines already loaded: registered at import
-        "from diffusers import StableDiffusionPipeline as P\nimport diffusers_breakscene",
-        # only the top-level diffusers package loaded before
-        "import diffusers\nimport diffusers_breakscene\nP = diffusers.StableDiffusionPipeline",
-    ],
-    ids=["ours-first", "diffusers-first", "diffusers-package-first"],
-)
-def test_pipelines_get_the_methods_whatever_the_import_order(code):
-    check = f"""
+IMPORT_ORDERS = {
+    # ours first, then a stock pipeline class (the hook registers when diffusers loads it)
+    "ours-first": "import diffusers_breakscene\nfrom diffusers import StableDiffusionPipeline as P",
+    # diffusers' pipelines already loaded: registered at import
+    "diffusers-first": (
+        "from diffusers import StableDiffusionPipeline as P\nimport diffusers_breakscene"
+    ),
+    # only the top-level diffusers package loaded before
+    "diffusers-package-first": (
+        "import diffusers\nimport diffusers_breakscene\nP = diffusers.StableDiffusionPipeline"
+    ),
+}
+CHECK = """
 import json, warnings
 warnings.simplefilter("error", RuntimeWarning)
 {code}
@@ -104,10 +102,66 @@ print(json.dumps({{
                            or DiffusionPipeline.break_a_scene_adapters, property),
 }}))
 """
-    assert _run(check) == {"same": True, "unload": True, "adapters": True}
+
+
+@pytest.mark.slow  # imports diffusers in subprocesses
+def test_pipelines_get_the_methods_whatever_the_import_order():
+    # the three fresh interpreters run side by side (each mostly waits on imports)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", CHECK.format(code=code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name, code in IMPORT_ORDERS.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (name, err[-3000:])
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got == {"same": True, "unload": True, "adapters": True}, name
 
 
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         diffusers_breakscene.Nope  # noqa: B018
     assert "BreakASceneTrainer" in dir(diffusers_breakscene)
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_quiet_refuses_bad_settings_before_diffusers_loads():
+    code = f"""
+import contextlib, io, json, sys
+from diffusers_breakscene.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    rc = main(["train", "--scene-dir", "s", "--output", "o", "--phase1-steps", "-1", "--quiet"])
+loaded = json.loads({LOADED})
+print(json.dumps({{"rc": rc, "said": "phase1_steps" in err.getvalue(), "loaded": loaded}}))
+"""
+    got = _run(code)
+    assert got["rc"] == 1 and got["said"]
+    assert got["loaded"] == dict.fromkeys(HEAVY, False)
+
+
+def test_after_import_runs_now_or_when_the_module_loads(tmp_path, monkeypatch):
+    from diffusers_breakscene.import_hooks import after_import, cancel
+
+    (tmp_path / "late_module.py").write_text("VALUE = 41\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen: list[int] = []
+    after_import("late_module", lambda m: seen.append(m.VALUE + 1))
+    after_import("late_module", lambda m: seen.append(m.VALUE + 2))
+    dropped = seen.append
+    after_import("late_module", dropped)
+    cancel("late_module", dropped)
+    assert seen == []
+    import late_module  # noqa: F401
+
+    assert seen == [42, 43]
+    after_import("late_module", lambda m: seen.append(0))  # already loaded: at once
+    assert seen == [42, 43, 0]
+    monkeypatch.delitem(sys.modules, "late_module")

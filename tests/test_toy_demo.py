@@ -4,8 +4,6 @@ experiment the benchmark runs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,13 +68,11 @@ def test_default_demo_learns_a_toy_scene_and_scores_it(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_toy_world_benchmark_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "toy_world.py"), "--smoke", "--out",
-         str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_toy_world_benchmark_smoke():
+    from background import BACKGROUND
+
+    BACKGROUND.stdout("toy_world")  # run beside the other tests (background.py)
+    tmp_path = BACKGROUND.root / "toy_world"
     report = json.loads((tmp_path / "toy_world-smoke.json").read_text())
     assert {row["variant"] for row in report["rows"]} == {"ours", "phase1", "base"}
     assert "| ours |" in (tmp_path / "toy_world-smoke.md").read_text()

@@ -144,17 +144,11 @@ def test_shipped_text_encoder_uses_the_classic_key_layout():
 
 
 @pytest.mark.slow
-def test_toy_model_benchmark_smoke(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_toy_model_benchmark_smoke():
+    from background import BACKGROUND
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "toy_model.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    BACKGROUND.stdout("toy_model")  # run beside the other tests (background.py)
+    tmp_path = BACKGROUND.root / "toy_model"
     report = json.loads((tmp_path / "toy_model-smoke.json").read_text())
     assert report["generation"]["one_object"]["prompts"] == 4
     assert set(report["attention"]) == {"train", "heldout"}

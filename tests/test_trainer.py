@@ -7,9 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_config
+from safetensors import safe_open
 
 import diffusers_breakscene as bas
 from diffusers_breakscene.metrics import evaluate_alignment
@@ -439,3 +441,46 @@ def test_validation_pictures_go_to_the_trackers(tmp_path):
     logged = sorted((step, key, n) for step, values in recorder.images for key, n in values.items())
     assert logged == [(1, "attention", 1), (1, "validation", 1),
                       (2, "attention", 1), (2, "validation", 1)]  # fmt: skip
+
+
+def test_reference_phase_two_fine_tunes_the_whole_text_encoder(tmp_path):
+    """phase2="full" + train_text_encoder: the reference code's phase 2 (UNet and text encoder
+    trained); the text encoder is saved without the handle rows and loads beside the base."""
+    from transformers import CLIPTextModel
+
+    base = tiny_pipeline("sd1")
+    before = {k: v.clone() for k, v in base.text_encoder.state_dict().items()}
+    vocab = len(base.tokenizer)
+    cfg = config(phase2="full", train_text_encoder=True, phase2_full_learning_rate=1e-3,
+                 phase1_steps=1, phase2_steps=2, checkpointing_steps=2)  # fmt: skip
+    trainer = bas.BreakASceneTrainer(base, tiny_scene(RES), cfg)
+    path = trainer.train(tmp_path, progress=False)
+    saved = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+    assert saved.get_input_embeddings().weight.shape[0] == vocab == saved.config.vocab_size
+    changed = [k for k, v in saved.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("self_attn.q_proj" in k for k in changed) and any("mlp" in k for k in changed)
+    with safe_open(tmp_path / "checkpoints" / "checkpoint-3" / "state.safetensors", "pt") as f:
+        assert any(k.startswith("param.text_encoder.") for k in f.keys())  # noqa: SIM118
+    # the stock way: the trained UNet and text encoder into a pipeline, then the handles
+    from diffusers import UNet2DConditionModel
+
+    pipe = tiny_pipeline("sd1")
+    pipe.unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    pipe.text_encoder = saved
+    pipe.load_break_a_scene(path)
+    image = pipe("a photo of <asset0>", num_inference_steps=1, height=RES, width=RES,
+                 output_type="np").images[0]  # fmt: skip
+    assert np.isfinite(image).all()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train_text_encoder": True}, 'goes with phase2="full" only'),
+        ({"train_text_encoder": True, "phase2": "full", "train_text_encoder_lora": True},
+         "both train the text encoder"),
+    ],
+)  # fmt: skip
+def test_train_text_encoder_needs_full_phase_two(changes, message):
+    with pytest.raises(bas.InvalidConfigError, match=message):
+        config(**changes)

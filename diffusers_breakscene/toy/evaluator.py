@@ -54,6 +54,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import InvalidArgumentError, MissingFileError, fail
+from ..mask_ops import erode
+from ..mask_ops import regions as connected_regions
 from .world import (
     COLOURS,
     PATTERNS,
@@ -745,39 +747,6 @@ def _background_palette(setting: str) -> np.ndarray:
     return np.array(sorted(colours), dtype=np.float32) / 255.0
 
 
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-    """8-connected components of a bool mask."""
-    h, w = mask.shape
-    seen = np.zeros_like(mask)
-    out = []
-    for y0, x0 in zip(*np.nonzero(mask), strict=True):
-        if seen[y0, x0]:
-            continue
-        comp = np.zeros_like(mask)
-        stack = [(int(y0), int(x0))]
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            comp[y, x] = True
-            for dy in (-1, 0, 1):
-                for dx in (-1, 0, 1):
-                    yy, xx = y + dy, x + dx
-                    if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
-                        seen[yy, xx] = True
-                        stack.append((yy, xx))
-        out.append(comp)
-    return out
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    out = mask.copy()
-    out[1:] &= mask[:-1]
-    out[:-1] &= mask[1:]
-    out[:, 1:] &= mask[:, :-1]
-    out[:, :-1] &= mask[:, 1:]
-    return out
-
-
 def colour_regions(image: Any, setting: str, min_area: int = 12) -> list[tuple[np.ndarray, int]]:
     """The one-colour regions of a toy-world image: ``(mask, colour index)`` pairs, largest
     first (``mask``: bool, 64x64; colour index into the world's colours).
@@ -808,8 +777,8 @@ def colour_regions(image: Any, setting: str, min_area: int = 12) -> list[tuple[n
     label = np.where(d_obj.min(1) < d_bg, obj_name[nearest], -1).reshape(arr.shape[:2])
     regions = []
     for k in np.unique(label[label >= 0]):
-        for comp in _components(label == k):
-            if _erode(comp).sum() >= min_area:
+        for comp in connected_regions(label == k, connectivity=8):
+            if erode(comp).sum() >= min_area:
                 regions.append((comp, int(k)))
     return sorted(regions, key=lambda r: -int(r[0].sum()))
 
