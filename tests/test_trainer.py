@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -229,7 +230,9 @@ SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     save_file({{k: v.contiguous() for k, v in state.items()}},
               {out!r} + f"/rank{{accelerator.process_index}}.safetensors")
-    print("world", accelerator.num_processes, "rank", accelerator.process_index)
+    # one write per rank (a pipe keeps writes under 4 KiB whole; print() writes word by word)
+    sys.stdout.write(f"world {{accelerator.num_processes}} rank {{accelerator.process_index}}\\n")
+    sys.stdout.flush()
     """
 )
 
@@ -249,7 +252,8 @@ def test_two_process_torchrun_completes_and_ranks_agree(tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("world 2") == 2
+    ranks = sorted(re.findall(r"world (\d+) rank (\d+)", result.stdout))
+    assert ranks == [("2", "0"), ("2", "1")], result.stdout
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "break_a_scene.safetensors").is_file()
