@@ -195,7 +195,7 @@ def masks_from_words(
     from diffusers import DDPMScheduler
 
     from .attention import AttentionStore
-    from .viz import token_attention_maps
+    from .viz import _normalise, token_attention_maps
 
     phrases = _check_words(words)
     photo = load_image(image)
@@ -279,11 +279,6 @@ def _phrase_positions(tokenizer: Any, prompt: str, phrases: list[str]) -> list[l
             )
         out.append(found)
     return out
-
-
-def _normalise(arr: np.ndarray) -> np.ndarray:
-    low, high = float(arr.min()), float(arr.max())
-    return (arr - low) / (high - low) if high > low else np.zeros_like(arr, dtype=np.float32)
 
 
 def _to_size(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:

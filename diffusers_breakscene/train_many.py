@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -286,7 +287,7 @@ def _train_one(
         result.status = "done"
         (out / "error.txt").unlink(missing_ok=True)
         if not keep_checkpoints:
-            _remove_tree(out / "checkpoints")
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     except Exception as err:  # one scene's failure must not stop the others
         result.error = f"{type(err).__name__}: {err}"
         out.mkdir(parents=True, exist_ok=True)
@@ -329,12 +330,6 @@ def _identity(
                 ).images[0]
             scores.append(evaluator.identity_similarity(image, view.image, mask))
     return round(sum(scores) / len(scores), 4)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _one_line(result: SceneResult) -> str:
