@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from . import __version__
-from .base_pipeline import BUILTIN_MODELS, DEFAULT_MODEL, available_model_id
+from .base_pipeline import BUILTIN_MODELS, DEFAULT_MODEL, TOY_MODEL, available_model_id
 from .config import BreakASceneConfig
 from .errors import (
     BreakSceneError,
@@ -695,6 +695,19 @@ def _cmd_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_studio(args: argparse.Namespace) -> int:
+    from .files import check_output_dir
+    from .studio import launch_studio
+
+    check_output_dir(args.output, "--output")  # before Gradio and the model are loaded
+    _say(args, f"Starting the studio on {args.model}; runs are written to {args.output}/ ...")
+    launch_studio(
+        args.model, args.output, host=args.host, port=args.port, open_browser=args.open,
+        quiet=args.quiet,
+    )  # fmt: skip
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -953,6 +966,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="Segment Anything checkpoint: hub id or folder (default: facebook/sam-vit-base)",
     )
     mk.set_defaults(func=_cmd_masks)
+
+    studio = add(
+        "studio",
+        "a local web page from photo to bundle: masks, brush, training, prompts (Gradio)",
+        "breakscene studio --model toy --output studio-runs",
+    )
+    studio.add_argument(
+        "--model",
+        default=TOY_MODEL,
+        help=f"base pipeline: hub id, folder or {_BUILTIN} (default: {TOY_MODEL})",
+    )
+    studio.add_argument(
+        "--output", default="breakscene-studio", help="folder for the runs (default: %(default)s)"
+    )
+    studio.add_argument("--host", default="127.0.0.1", help="address to serve on (%(default)s)")
+    studio.add_argument(
+        "--port", type=int, default=None, help="port (default: 7860 or the next free one)"
+    )
+    studio.add_argument("--open", action="store_true", help="open the page in a browser")
+    studio.set_defaults(func=_cmd_studio)
 
     train = add(
         "train",

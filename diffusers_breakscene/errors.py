@@ -24,6 +24,7 @@ __all__ = [
     "InvalidBundleError",
     "InvalidConfigError",
     "InvalidSceneError",
+    "MissingDependencyError",
     "MissingFileError",
     "NonFiniteLossError",
     "TokenConflictError",
@@ -82,6 +83,10 @@ class IncompatibleBaseError(BreakSceneError, ValueError):
 
 class TokenConflictError(BreakSceneError, ValueError):
     """A handle token already exists in the tokenizer (or in another loaded bundle)."""
+
+
+class MissingDependencyError(BreakSceneError, ImportError):
+    """An optional dependency (an extra such as ``[studio]``) is not installed."""
 
 
 class MissingFileError(BreakSceneError, FileNotFoundError):

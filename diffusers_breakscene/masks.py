@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -76,14 +77,16 @@ class MaskProposal:
         return [label.split()[-1] if label.split() else label for label in self.labels]
 
     def preview(self, alpha: float = 0.45) -> Image.Image:
-        """The photo with each mask tinted in its own colour and outlined, and a legend.
+        """The photo with each mask tinted in its own colour and outlined, and a legend below
+        (the sheet is widened when a label is longer than the photo is wide).
 
         Example:
             >>> import numpy as np
             >>> from PIL import Image
             >>> m = np.zeros((32, 32), bool); m[4:12, 4:12] = True
-            >>> MaskProposal(Image.new("RGB", (32, 32)), ["a cup"], [m]).preview().size[0]
-            32
+            >>> sheet = MaskProposal(Image.new("RGB", (32, 32)), ["a cup"], [m]).preview()
+            >>> sheet.width > 32 and sheet.height > 32  # "mask0: a cup" does not fit in 32 px
+            True
         """
         from PIL import ImageDraw
 
@@ -96,13 +99,16 @@ class MaskProposal:
             out[edge] = colour
         picture = Image.fromarray(out.clip(0, 255).astype(np.uint8))
         line = 14
-        legend = Image.new("RGB", (picture.width, line * len(self.labels) + 4), "white")
+        texts = [f"mask{k}: {label}" for k, label in enumerate(self.labels)]
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        width = max([picture.width, *(16 + math.ceil(measure.textlength(t)) + 4 for t in texts)])
+        legend = Image.new("RGB", (width, line * len(texts) + 4), "white")
         draw = ImageDraw.Draw(legend)
-        for k, label in enumerate(self.labels):
+        for k, text in enumerate(texts):
             colour = _COLOURS[k % len(_COLOURS)]
             draw.rectangle((2, 2 + k * line, 12, 12 + k * line), fill=colour)
-            draw.text((16, 1 + k * line), f"mask{k}: {label}", fill=(0, 0, 0))
-        sheet = Image.new("RGB", (picture.width, picture.height + legend.height), "white")
+            draw.text((16, 1 + k * line), text, fill=(0, 0, 0))
+        sheet = Image.new("RGB", (width, picture.height + legend.height), "white")
         sheet.paste(picture, (0, 0))
         sheet.paste(legend, (0, picture.height))
         return sheet

@@ -80,6 +80,14 @@ NOTES = {
         "Anything (`--sam-model`, with `--label` names). A folder that already holds an image "
         "or masks is refused. See [Making masks](masks.md#proposed-masks-breakscene-masks)."
     ),
+    "studio": (
+        "Serves a local web page (Gradio; `pip install 'diffusers-breakscene[studio]'`) from "
+        "photo to bundle: upload a photo, propose a mask per object from words, correct the "
+        "masks with a brush, name the handles, train with a progress bar and live validation "
+        "pictures, generate, download the bundle or load one back. Each run is written to "
+        "`--output/run-N/` (scene folder, validation pictures, bundle). Serves on "
+        "`127.0.0.1` until Ctrl+C. See [The studio](studio.md)."
+    ),
     "train-many": (
         "Trains every subfolder of `SCENES_DIR` (a scene folder in either layout of [Datasets "
         "of scenes](datasets.md), with an optional `scene.json` for its words) from a fresh "

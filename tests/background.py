@@ -56,6 +56,8 @@ def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
                       *out("toy_world")]),
         "toy_model": ("test_toy_model", [str(BENCH / "toy_model.py"), "--smoke",
                       *out("toy_model")]),
+        "studio_browser": ("test_studio", [str(REPO / "tests" / "studio_browser.py"),
+                           *out("studio_browser")]),
     }  # fmt: skip
 
 

@@ -104,12 +104,27 @@ def test_a_proposal_becomes_a_scene_folder_that_trains(tmp_path):
     scene = bas.Scene.from_dir(folder)
     assert scene.initializer_tokens == ["cup"] and np.array_equal(scene.masks[0], mask)
     preview = Image.open(folder / "preview.png")
-    assert preview.width == 64 and preview.height > 48  # the legend below
+    assert preview.height > 48  # the legend below
+    assert np.array_equal(np.asarray(preview)[:48, :64], np.asarray(proposal.preview())[:48, :64])
     assert proposal.to_scene().num_concepts == 1
     with pytest.raises(InvalidArgumentError, match=r"already holds \['img.png', 'mask0.png'\]"):
         proposal.save_scene_dir(folder)
     with pytest.raises(InvalidArgumentError, match="already holds"):
         check_scene_folder(folder)
+
+
+def test_the_preview_legend_is_never_cut_at_the_photo_edge():
+    from PIL import ImageDraw
+
+    mask = np.zeros((16, 16), bool)
+    mask[2:8, 2:8] = True
+    label = "a very long description of a small object"
+    sheet = MaskProposal(Image.new("RGB", (16, 16)), [label], [mask]).preview()
+    text = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(f"mask0: {label}")
+    assert sheet.width >= 16 + text
+    legend = np.asarray(sheet.convert("L"))[16:]
+    inked = np.nonzero((legend < 128).any(axis=0))[0]
+    assert inked.max() < sheet.width - 2  # the last letter ends inside the sheet
 
 
 def test_masks_from_sam_runs_a_tiny_sam_from_points_or_boxes(sam_folder):
