@@ -708,6 +708,62 @@ def _cmd_studio(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import (
+        ClipDinoScorer,
+        ToyScorer,
+        evaluate_images,
+        generate_for_evaluation,
+        read_image_folder,
+    )
+    from .scene import Scene
+
+    if bool(args.images) == bool(args.bundle):
+        raise InvalidArgumentError(
+            "say what to evaluate in one way: --images FOLDER (generated images, each with its "
+            "prompt in NAME.txt), or --bundle BUNDLE --prompt PROMPT ... (generated here)."
+        )
+    if args.bundle and not args.prompt:
+        raise InvalidArgumentError(
+            "--bundle needs prompts to generate: --prompt 'a photo of <asset0> on the beach' ..."
+        )
+    check_output_dir(args.output, "--output folder")  # before any model is loaded
+    scene = Scene.from_dir(args.scene_dir)
+    metrics = args.metrics
+    if metrics == "auto":
+        metrics = "toy" if args.model == TOY_MODEL else "clip-dino"
+    if metrics == "toy":
+        scorer = ToyScorer()
+    else:
+        _say(args, f"Loading {args.clip_model}, {args.dino_model} and {args.segmenter} ...")
+        segmenter = None if args.segmenter == "none" else args.segmenter
+        scorer = ClipDinoScorer(args.clip_model, args.dino_model, segmenter)
+    out = Path(args.output).expanduser()
+    if args.images:
+        images = read_image_folder(args.images, args.prompt[0] if args.prompt else None)
+    else:
+        pipe, tokens = _load_with_bundles(args)
+        missing = [t for t in scene.tokens if t not in tokens]
+        if missing:
+            raise InvalidArgumentError(
+                f"the scene's handles {missing} are not in the bundles (tokens {tokens}); pass "
+                "the --scene-dir the bundle was trained on."
+            )
+        size = 64 if args.model == TOY_MODEL else args.height
+        images = generate_for_evaluation(
+            pipe, args.prompt, out / "images", num_images=args.num_images, steps=args.steps,
+            seed=args.seed, size=size, progress=not args.quiet,
+        )  # fmt: skip
+    report = evaluate_images(scorer, scene, images, args.class_word or None)
+    json_path, md_path = report.save(out)
+    summary = report.summary()
+    _say(args, f"{len(report.rows)} images, metric {report.metric}:")
+    for key, label in (("prompt", "prompt similarity  "), ("identity", "identity similarity")):
+        _say(args, f"  {label} {summary[key]['mean']:.3f} ± {summary[key]['std']:.3f}")
+    _say(args, f"Report: {md_path} and {json_path}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -720,7 +776,9 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser, steps: int = 25) -> None:
+def _add_generation_flags(
+    parser: argparse.ArgumentParser, steps: int = 25, bundle_required: bool = True
+) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -730,7 +788,8 @@ def _add_generation_flags(parser: argparse.ArgumentParser, steps: int = 25) -> N
     parser.add_argument(
         "--bundle",
         **_LIST,
-        required=True,
+        required=bundle_required,
+        default=[],
         help="bundle file, folder or hub repo id; several to load several",
     )
     parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
@@ -966,6 +1025,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="Segment Anything checkpoint: hub id or folder (default: facebook/sam-vit-base)",
     )
     mk.set_defaults(func=_cmd_masks)
+
+    ev = add(
+        "evaluate",
+        "score generated images the paper's way: prompt and identity similarity",
+        "breakscene evaluate --scene-dir my_scene --bundle out --prompt 'a photo of <asset0>' "
+        "--model toy --output eval",
+    )
+    ev.add_argument("--scene-dir", required=True, help="the scene the handles were trained on")
+    ev.add_argument("--output", required=True, help="folder for report.json / report.md")
+    ev.add_argument(
+        "--images", default=None, help="folder of generated images (prompt of NAME.png: NAME.txt)"
+    )
+    ev.add_argument(
+        "--prompt", **_LIST, default=[], help="prompts to generate (with --bundle), or the "
+        "prompt of --images that have no NAME.txt",
+    )  # fmt: skip
+    _add_generation_flags(ev, bundle_required=False)  # --bundle, or --images
+    ev.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt")
+    ev.add_argument(
+        "--metrics", choices=["auto", "toy", "clip-dino"], default="auto",
+        help="toy: the toy evaluator; clip-dino: CLIP prompt and DINO identity similarity "
+        "(default auto: toy with --model toy)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--class-word", **_LIST, default=[], metavar="WORD",
+        help="per handle, the words that replace it (default: the scene's initializer words; "
+        "on the toy model what the evaluator reads off the object)",
+    )  # fmt: skip
+    # The defaults of diffusers_breakscene.evaluation, written here so that the command line
+    # does not import torch to build its parser (a test keeps the two the same).
+    ev.add_argument(
+        "--clip-model", default="openai/clip-vit-large-patch14", help="CLIPModel id or folder"
+    )
+    ev.add_argument("--dino-model", default="facebook/dinov2-base", help="DINO(v2) id or folder")
+    ev.add_argument(
+        "--segmenter", default="CIDAS/clipseg-rd64-refined",
+        help="CLIPSeg id or folder that finds the generated object; 'none': the whole image",
+    )  # fmt: skip
+    ev.set_defaults(func=_cmd_evaluate)
 
     studio = add(
         "studio",

@@ -153,6 +153,18 @@ def _load_handles(pipe, bundle: Bundle, tokens: list[str]) -> None:
     pipe.load_textual_inversion(
         rows.to(encoder.dtype), token=tokens, tokenizer=pipe.tokenizer, text_encoder=encoder
     )
+    if bundle.handles_2:  # SDXL: the same tokens get their rows in the second encoder too
+        rows_2 = torch.cat([bundle.handles_2[t].reshape(-1, bundle.handles_2[t].shape[-1])
+                            for t in bundle.tokens])  # fmt: skip
+        encoder_2 = pipe.text_encoder_2
+        try:
+            pipe.load_textual_inversion(
+                rows_2.to(encoder_2.dtype), token=tokens, tokenizer=pipe.tokenizer_2,
+                text_encoder=encoder_2,
+            )  # fmt: skip
+        except Exception:
+            _remove_tokens(pipe, tokens)  # never half-loaded: the first encoder's rows go too
+            raise
 
 
 def _load_lora(pipe, bundle: Bundle, name: str, **options: Any) -> None:
@@ -210,12 +222,17 @@ def _remove(pipe, name: str, tokens: list[str]) -> None:
 
 
 def _remove_tokens(pipe, tokens: list[str]) -> None:
-    vocab = pipe.tokenizer.get_vocab()
-    present = [t for t in tokens if t in vocab]
-    if present:
-        pipe.unload_textual_inversion(
-            tokens=present, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
-        )
+    pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+    for tokenizer_name, encoder_name in pairs:
+        tokenizer = getattr(pipe, tokenizer_name, None)
+        if tokenizer is None:
+            continue
+        vocab = tokenizer.get_vocab()
+        present = [t for t in tokens if t in vocab]
+        if present:
+            pipe.unload_textual_inversion(
+                tokens=present, tokenizer=tokenizer, text_encoder=getattr(pipe, encoder_name)
+            )
 
 
 class BreakAScenePipelineMixin:

@@ -5,16 +5,19 @@ a real ``CLIPTokenizer``) at a few hundred thousand parameters, so the demo, the
 benchmarks run the same code paths as a full Stable Diffusion model, in seconds, on a CPU and with
 no model hub. They show the workflow, not image quality: the weights are random.
 
-Two families exist today; the table in :data:`FAMILIES` is the one place to add another (an
-SDXL-style family needs a second text encoder and ``addition_embed_type="text_time"``):
+Three families exist; the table in :data:`FAMILIES` is the one place to add another:
 
 * ``"sd1"``: epsilon prediction, convolutional ``proj_in``/``proj_out`` in the transformer blocks.
 * ``"sd2"``: v-prediction, linear projections, upcast attention and a wider text encoder.
+* ``"sdxl"``: a ``StableDiffusionXLPipeline``: two text encoders (the second with a projection),
+  ``addition_embed_type="text_time"``, three UNet levels of which the first has no attention
+  (SDXL's layout), and SDXL's VAE scaling factor. Loading bundles works on it; training does not
+  yet.
 
-Both mirror Stable Diffusion's block layout: four UNet levels, cross-attention on the first three,
-a VAE that downsamples by 8. At the default 256 px the latent is 32x32 and the cross-attention level
-the Break-A-Scene loss uses (latent / 4) is 8x8, found at ``down_blocks.2`` and ``up_blocks.1``
-exactly as in SD1/SD2.
+SD1 and SD2 mirror Stable Diffusion's block layout: four UNet levels, cross-attention on the
+first three, a VAE that downsamples by 8. At the default 256 px the latent is 32x32 and the
+cross-attention level the Break-A-Scene loss uses (latent / 4) is 8x8, found at
+``down_blocks.2`` and ``up_blocks.1`` exactly as in SD1/SD2 (and SDXL).
 
 Example:
     >>> from diffusers_breakscene.tiny import tiny_pipeline
@@ -38,6 +41,9 @@ __all__ = [
     "FAMILIES",
     "TINY_WORDS",
     "TinySpec",
+    "save_tiny_clip",
+    "save_tiny_clipseg",
+    "save_tiny_dino",
     "save_tiny_pipeline",
     "save_tiny_sam",
     "sd_scheduler",
@@ -85,6 +91,11 @@ class TinySpec:
     use_linear_projection: bool
     upcast_attention: bool
     vae_block_out_channels: tuple[int, ...]
+    #: SDXL: the second text encoder's width (0: no second encoder), its time-id embedding
+    #: width, and transformer layers per UNet level.
+    text_2_hidden_size: int = 0
+    addition_time_embed_dim: int = 0
+    transformer_layers_per_block: int | tuple[int, ...] = 1
 
 
 #: The tiny families. Cross-attention dim = text hidden size, as in SD1 (768) and SD2 (1024).
@@ -110,6 +121,23 @@ FAMILIES: dict[str, TinySpec] = {
         use_linear_projection=True,
         upcast_attention=True,
         vae_block_out_channels=(16, 16, 32, 32),
+    ),
+    # SDXL's layout: three UNet levels, the first without attention, cross-attention on the
+    # concatenated hidden states of two text encoders (the second with a projection, whose
+    # pooled output and the six time ids form the "text_time" added embedding).
+    "sdxl": TinySpec(
+        prediction_type="epsilon",
+        text_hidden_size=32,
+        text_intermediate_size=64,
+        text_hidden_act="quick_gelu",
+        unet_block_out_channels=(32, 64, 64),
+        unet_attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        upcast_attention=False,
+        vae_block_out_channels=(16, 16, 32, 32),
+        text_2_hidden_size=48,
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1, 2),
     ),
 }
 
@@ -195,11 +223,29 @@ def tiny_components(
         'v_prediction'
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     spec = _spec(family)
     tokenizer = tiny_tokenizer()
     levels = len(spec.unet_block_out_channels)
+    sdxl = spec.text_2_hidden_size > 0
+    if sdxl:
+        blocks = {
+            "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+            "up_block_types": ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+            "cross_attention_dim": spec.text_hidden_size + spec.text_2_hidden_size,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": spec.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": spec.text_2_hidden_size
+            + 6 * spec.addition_time_embed_dim,
+            "transformer_layers_per_block": spec.transformer_layers_per_block,
+        }
+    else:
+        blocks = {
+            "down_block_types": ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+            "cross_attention_dim": spec.text_hidden_size,
+        }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -208,13 +254,11 @@ def tiny_components(
             out_channels=4,
             layers_per_block=1,
             block_out_channels=spec.unet_block_out_channels,
-            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-            cross_attention_dim=spec.text_hidden_size,
             attention_head_dim=spec.unet_attention_head_dim,
             use_linear_projection=spec.use_linear_projection,
             upcast_attention=spec.upcast_attention,
             norm_num_groups=8,
+            **blocks,
         )
         vae = AutoencoderKL(
             in_channels=3,
@@ -226,34 +270,45 @@ def tiny_components(
             layers_per_block=1,
             norm_num_groups=8,
             sample_size=resolution,
+            **({"scaling_factor": 0.13025, "force_upcast": True} if sdxl else {}),
         )
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=spec.text_hidden_size,
-                intermediate_size=spec.text_intermediate_size,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                hidden_act=spec.text_hidden_act,
-                projection_dim=spec.text_hidden_size,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            _clip_text_config(spec.text_hidden_size, spec.text_intermediate_size, spec, tokenizer)
         )
+        if sdxl:
+            width = spec.text_2_hidden_size
+            text_encoder_2 = CLIPTextModelWithProjection(
+                _clip_text_config(width, 2 * width, spec, tokenizer)
+            )
     scheduler = sd_scheduler(spec.prediction_type)
-    for model in (unet, vae, text_encoder):
-        model.eval()
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": scheduler,
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
+    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+             "scheduler": scheduler}  # fmt: skip
+    if sdxl:
+        parts.update(text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer())
+    else:
+        parts.update(safety_checker=None, feature_extractor=None)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name in parts:
+            parts[name].eval()
+    return parts
+
+
+def _clip_text_config(width: int, intermediate: int, spec: TinySpec, tokenizer: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=spec.text_hidden_act,
+        projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> Any:
@@ -297,9 +352,10 @@ def tiny_pipeline(
         >>> type(pipe).__name__
         'StableDiffusionImg2ImgPipeline'
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipeline_cls = pipeline_cls or StableDiffusionPipeline
+    sdxl = family != "toy" and _spec(family).text_2_hidden_size > 0
+    pipeline_cls = pipeline_cls or (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline)
     if (
         family == "toy"
     ):  # trained weights, shipped with the package: seed and resolution do not apply
@@ -311,7 +367,9 @@ def tiny_pipeline(
         pipe.set_progress_bar_config(disable=True)
         return pipe
     components = tiny_components(family, seed=seed, resolution=resolution)
-    pipe = pipeline_cls(**components, requires_safety_checker=False, **extra_components)
+    if not sdxl:
+        components["requires_safety_checker"] = False
+    pipe = pipeline_cls(**components, **extra_components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -417,4 +475,108 @@ def save_tiny_sam(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     path = Path(directory)
     model.save_pretrained(path)
     processor.save_pretrained(path)
+    return path
+
+
+def _text_config(vocab_size: int, width: int) -> dict[str, Any]:
+    return {"vocab_size": vocab_size, "hidden_size": width, "intermediate_size": 2 * width,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
+            "projection_dim": 16}  # fmt: skip
+
+
+def _vision_config(width: int, layers: int = 2) -> dict[str, Any]:
+    return {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+            "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+            "projection_dim": 16}  # fmt: skip
+
+
+def save_tiny_clip(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Save a CLIP model with random weights and 32 px inputs (``CLIPModel`` and
+    ``CLIPProcessor`` with :func:`tiny_tokenizer`) for offline tests of
+    :class:`~diffusers_breakscene.evaluation.ClipDinoScorer`: the real code runs, its scores
+    mean nothing.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import CLIPModel
+        >>> path = save_tiny_clip(tempfile.mkdtemp())
+        >>> CLIPModel.from_pretrained(path).config.vision_config.image_size
+        32
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=_text_config(len(tokenizer), 32), vision_config=_vision_config(32),
+        projection_dim=16,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    path = Path(directory)
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def save_tiny_dino(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Save a DINOv2 model with random weights and 32 px inputs (``Dinov2Model`` and its
+    image processor) for offline tests of the identity metric.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoModel
+        >>> AutoModel.from_pretrained(save_tiny_dino(tempfile.mkdtemp())).config.model_type
+        'dinov2'
+    """
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32,
+        patch_size=8,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Dinov2Model(config).eval()
+    path = Path(directory)
+    model.save_pretrained(path)
+    BitImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True
+    ).save_pretrained(path)
+    return path
+
+
+def save_tiny_clipseg(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Save a CLIPSeg model with random weights and 32 px inputs
+    (``CLIPSegForImageSegmentation`` and ``CLIPSegProcessor``) for offline tests of the
+    segmentation of generated objects.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import CLIPSegForImageSegmentation
+        >>> path = save_tiny_clipseg(tempfile.mkdtemp())
+        >>> CLIPSegForImageSegmentation.from_pretrained(path).config.reduce_dim
+        16
+    """
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        ViTImageProcessor,
+    )
+
+    tokenizer = tiny_tokenizer()
+    config = CLIPSegConfig(
+        text_config=_text_config(len(tokenizer), 32), vision_config=_vision_config(32, 3),
+        projection_dim=16, reduce_dim=16, extract_layers=[1, 2], decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPSegForImageSegmentation(config).eval()
+    images = ViTImageProcessor(size={"height": 32, "width": 32})
+    path = Path(directory)
+    model.save_pretrained(path)
+    CLIPSegProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
     return path

@@ -159,6 +159,12 @@ class BreakASceneTrainer:
         self.pipeline = as_pipeline(
             pipeline_or_path, revision=revision, variant=variant, cache_dir=cache_dir
         )
+        if getattr(self.pipeline, "text_encoder_2", None) is not None:
+            raise InvalidConfigError(
+                f"{type(self.pipeline).__name__} has two text encoders (SDXL): training on SDXL "
+                "is not supported yet (bundles trained elsewhere load into SDXL pipelines); "
+                "train on an SD1/SD2 pipeline."
+            )
         self.base_model = (
             str(pipeline_or_path)
             if isinstance(pipeline_or_path, str | os.PathLike)

@@ -80,6 +80,15 @@ NOTES = {
         "Anything (`--sam-model`, with `--label` names). A folder that already holds an image "
         "or masks is refused. See [Making masks](masks.md#proposed-masks-breakscene-masks)."
     ),
+    "evaluate": (
+        "Scores images generated with a scene's handles the paper's way: each handle in a "
+        "prompt is replaced by its object's words, then prompt similarity (CLIP, or the toy "
+        "evaluator's prompt accuracy) and identity similarity (DINO on masked object crops, or "
+        "the toy evaluator's embeddings) are taken. The images come from `--images` (each "
+        "`NAME.png` with its prompt in `NAME.txt`) or are generated from `--bundle` with "
+        "`--prompt` (written to `OUTPUT/images/`). Writes `OUTPUT/report.json` and "
+        "`report.md`. See [Evaluating](evaluate.md)."
+    ),
     "studio": (
         "Serves a local web page (Gradio; `pip install 'diffusers-breakscene[studio]'`) from "
         "photo to bundle: upload a photo, propose a mask per object from words, correct the "

@@ -44,7 +44,9 @@ def test_tokenizer_is_deterministic():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_components_are_deterministic_for_a_seed(family):
     a, b, c = (tiny_components(family, seed=s) for s in (0, 0, 1))
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name not in a:
+            continue
         sa, sb, sc = (x[name].state_dict() for x in (a, b, c))
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
         assert any(not torch.equal(sa[k], sc[k]) for k in sa)
@@ -67,7 +69,7 @@ def test_families_differ_where_compatibility_checks_look():
     assert sd2.unet.config.cross_attention_dim != sd1.unet.config.cross_attention_dim
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ["sd1", "sd2"])  # SDXL's: tests/test_sdxl.py
 def test_round_trip_through_save_pretrained_generates_the_same_image(family, tiny_model_dirs):
     def generate(pipe):
         pipe.set_progress_bar_config(disable=True)
@@ -90,5 +92,5 @@ def test_round_trip_through_save_pretrained_generates_the_same_image(family, tin
 
 
 def test_unknown_family_is_refused():
-    with pytest.raises(ValueError, match="sdxl"):
-        tiny_pipeline("sdxl")
+    with pytest.raises(ValueError, match="sd3"):
+        tiny_pipeline("sd3")

@@ -241,6 +241,15 @@ def check_fits_pipeline(
                 f"{width}",
                 _OTHER_BASE,
             )
+    if handles and not handles_2 and getattr(pipeline, "text_encoder_2", None) is not None:
+        # The first encoder's width can match (SD1 and SDXL both start with CLIP ViT-L, 768),
+        # but the second encoder would not know the tokens: the bundle would half-load.
+        fail(
+            IncompatibleBaseError,
+            "the bundle has handles for one text encoder (an SD1/SD2 bundle) but the pipeline has "
+            "two (SDXL); its handles would reach only the first",
+            _OTHER_BASE,
+        )
     modules: dict[str, dict[str, Any]] = {}
     for key, tensor in lora.items():
         component, rest = key.split(".", 1)

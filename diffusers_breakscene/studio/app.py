@@ -50,6 +50,13 @@ def _message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _page_error(gr: Any, fn: Callable[..., Any], error: Exception) -> Exception:
+    """The message the page shows for ``error`` (logged with its traceback when unexpected)."""
+    if not isinstance(error, BreakSceneError):
+        _log.exception("studio: %s failed", fn.__name__)
+    return gr.Error(_message(error), duration=None)
+
+
 def _shown(gr: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with every exception turned into a message in the page."""
 
@@ -60,9 +67,7 @@ def _shown(gr: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
         except gr.Error:
             raise
         except Exception as error:
-            if not isinstance(error, BreakSceneError):
-                _log.exception("studio: %s failed", fn.__name__)
-            raise gr.Error(_message(error), duration=None) from error
+            raise _page_error(gr, fn, error) from error
 
     return wrapper
 
@@ -77,9 +82,7 @@ def _shown_stream(gr: Any, fn: Callable[..., Iterator[Any]]) -> Callable[..., It
         except gr.Error:
             raise
         except Exception as error:
-            if not isinstance(error, BreakSceneError):
-                _log.exception("studio: %s failed", fn.__name__)
-            raise gr.Error(_message(error), duration=None) from error
+            raise _page_error(gr, fn, error) from error
 
     return wrapper
 

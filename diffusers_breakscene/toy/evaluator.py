@@ -1089,6 +1089,31 @@ class ToyEvaluator:
         """
         return self.identity_match(generated, reference_image, reference_mask).similarity
 
+    @torch.inference_mode()
+    def describe_object(self, image: Any, mask: Any) -> str:
+        """The words of the object under ``mask`` ("orange dotted square"): the colour of the
+        one-colour region that covers most of the mask, and its (shape, pattern) as the crop
+        reader reads them; what ``breakscene evaluate --model toy`` puts in place of a handle.
+
+        Example:
+            >>> from diffusers_breakscene.toy.world import render_scene, ToyObject
+            >>> s = render_scene([ToyObject("star", "red", "striped", 0.45, (0.5, 0.5))], "gray")
+            >>> default_evaluator().describe_object(s.image, s.masks[0])
+            'red striped star'
+        """
+        arr = _resize(_to_array(image, "image"))
+        target = _to_mask(mask, arr.shape[:2])
+        regions = colour_regions(arr, self.read_image(arr).setting)
+        best = max(regions, key=lambda r: int((r[0] & target).sum()), default=None)
+        if best is None or not (best[0] & target).any():
+            fail(
+                InvalidArgumentError,
+                "no toy-world object is under the mask",
+                "pass a toy-world image and the mask of one of its objects",
+            )
+        ((read, *_),) = self._read_regions([[best]], [arr])
+        return " ".join(read.words)
+
     def identity_similarity_masks(
         self, image_a: Any, mask_a: Any, image_b: Any, mask_b: Any
     ) -> float:
