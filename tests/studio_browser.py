@@ -109,6 +109,9 @@ def run(out: Path, docs: bool = False) -> dict:
 
                 # The photo, and the proposed masks.
                 page.locator("#photo-upload input[type=file]").set_input_files(str(photo))
+                # The photo is read on the server first (slower on Gradio 6.0): proposing
+                # before it is shown would be answered "Upload a photo first."
+                expect(page.locator("#photo-view img")).to_be_visible(timeout=60_000)
                 page.locator("#words textarea").fill(words)
                 page.locator("#propose").click()
                 expect(page.locator("#slot-1")).to_be_visible(timeout=120_000)

@@ -215,7 +215,9 @@ def build_studio(session: StudioSession) -> Any:
                 photo_file = gr.File(
                     label="1. Photo (PNG, JPEG or WebP)", type="filepath", elem_id="photo-upload"
                 )
-                photo_view = gr.Image(label="Photo", interactive=False, type="pil", height=256)
+                photo_view = gr.Image(
+                    label="Photo", interactive=False, type="pil", height=256, elem_id="photo-view"
+                )
             with gr.Column():
                 words = gr.Textbox(
                     label="2. Objects: one phrase each, separated by commas",
