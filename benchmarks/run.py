@@ -5,6 +5,8 @@
     python benchmarks/run.py --smoke     # seconds: tiny models only (the test suite runs this)
     python benchmarks/run.py --gpu       # a GPU in minutes: 512 px only, fp32/fp16/bf16, no tiny
                                          # alignment section (that runs on the CPU in every mode)
+    python benchmarks/run.py --sdxl      # SDXL-sized UNet: LoRA step rows only, 256 px, fp32
+    python benchmarks/run.py --capture-512   # SD1.5-sized UNet: LoRA capture rows at 512 px only
 
 Writes ``<out>/<mode>.json`` and ``<out>/<mode>.md`` (default out: benchmarks/results). Every
 training-step and inference configuration runs in its own subprocess so memory peaks do not mix;
@@ -44,7 +46,13 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("alignment_iou_without_attention_loss", "(report)", None),
     ("alignment_iou_without_union_sampling", "(report)", None),
     ("lora_vs_full_loss_reduction", "(report; 1.0 = as much as full)", None),
+    ("sdxl_bas_vs_plain_lora_step_time", "<= 1.10", lambda v: v <= 1.10),
+    ("sdxl_reference_capture_vs_ours_step_time", "(report; target is SD1.5 at 512 px)", None),
+    ("sdxl_reference_capture_vs_ours_step_memory", "(report; target is SD1.5 at 512 px)", None),
 ]
+
+#: Phase-two kinds of the step rows and the captures each one runs (interleaved, one process).
+ALL_PHASES: dict[str, list[str]] = {"lora": ["none", "ours", "reference"], "full": ["ours"]}
 
 MODES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -54,6 +62,8 @@ MODES: dict[str, dict[str, Any]] = {
         "dtypes": ["fp32"],
         "inference": {"model": "tiny", "res": 64, "rounds": 1, "warmup": 1, "repeats": 2},
         "tiny": {"res": 64, "phase1_steps": 1, "phase2_steps": 1, "seeds": [0]},
+        # The --sdxl code path on the tiny SDXL-layout pipeline (one round timed).
+        "sdxl": {"model": "tiny-sdxl", "res": 64, "repeats": (1, 1)},
     },
     "quick": {
         "step_model": "sd15",
@@ -77,6 +87,25 @@ MODES: dict[str, dict[str, Any]] = {
         "step_repeats": {"lora": (2, 10), "full": (2, 5)},
         "dtypes": ["fp32", "fp16", "bf16"],
         "inference": {"model": "sd15", "res": 512, "rounds": 10, "warmup": 1, "repeats": 3},
+        "tiny": None,
+    },
+    # SDXL-base-sized UNet (2.57 G parameters), LoRA rows only: full fine-tuning needs
+    # parameters x 16 bytes (41 GB) for weights, gradients and AdamW states alone (see
+    # sdxl_section). 256 px: 32x32 latents, attention loss on the 8x8 level.
+    "sdxl": {
+        "step_model": None,
+        "inference": None,
+        "tiny": None,
+        "sdxl": {"model": "sdxl", "res": 256, "repeats": (1, 2)},
+    },
+    # The reference-capture comparison where its targets are stated: SD1.5 size, 512 px, fp32.
+    "capture-512": {
+        "step_model": "sd15",
+        "step_res": [512],
+        "step_phases": ["lora"],
+        "step_repeats": {"lora": (1, 2)},
+        "dtypes": ["fp32"],
+        "inference": None,
         "tiny": None,
     },
 }
@@ -122,6 +151,7 @@ def machine(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": device,
+        "memory_bytes": memory_bytes(device),
     }
     for name in ("diffusers", "transformers", "peft"):
         try:
@@ -141,56 +171,140 @@ def _has_xformers() -> bool:
     return True
 
 
-def step_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> None:
+def step_rows(
+    model: str,
+    resolutions: list[int],
+    dtypes: list[str],
+    phases: dict[str, list[str]],
+    repeats: dict[str, tuple[int, int]],
+    device: str,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Training-step rows ``{prefix}{phase2}_{capture}_{res}px_{dtype}``, one process per phase."""
     details: dict[str, Any] = {}
     xformers = device == "cuda" and _has_xformers()
-    dtypes = mode["dtypes"] if device == "cuda" else ["fp32"]
-    for res in mode["step_res"]:
+    for res in resolutions:
         for dtype in dtypes:
-            # One process for the three LoRA steps (same model: plain DreamBooth, ours, the
+            # One process for the LoRA steps (same model: plain DreamBooth, ours, the
             # reference-style capture, in that order), one for full fine-tuning.
-            for phase2, captures in (("lora", ["none", "ours", "reference"]), ("full", ["ours"])):
+            for phase2, captures in phases.items():
                 if dtype == "fp16" and phase2 == "full":
                     continue  # fp16 full fine-tuning needs fp32 master weights: bf16 row only
-                warmup, repeats = mode["step_repeats"][phase2]
+                warmup, reps = repeats[phase2]
                 spec = {
-                    "model": mode["step_model"], "res": res, "phase2": phase2,
-                    "captures": captures, "warmup": warmup, "repeats": repeats,
+                    "model": model, "res": res, "phase2": phase2,
+                    "captures": captures, "warmup": warmup, "repeats": reps,
                     "device": device, "dtype": dtype, "xformers": xformers,
                     "threads": THREADS,
                 }  # fmt: skip
-                log(f"step {phase2} {captures} {res}px {dtype} ...")
+                log(f"step {model} {phase2} {captures} {res}px {dtype} ...")
                 out = worker("step", spec)
                 for capture in captures:
-                    name = f"{phase2}_{capture}_{res}px_{dtype}"
+                    name = f"{prefix}{phase2}_{capture}_{res}px_{dtype}"
                     d = details[name] = {"spec": {**spec, "captures": [capture]}, **out[capture]}
                     log(
                         f"  {name}: {d['step_time_s']:.3f} s/step, peak "
                         f"{d['peak_bytes'] / 1e9:.2f} GB, step mem {d['step_bytes'] / 1e9:.2f} GB"
                     )
                 log(f"  ({out['wall_s']:.0f} s wall)")
-    results["details"]["steps"] = details
+    return details
 
+
+def step_ratios(details: dict[str, Any], prefix: str, res: int) -> dict[str, float]:
+    """Headline ratios of the fp32 rows at ``res``; a ratio whose rows were not run is left out."""
+    rows = {
+        (phase2, capture): details.get(f"{prefix}{phase2}_{capture}_{res}px_fp32")
+        for phase2, capture in (("lora", "ours"), ("full", "ours"), ("lora", "none"),
+                                ("lora", "reference"))
+    }  # fmt: skip
+    lora, full = rows["lora", "ours"], rows["full", "ours"]
+    plain, ref = rows["lora", "none"], rows["lora", "reference"]
+    out: dict[str, float] = {}
+    if lora and full:
+        out["lora_vs_full_step_time"] = lora["step_time_s"] / full["step_time_s"]
+        out["lora_vs_full_peak_memory"] = lora["peak_bytes"] / full["peak_bytes"]
+        out["lora_vs_full_step_memory"] = (
+            lora["peak_over_loaded_bytes"] / full["peak_over_loaded_bytes"]
+        )
+    if lora and plain:
+        out["bas_vs_plain_lora_step_time"] = lora["step_time_s"] / plain["step_time_s"]
+        out["bas_vs_plain_lora_step_memory"] = lora["step_bytes"] / max(plain["step_bytes"], 1)
+    if lora and ref:
+        out["reference_capture_vs_ours_step_time"] = ref["step_time_s"] / lora["step_time_s"]
+        out["reference_capture_vs_ours_step_memory"] = ref["step_bytes"] / max(
+            lora["step_bytes"], 1
+        )
+    return {prefix + key: value for key, value in out.items()}
+
+
+def step_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> None:
+    dtypes = mode["dtypes"] if device == "cuda" else ["fp32"]
+    phases = {p: ALL_PHASES[p] for p in mode.get("step_phases", ALL_PHASES)}
+    details = step_rows(
+        mode["step_model"], mode["step_res"], dtypes, phases, mode["step_repeats"], device
+    )
+    results["details"].setdefault("steps", {}).update(details)
     # Headline ratios: the largest resolution measured, fp32 (fp16/bf16 rows stay in details).
     res = max(mode["step_res"])
-
-    def get(phase2: str, capture: str) -> dict[str, Any]:
-        return details[f"{phase2}_{capture}_{res}px_fp32"]
-
-    lora, full = get("lora", "ours"), get("full", "ours")
-    plain, ref = get("lora", "none"), get("lora", "reference")
-    results["lora_vs_full_step_time"] = lora["step_time_s"] / full["step_time_s"]
-    results["lora_vs_full_peak_memory"] = lora["peak_bytes"] / full["peak_bytes"]
-    results["lora_vs_full_step_memory"] = (
-        lora["peak_over_loaded_bytes"] / full["peak_over_loaded_bytes"]
-    )
-    results["bas_vs_plain_lora_step_time"] = lora["step_time_s"] / plain["step_time_s"]
-    results["bas_vs_plain_lora_step_memory"] = lora["step_bytes"] / max(plain["step_bytes"], 1)
-    results["reference_capture_vs_ours_step_time"] = ref["step_time_s"] / lora["step_time_s"]
-    results["reference_capture_vs_ours_step_memory"] = ref["step_bytes"] / max(
-        lora["step_bytes"], 1
-    )
+    results.update(step_ratios(details, "", res))
     results["step_ratios_measured_at"] = f"{mode['step_model']} UNet, {res} px, fp32, batch 1"
+
+
+def memory_bytes(device: str) -> int:
+    """The memory a run can use: the GPU's on CUDA, RAM (``MemTotal``) on the CPU."""
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    return kib * 1024
+
+
+def sdxl_full_fine_tuning(device: str) -> dict[str, Any]:
+    """Why the SDXL rows have no full fine-tuning: its fp32 + AdamW footprint, computed.
+
+    Full fine-tuning in fp32 holds, per UNet parameter, the weight, its gradient and AdamW's
+    two moments: 16 bytes. The count is SDXL-base's UNet built on the ``meta`` device.
+    """
+    from workers import sdxl_unet_params
+
+    params = sdxl_unet_params()
+    need, have = 16 * params, memory_bytes(device)
+    return {
+        "run": False,
+        "unet_params": params,
+        "bytes_per_param": 16,
+        "bytes_needed": need,
+        "memory_bytes": have,
+        "why": (
+            f"not run: {params:,} UNet parameters x 16 bytes (fp32 "
+            f"weight, gradient and two AdamW moments) = {need / 1e9:.1f} GB before activations "
+            f"and the text encoders, "
+            + (
+                f"more than this machine's {have / 1e9:.1f} GB"
+                if need > have
+                else f"within this device's {have / 1e9:.1f} GB, but this mode runs LoRA rows only"
+            )
+        ),
+    }
+
+
+def sdxl_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> None:
+    """LoRA step rows (none / ours / reference capture) on an SDXL-layout UNet, fp32."""
+    cfg = mode["sdxl"]
+    phases = {"lora": ALL_PHASES["lora"]}
+    details = step_rows(
+        cfg["model"], [cfg["res"]], ["fp32"], phases, {"lora": cfg["repeats"]}, device, "sdxl_"
+    )
+    results["details"].setdefault("steps", {}).update(details)
+    results.update(step_ratios(details, "sdxl_", cfg["res"]))
+    ours = details[f"sdxl_lora_ours_{cfg['res']}px_fp32"]
+    results["sdxl_lora_step_time_s"] = ours["step_time_s"]
+    results["sdxl_lora_peak_bytes"] = ours["peak_bytes"]
+    results["sdxl_full_fine_tuning"] = sdxl_full_fine_tuning(device)
+    results["sdxl_measured_at"] = f"{cfg['model']} UNet, {cfg['res']} px, fp32, batch 1"
+    log(f"  SDXL full fine-tuning {results['sdxl_full_fine_tuning']['why']}")
 
 
 def inference_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> None:
@@ -208,6 +322,8 @@ def inference_section(mode: dict[str, Any], device: str, results: dict[str, Any]
     results["unfused_inference_vs_base"] = t["unfused"] / t["base"]
     results["idle_store_inference_vs_base"] = t["store"] / t["base"]
     results["fresh_vs_cycled_base_inference"] = inf["fresh_base_step_s"] / t["base"]
+    faults = inf["minor_faults_per_forward"]
+    log(f"  minor page faults per forward: {faults}")
     full = sd21_base_pipeline_bytes()
     results["details"]["full_pipeline"] = {
         **full,
@@ -258,13 +374,16 @@ def report(results: dict[str, Any]) -> str:
             f"{inf['spec']['model']} UNet at {inf['spec']['res']} px, CFG batch 2"
             if (inf := results["details"].get("inference"))
             else "-"
-        ),
+        )
+        + (f"; SDXL rows: {results['sdxl_measured_at']}" if "sdxl_measured_at" in results else ""),
         "",
         "| measurement | value | target | met |",
         "|---|---|---|---|",
     ]
     checks = dict(results["targets_met"])
     for key, target, _ in TARGETS:
+        if key not in results:
+            continue  # its section was not run in this mode
         met = checks.get(key)
         mark = "-" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {key} | {fmt(results.get(key))} | {target} | {mark} |")
@@ -286,6 +405,18 @@ def report(results: dict[str, Any]) -> str:
             f"{results['bundle_load_unfused_s']:.2f} s, fused "
             f"{results['bundle_load_fused_s']:.2f} s, unload {results['bundle_unload_s']:.2f} s.",
         ]
+    if inf is not None and "minor_faults_per_forward" in inf:
+        faults = inf["minor_faults_per_forward"]
+        step_s = {"fresh": inf["fresh_base_step_s"], **inf["unet_step_s"]}
+        lines += [
+            "",
+            "Inference, median s per UNet step (minor page faults per forward): "
+            + ", ".join(f"{k} {v:.3f} ({faults[k]:,.0f})" for k, v in step_s.items())
+            + ".",
+        ]
+    if "sdxl_full_fine_tuning" in results:
+        full = results["sdxl_full_fine_tuning"]
+        lines += ["", f"SDXL full fine-tuning {full['why']}."]
     lines += ["", "| step configuration | s/step | peak GB | step GB |", "|---|---|---|---|"]
     for name, d in results["details"].get("steps", {}).items():
         lines.append(
@@ -305,6 +436,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     group.add_argument("--quick", action="store_true", help="CPU-sized run, < 5 min")
     group.add_argument("--smoke", action="store_true", help="tiny models only, seconds")
     group.add_argument("--gpu", action="store_true", help="512 px only, no alignment section")
+    group.add_argument(
+        "--sdxl", action="store_true", help="SDXL-sized UNet, LoRA step rows only (256 px, fp32)"
+    )
+    group.add_argument(
+        "--capture-512",
+        action="store_true",
+        help="SD1.5-sized UNet, LoRA capture rows (none/ours/reference) at 512 px only, fp32",
+    )
     parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
     parser.add_argument(
         "--only",
@@ -333,7 +472,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    name = "smoke" if args.smoke else "quick" if args.quick else "gpu" if args.gpu else "full"
+    flags = {"smoke": args.smoke, "quick": args.quick, "gpu": args.gpu, "sdxl": args.sdxl,
+             "capture-512": args.capture_512}  # fmt: skip
+    name = next((mode for mode, on in flags.items() if on), "full")
     mode = MODES[name]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     global IN_PROCESS, THREADS
@@ -348,9 +489,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_start": list(os.getloadavg()),
         "details": {},
     }
-    if args.only in (None, "steps"):
+    if args.only in (None, "steps") and mode["step_model"] is not None:
         step_section(mode, device, results)
-    if args.only in (None, "inference"):
+    if args.only in (None, "steps") and mode.get("sdxl") is not None:
+        sdxl_section(mode, device, results)
+    if args.only in (None, "inference") and mode["inference"] is not None:
         inference_section(mode, device, results)
     if args.only in (None, "alignment") and mode["tiny"] is not None:
         alignment_section(mode, results)

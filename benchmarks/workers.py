@@ -120,10 +120,81 @@ def sd15_components(res: int, seed: int = 0) -> dict[str, Any]:
     return parts
 
 
-def components(model: str, res: int, seed: int = 0) -> dict[str, Any]:
+#: SDXL-base's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2.57 G params.
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "layers_per_block": 2,
+}
+
+
+def sdxl_unet_params() -> int:
+    """Parameter count of SDXL-base's UNet, built on the ``meta`` device (no memory, < 1 s)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    return sum(p.numel() for p in unet.parameters())
+
+
+def sdxl_components(res: int, seed: int = 0) -> dict[str, Any]:
+    """SDXL-base-sized UNet and text encoders (random weights, built from configs).
+
+    UNet: :data:`SDXL_UNET_CONFIG` (2.57 G parameters, 10.3 GB in fp32). Text encoders: CLIP-L
+    (width 768, 12 layers) and OpenCLIP-bigG (width 1280, 32 layers, projection 1280), both with
+    the tiny tokenizers' vocabulary (every layer is SDXL's; the embedding matrices are smaller).
+    The tokenizers, the scheduler and the VAE (its config carries SDXL's scaling factor) are the
+    tiny SDXL pipeline's: latents are drawn directly. Built with the ordinary initialisation,
+    which on one CPU thread takes longer than building SD1.5's (3.3 G parameters to fill); the
+    step worker times nothing of it.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     from diffusers_breakscene.tiny import tiny_components
 
-    return sd15_components(res, seed) if model == "sd15" else tiny_components("sd1", seed, res)
+    parts = tiny_components("sdxl", seed=seed, resolution=res)
+
+    def text_config(width: int, layers: int, heads: int, act: str) -> Any:
+        tok = parts["tokenizer"]
+        return CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width,
+            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+            hidden_act=act, projection_dim=width, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+
+    # Drop the tiny models first, so that their memory is not held while the big ones are built.
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        del parts[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts["unet"] = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        parts["text_encoder"] = CLIPTextModel(text_config(768, 12, 12, "quick_gelu"))
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(text_config(1280, 32, 20, "gelu"))
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        parts[name].eval()
+    return parts
+
+
+def components(model: str, res: int, seed: int = 0) -> dict[str, Any]:
+    """Components of ``model``: sd15 / sdxl (real sizes), tiny / tiny-sdxl (tiny.py's)."""
+    from diffusers_breakscene.tiny import tiny_components
+
+    if model == "sd15":
+        return sd15_components(res, seed)
+    if model == "sdxl":
+        return sdxl_components(res, seed)
+    return tiny_components("sdxl" if model == "tiny-sdxl" else "sd1", seed, res)
 
 
 def pipeline(model: str, res: int) -> Any:
@@ -144,16 +215,19 @@ def _dtype(name: str) -> torch.dtype:
 def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Median phase-two step time and memory of one configuration.
 
-    spec: model (sd15|tiny), res, phase2 (lora|full), captures (list of ours|none|reference),
-    warmup, repeats, device, dtype (fp32|fp16|bf16), xformers (bool).
+    spec: model (sd15|sdxl|tiny|tiny-sdxl), res, phase2 (lora|full), captures (list of
+    ours|none|reference), warmup, repeats, device, dtype (fp32|fp16|bf16), xformers (bool).
     capture="none" is a plain LoRA DreamBooth step: no store, plain MSE, all concepts in every
     prompt; "ours" and "reference" are full Break-A-Scene steps (union sampling, masked loss,
-    cross-attention loss) that differ only in how the attention maps are captured.
+    cross-attention loss) that differ only in how the attention maps are captured. SDXL models
+    are conditioned as SDXL trains (both text encoders, pooled text and time ids), with handles
+    in both encoders, as ``BreakASceneTrainer`` does.
     """
     from diffusers import DDPMScheduler
     from reference_capture import ReferenceCaptureStore
 
     from diffusers_breakscene.attention import AttentionStore
+    from diffusers_breakscene.conditioning import crop_time_ids, time_ids
     from diffusers_breakscene.config import BreakASceneConfig
     from diffusers_breakscene.handles import HandleEmbedding, add_handles
     from diffusers_breakscene.lora import add_unet_lora
@@ -173,8 +247,14 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     parts = components(spec["model"], res)
-    unet, te, tok = parts["unet"], parts["text_encoder"], parts["tokenizer"]
+    unet = parts["unet"]
+    # (tokenizer, text encoder) pairs: one for SD1.5, two for SDXL.
+    text = [(parts["tokenizer"], parts["text_encoder"])]
+    if "text_encoder_2" in parts:
+        text.append((parts["tokenizer_2"], parts["text_encoder_2"]))
+    sdxl = len(text) == 2
     scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+    scaling = parts["vae"].config.scaling_factor  # SD1.5: 0.18215, SDXL: 0.13025
     scene = tiny_scene(res)
     pixels, masks = scene.prepare(res)
     _, flipped = hflip(pixels, masks)
@@ -184,12 +264,18 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.full((2, 4, lat, lat), 0.1),
         torch.stack([masks, flipped]),
     )
+    if sdxl:  # the whole picture, uncropped, and its mirror image
+        window = ((res, res), (res, res), (0, 0))
+        encoded.time_ids = time_ids([crop_time_ids(*window, res, flipped=f) for f in (False, True)])
     del parts
-    ids = add_handles(tok, te, scene.tokens, generator=torch.Generator().manual_seed(0))
-    handles = HandleEmbedding.install(te, ids)
     unet.requires_grad_(False)
-    te.requires_grad_(False)
-    handles.handle_weight.requires_grad_(True)
+    handle_ids, handle_weights = [], []
+    for tok, te in text:
+        ids = add_handles(tok, te, scene.tokens, generator=torch.Generator().manual_seed(0))
+        handle_ids.append(ids)
+        weight = HandleEmbedding.install(te, ids).handle_weight  # freezes the rest of te
+        weight.requires_grad_(True)
+        handle_weights.append(weight)
     if spec.get("xformers") and device == "cuda":
         unet.enable_xformers_memory_efficient_attention()
     if spec["phase2"] == "lora":
@@ -199,13 +285,12 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         unet.requires_grad_(True)
         params = list(unet.parameters())
-    unet.to(device)
-    te.to(device)
-    unet.train()
-    te.train()
-    trainable = [handles.handle_weight, *params]
+    for model in (unet, *(te for _, te in text)):
+        model.to(device)
+        model.train()
+    trainable = [*handle_weights, *params]
     optimizer = torch.optim.AdamW(
-        [{"params": [handles.handle_weight], "lr": 1e-4}, {"params": params, "lr": 1e-4}],
+        [{"params": handle_weights, "lr": 1e-4}, {"params": params, "lr": 1e-4}],
         weight_decay=1e-2,
     )
     # AdamW creates its state lazily on the first step: create it now (zero gradients, one
@@ -216,7 +301,6 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     gen = torch.Generator().manual_seed(0)
-    scaling = 0.18215  # Stable Diffusion's VAE scaling factor (latents here are random)
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
     # Several captures share one process (and one model). They run interleaved, one step each
     # per round (warm-up rounds first), so drifts of the machine's load hit them alike; every
@@ -237,7 +321,10 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
             store = stores[capture](unet) if capture != "none" else None
             bas_step = capture != "none"
             sampling = SamplingSettings.from_config(BreakASceneConfig(union_sampling=bas_step))
-            batch = sample_batch(scene, encoded, tok, ids, gen, sampling, scaling_factor=scaling)
+            batch = sample_batch(
+                scene, encoded, text[0][0], handle_ids[0], gen, sampling,
+                scaling_factor=scaling, tokenizer_2=text[1][0] if sdxl else None,
+            )  # fmt: skip
             _release()
             memory = Memory(device)
             memory.start()
@@ -247,7 +334,8 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
             with autocast:
                 losses = LossSettings.from_config(BreakASceneConfig(use_masked_loss=bas_step))
                 loss, _ = training_step(
-                    unet, te, scheduler, batch, gen, losses, attention_store=store
+                    unet, text[0][1], scheduler, batch, gen, losses, attention_store=store,
+                    text_encoder_2=text[1][1] if sdxl else None,
                 )  # fmt: skip
             if store is not None:
                 extra[capture]["store_bytes"] = store.memory_bytes
@@ -276,6 +364,9 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_was_reset": was_reset,
             "trainable_params": sum(p.numel() for p in trainable),
             "unet_params": sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n),
+            "text_encoder_params": sum(
+                p.numel() for _, te in text for n, p in te.named_parameters() if "handle" not in n
+            ),
             **extra[c],
         }
         for c in captures
@@ -328,12 +419,30 @@ def _make_bundle(pipe: Any, out_dir: str) -> tuple[Any, str]:
     return Bundle.load(path), str(path)
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (pages the kernel had to map and zero)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+#: Inference states, in the order of the first timed round (later rounds rotate it).
+STATES = ("base", "unfused", "fused", "store")
+
+
 def inference_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Per-step UNet time (CFG batch 2): base, bundle unfused, bundle fused, idle AttentionStore.
 
-    The four states are measured in interleaved rounds (base, unfused, fused, store, base, ...)
-    so slow drifts of the machine's load hit all of them alike; load/unload times are taken
-    from the same rounds.
+    Every state is timed from the same starting point and no state owns the first or the last
+    place of a round (issue 14). Before anything is timed the pipeline goes once through all
+    four states (one untimed round: load unfused, unload, load fused, unload, attach, detach,
+    one forward in each), so first-call and allocation effects of any code path are spent before
+    round one. The timed rounds then rotate the order (round r starts at state r mod 4), so
+    slow drifts of the machine's load and whatever one state leaves behind for the next do
+    not always fall on the same state. Load/unload times come from the timed rounds. The
+    fresh UNet (built, one forward) is timed once before all of this, on its own
+    (``fresh_base_step_s``). Minor page faults per forward are recorded for every state: on
+    the CPU they show whether a state's memory behaves differently (docs/benchmarks.md).
     """
     import tempfile
 
@@ -360,9 +469,11 @@ def inference_worker(spec: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
             pipe.unet(sample, 500, encoder_hidden_states=text)
 
-    times: dict[str, list[float]] = {"base": [], "unfused": [], "fused": [], "store": []}
+    times: dict[str, list[float]] = {state: [] for state in STATES}
+    faults: dict[str, list[float]] = {state: [] for state in STATES}
     loads: dict[str, list[float]] = {"load_unfused": [], "load_fused": [], "unload": []}
     warm, reps = spec["warmup"], spec["repeats"]
+    stores: list[Any] = []
 
     def timed(fn: Any) -> float:
         _sync(device)
@@ -371,31 +482,52 @@ def inference_worker(spec: dict[str, Any]) -> dict[str, Any]:
         _sync(device)
         return time.perf_counter() - t0
 
-    forward()  # warm-up
-    # A freshly built UNet is not the state that unloading returns to (issue 14: it ran slower
-    # than the same UNet after one load/unload cycle, on the CPU). So the fresh state is timed
-    # once, on its own, and then one untimed load/unload cycle puts the pipeline in the state
-    # every later "base" round starts from: rounds of base/unfused/fused/store from there.
+    def enter(state: str, record: bool) -> None:
+        if state in ("unfused", "fused"):
+            took = timed(lambda: pipe.load_break_a_scene(bundle, fuse=state == "fused"))
+            if record:
+                loads[f"load_{state}"].append(took)
+        elif state == "store":
+            stores.append(AttentionStore.attach(pipe.unet))
+
+    def leave(state: str, record: bool) -> None:
+        if state in ("unfused", "fused"):
+            took = timed(pipe.unload_break_a_scene)
+            if record:
+                loads["unload"].append(took)
+        elif state == "store":
+            stores.pop().detach()
+
+    def measure(state: str) -> list[float]:
+        start = _minor_faults()
+        took = _median_times(forward, warm, reps, device)
+        faults[state].append((_minor_faults() - start) / (warm + reps))
+        return took
+
+    forward()  # the first forward of the fresh UNet, untimed
+    fresh_faults = _minor_faults()
     fresh = _median_times(forward, warm, reps, device)
-    pipe.load_break_a_scene(bundle)
-    pipe.unload_break_a_scene()
-    for _ in range(spec["rounds"]):
-        times["base"] += _median_times(forward, warm, reps, device)
-        for fused in (False, True):
-            key = "fused" if fused else "unfused"
-            loads[f"load_{key}"].append(
-                timed(lambda f=fused: pipe.load_break_a_scene(bundle, fuse=f))
-            )
-            times[key] += _median_times(forward, warm, reps, device)
-            loads["unload"].append(timed(pipe.unload_break_a_scene))
-        store = AttentionStore.attach(pipe.unet)
-        times["store"] += _median_times(forward, warm, reps, device)
-        store.detach()
+    fresh_faults = (_minor_faults() - fresh_faults) / (warm + reps)
+    for state in STATES:  # the untimed round through every state and its code paths
+        enter(state, record=False)
+        forward()
+        leave(state, record=False)
+    for round_ in range(spec["rounds"]):
+        shift = round_ % len(STATES)
+        for state in STATES[shift:] + STATES[:shift]:
+            enter(state, record=True)
+            times[state] += measure(state)
+            leave(state, record=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "unet_step_s": med,
         "unet_step_times_s": times,
         "fresh_base_step_s": statistics.median(fresh),
+        "fresh_base_step_times_s": fresh,
+        "minor_faults_per_forward": {
+            "fresh": fresh_faults,
+            **{k: statistics.median(v) for k, v in faults.items()},
+        },
         "load_s": {k: statistics.median(v) for k, v in loads.items()},
         "load_from_file_s": timed(lambda: pipe.load_break_a_scene(path)),
         "bundle_bytes": os.path.getsize(path),

@@ -25,11 +25,13 @@ __all__ = [
     "DEFAULT_MODEL",
     "MIRRORS",
     "TINY_MODEL",
+    "TINY_MODELS",
     "TOY_MODEL",
     "as_pipeline",
     "available_model_id",
     "load_base_pipeline",
     "load_pipeline",
+    "native_resolution",
 ]
 
 #: The model ``breakscene generate`` and friends use unless told otherwise: the community mirror
@@ -52,10 +54,26 @@ TINY_MODEL = "tiny-sd1"
 #: Name of the built-in toy model: a small pipeline trained on the toy world
 #: (:mod:`diffusers_breakscene.toy`), on which the method can be seen working offline.
 TOY_MODEL = "toy"
+#: The tiny random-weight models by name: SD1-, SD2- and SDXL-style (``tiny_pipeline(family)``).
+TINY_MODELS = (TINY_MODEL, "tiny-sd2", "tiny-sdxl")
 #: Every built-in model name :func:`load_pipeline` accepts.
-BUILTIN_MODELS = (TOY_MODEL, TINY_MODEL, "tiny-sd2")
+BUILTIN_MODELS = (TOY_MODEL, *TINY_MODELS)
 
 _PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def native_resolution(pipe: Any) -> int:
+    """The image size a pipeline was trained at: UNet sample size x the VAE's downsampling
+    (512 for SD1.5 and SD2-base, 768 for SD2.1, 1024 for SDXL), as its ``__call__`` defaults to.
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_pipeline
+        >>> native_resolution(tiny_pipeline("sd1"))  # tiny models: 256 px
+        256
+    """
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = pipe.unet.config.sample_size
+    return int((size if isinstance(size, int) else size[0]) * factor)
 
 
 def available_model_id(model: str) -> str:
@@ -94,8 +112,10 @@ def _not_found_message(source: str, error: BaseException) -> str:
 
 def load_base_pipeline(source: str | os.PathLike[str], **from_pretrained: Any) -> Any:
     """``StableDiffusionPipeline.from_pretrained(source, **from_pretrained)`` without safety
-    checker, for a local folder (read offline) or a Hub repo id (``from_pretrained``: e.g.
-    ``revision``, ``variant``, ``cache_dir``, ``token``; ``None`` values are left out). When ``source`` cannot be found (no such folder or
+    checker (``StableDiffusionXLPipeline`` when the model's ``model_index.json`` names a second
+    text encoder), for a local folder (read offline) or a Hub repo id (``from_pretrained``: e.g.
+    ``revision``, ``variant``, ``cache_dir``, ``token``; ``None`` values are left out). When
+    ``source`` cannot be found (no such folder or
     repo, a removed repo, a repo not in the cache while offline), raises a one-line
     :class:`MissingFileError` naming ``source`` and what to pass instead: the mirror of a removed
     id (:data:`MIRRORS`) and the built-in names.
@@ -106,7 +126,7 @@ def load_base_pipeline(source: str | os.PathLike[str], **from_pretrained: Any) -
         ...
         diffusers_breakscene.errors.MissingFileError: Cannot load a pipeline from '/no/such/folder' (...); pass an existing diffusers pipeline folder ...
     """  # noqa: E501
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from huggingface_hub.errors import EntryNotFoundError
 
     local = Path(source).expanduser()
@@ -116,11 +136,18 @@ def load_base_pipeline(source: str | os.PathLike[str], **from_pretrained: Any) -
         raise MissingFileError(
             f"{source} has no model_index.json; pass a diffusers pipeline folder or a hub id."
         )
-    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-    kwargs.update({k: v for k, v in from_pretrained.items() if v is not None})
+    kwargs: dict[str, Any] = {k: v for k, v in from_pretrained.items() if v is not None}
     if local.exists():
         kwargs["local_files_only"] = True
     try:
+        # model_index.json alone (a small file) says which family this is.
+        where = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+        index = DiffusionPipeline.load_config(
+            str(source), **{k: v for k, v in kwargs.items() if k in where}
+        )
+        if (index.get("text_encoder_2") or [None])[0] is not None:
+            return StableDiffusionXLPipeline.from_pretrained(str(source), **kwargs)
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
         return StableDiffusionPipeline.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError, EntryNotFoundError) as err:
         # diffusers says "neither a valid local path nor a valid repo id" (ValueError), or
@@ -131,8 +158,8 @@ def load_base_pipeline(source: str | os.PathLike[str], **from_pretrained: Any) -
 
 def load_pipeline(model: str | os.PathLike[str] | None, **from_pretrained: Any) -> Any:
     """A fresh pipeline: a built-in model by name (``"toy"``, ``"tiny-sd1"`` — also for
-    ``None`` — or ``"tiny-sd2"``), otherwise :func:`load_base_pipeline` ``(model)`` (a local
-    folder or a hub id).
+    ``None`` —, ``"tiny-sd2"`` or ``"tiny-sdxl"``), otherwise :func:`load_base_pipeline`
+    ``(model)`` (a local folder or a hub id).
 
     Example:
         >>> type(load_pipeline(None)).__name__

@@ -253,7 +253,8 @@ def restore_checkpoint(
         [2.0, 2.0]
     """
     same_phase = state.phase == phase
-    names = list(trainable) if same_phase else ["handles"]
+    # Across phases only the handle rows carry over ("handles", and "handles_2" on SDXL).
+    names = [n for n in trainable if same_phase or n in ("handles", "handles_2")]
     missing = [name for name in names if name not in state.params]
     if missing:
         raise InvalidConfigError(

@@ -610,7 +610,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _say(
         args,
         f"Training {config.phase1_steps} + {config.phase2_steps} steps at "
-        f"{config.resolution} px into {args.output} ...",
+        f"{trainer.config.resolution} px into {args.output} ...",
     )
     path = trainer.train(args.output, progress=not args.quiet)
     _say(args, f"Bundle written to {path}")
@@ -1143,7 +1143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "breakscene tiny-model ./tiny-sd1",
     )
     tiny.add_argument("directory", help="folder to write the pipeline into")
-    tiny.add_argument("--family", choices=("sd1", "sd2"), default="sd1")
+    tiny.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_tiny_model)
     return parser

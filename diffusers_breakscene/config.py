@@ -224,7 +224,12 @@ class BreakASceneConfig:
     )
 
     # --- data and precision ----------------------------------------------------------------
-    resolution: int = _f(512, "Training image size in pixels; a positive multiple of 8.")
+    resolution: int | None = _f(
+        None,
+        "Training image size in pixels, a positive multiple of 8; None: the base model's native "
+        "size (UNet sample size x VAE factor: 512 for SD1.5 and SD2-base, 768 for SD2.1, 1024 "
+        "for SDXL).",
+    )
     train_batch_size: int = _f(1, "Examples per optimizer micro-step.")
     gradient_accumulation_steps: int = _f(1, "Micro-steps accumulated per optimizer step.")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f(
@@ -441,9 +446,9 @@ class BreakASceneConfig:
         _require(
             self,
             "resolution",
-            self.resolution >= 8 and self.resolution % 8 == 0,
+            self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
             "must be a positive multiple of 8 (the VAE downsamples by 8)",
-            "use e.g. 512 or 768",
+            "use e.g. 512, 768 or 1024, or None for the base model's own size",
         )
         divisor = self.attention_resolution_divisor
         _require(
@@ -453,7 +458,7 @@ class BreakASceneConfig:
             "must be a power of two (one per UNet level)",
             "use 4 for the paper's 16x16 maps at 512 px",
         )
-        latent = self.resolution // 8
+        latent = (self.resolution or 8 * divisor) // 8  # None: checked when it is resolved
         _require(
             self,
             "attention_resolution_divisor",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .base_pipeline import DEFAULT_MODEL, TINY_MODEL, TOY_MODEL, load_pipeline
+from .base_pipeline import DEFAULT_MODEL, TINY_MODEL, TINY_MODELS, TOY_MODEL, load_pipeline
 from .files import check_output_dir
 from .validation import attention_picture, generate_images
 from .viz import save_png
@@ -213,8 +213,9 @@ def run_demo(
 
     ``model=None`` (or ``"toy"``) uses the built-in toy model on evaluation scene
     :data:`TOY_DEMO_SCENE` of the toy world at 64 px with the default step counts (the toy
-    evaluator scores every image); ``"tiny-sd1"`` the random-weight tiny model on a drawn scene
-    (256 px, :data:`TINY_DEMO_STEPS` per phase); any other model a drawn scene at 512 px with
+    evaluator scores every image); ``"tiny-sd1"`` (or ``"tiny-sd2"``, ``"tiny-sdxl"``) a
+    random-weight tiny model on a drawn scene (256 px, :data:`TINY_DEMO_STEPS` per phase); any
+    other model a drawn scene at 512 px with
     ``BreakASceneConfig``'s step counts. ``steps`` sets the optimizer steps of each phase,
     ``inference_steps`` the denoising steps of each image, ``resolution`` the size of a drawn
     scene, the training and the images. ``echo`` receives progress lines (``None``: silent).
@@ -225,7 +226,7 @@ def run_demo(
         'break_a_scene.safetensors'
     """
     model = TOY_MODEL if model is None else str(model)
-    if model in (TOY_MODEL, TINY_MODEL):
+    if model in (TOY_MODEL, *TINY_MODELS):
         # The built-in models are so small that one thread is fastest; two threads on a busy
         # 2-core machine measured 50x slower (OpenMP threads waiting on each other).
         threads = torch.get_num_threads()
@@ -252,7 +253,7 @@ def _run_demo(
 
     say = echo or (lambda _text: None)
     started = time.perf_counter()
-    toy, tiny = model == TOY_MODEL, model == TINY_MODEL
+    toy, tiny = model == TOY_MODEL, model in TINY_MODELS
     if steps is not None and steps < 1:
         raise ValueError(f"--steps {steps} must be >= 1 (optimizer steps per phase).")
     if inference_steps is not None and inference_steps < 1:

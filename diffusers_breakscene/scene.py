@@ -55,7 +55,7 @@ import operator
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -84,6 +84,7 @@ from .scene_inputs import (
 __all__ = [
     "DEFAULT_MASK_THRESHOLD",
     "IMAGE_SUFFIXES",
+    "CropWindow",
     "ImageInput",
     "MaskInput",
     "Scene",
@@ -93,6 +94,15 @@ __all__ = [
 
 
 _LARGE_CROP_LOSS = 0.5  # warn when the square crop keeps less than this share of a concept
+
+
+class CropWindow(NamedTuple):
+    """Where a scene image is cut for training (:meth:`Scene.crop_window`); sizes are
+    ``(height, width)``, ``top_left`` is ``(top, left)`` in the resized image."""
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    top_left: tuple[int, int]
 
 
 class Scene:
@@ -424,8 +434,20 @@ class Scene:
         pixels, masks = cached
         return pixels.clone(), masks.clone()
 
-    def _prepare(self, resolution: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        view = self._views[index]
+    def crop_window(self, resolution: int, image: int = 0) -> CropWindow:
+        """Where :meth:`prepare` cuts image ``image`` at ``resolution``: its original size, its
+        size after the resize, and the top-left corner of the square window (SDXL's time ids
+        are made of these).
+
+        Example:
+            >>> import numpy as np
+            >>> mask = np.zeros((48, 96), dtype=bool)
+            >>> mask[8:20, 68:88] = True
+            >>> Scene(np.zeros((48, 96, 3), np.uint8), [mask]).crop_window(24)
+            CropWindow(original_size=(48, 96), resized_size=(24, 48), top_left=(0, 24))
+        """
+        resolution = check_resolution(resolution)
+        view = self._views[self._image_index(image)]
         width, height = view.image.size
         if width <= height:
             new_w, new_h = resolution, max(resolution, round(height * resolution / width))
@@ -439,7 +461,14 @@ class Scene:
             left = _window_start(union.any(axis=0), new_w / width, new_w, resolution)
         if new_h > resolution:
             top = _window_start(union.any(axis=1), new_h / height, new_h, resolution)
+        return CropWindow((height, width), (new_h, new_w), (top, left))
+
+    def _prepare(self, resolution: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        view = self._views[index]
+        window = self.crop_window(resolution, index)
+        (new_h, new_w), (top, left) = window.resized_size, window.top_left
         box = (left, top, left + resolution, top + resolution)
+        concept_masks = view.masks[:-1] if self._background else view.masks
 
         resized_image = view.image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop(box)
         pixels = torch.from_numpy(np.asarray(resized_image, dtype=np.float32).copy())

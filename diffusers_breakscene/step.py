@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .conditioning import crop_time_ids, encode_text, time_ids
 from .config import BreakASceneConfig
 from .losses import (
     cross_attention_loss,
@@ -99,12 +100,15 @@ class EncodedImages:
     """VAE latent distributions of a few images, computed once.
 
     ``latent_mean``/``latent_std`` are ``(n, c, h, w)`` and already include nothing of the VAE's
-    scaling factor; ``masks`` is ``(n, K, H, W)`` (scene images only).
+    scaling factor; ``masks`` is ``(n, K, H, W)`` (scene images only); ``time_ids`` is
+    ``(n, 6)``: SDXL's original size, crop corner and target size of each picture
+    (:func:`~diffusers_breakscene.conditioning.crop_time_ids`).
     """
 
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
     masks: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
     def sample(self, index: int, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
         """One latent draw of image ``index``, times the VAE scaling factor: ``(c, h, w)``."""
@@ -114,22 +118,39 @@ class EncodedImages:
 
 @torch.no_grad()
 def encode_images(vae: Any, pixel_values: torch.Tensor) -> EncodedImages:
-    """Encode ``(n, 3, H, W)`` images in [-1, 1] with ``vae``; moments are kept on the CPU."""
-    dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    """Encode ``(n, 3, H, W)`` images in [-1, 1] with ``vae``; moments are kept on the CPU.
+
+    A half-precision VAE whose config says ``force_upcast`` (SDXL's, which overflows in fp16)
+    encodes in float32, as the SDXL pipelines decode, and is put back in its dtype after; an
+    fp16-safe VAE (``force_upcast=False``, such as madebyollin/sdxl-vae-fp16-fix) is used as it
+    is.
+    """
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        dist = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
     return EncodedImages(dist.mean.float().cpu(), dist.std.float().cpu())
 
 
 def encode_scene(vae: Any, scene: Scene, resolution: int) -> EncodedImages:
     """Encode every scene image and its horizontal flip once: index ``2 * i`` is image ``i`` as
     it is, ``2 * i + 1`` its mirror image."""
-    pixels, masks = [], []
+    pixels, masks, rows = [], [], []
     for i in range(scene.num_images):
         image_pixels, image_masks = scene.prepare(resolution, i)
         flipped_pixels, flipped_masks = hflip(image_pixels, image_masks)
         pixels += [image_pixels, flipped_pixels]
         masks += [image_masks, flipped_masks]
+        window = scene.crop_window(resolution, i)
+        rows += [crop_time_ids(*window, resolution, flipped=f) for f in (False, True)]
     encoded = encode_images(vae, torch.stack(pixels))
     encoded.masks = torch.stack(masks)
+    encoded.time_ids = time_ids(rows)
     return encoded
 
 
@@ -144,6 +165,8 @@ class Batch:
     token_positions: list[list[int]]  # B entries of k_b text positions
     prompts: list[str]
     num_prior: int = 0
+    input_ids_2: torch.Tensor | None = None  # SDXL: the second tokenizer's ids
+    time_ids: torch.Tensor | None = None  # (B [+ P], 6): SDXL's size and crop conditioning
 
 
 def _tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
@@ -166,21 +189,24 @@ def sample_batch(
     *,
     scaling_factor: float,
     prior: EncodedImages | None = None,
+    tokenizer_2: Any = None,
 ) -> Batch:
     """Draw one batch; each example gets its own image (scenes of several images), concept
     subset, flip and latent noise draw.
 
     ``settings`` default to :meth:`SamplingSettings.from_config` of the default config;
-    ``scaling_factor`` is the VAE's (``vae.config.scaling_factor``).
+    ``scaling_factor`` is the VAE's (``vae.config.scaling_factor``). With ``tokenizer_2``
+    (SDXL) the batch also holds the second tokenizer's ids and the pictures' time ids.
     """
     settings = settings or SamplingSettings.from_config()
     batch_size = settings.train_batch_size
-    latents, masks, prompts, sampled = [], [], [], []
+    latents, masks, prompts, sampled, pictures = [], [], [], [], []
     assert encoded.masks is not None
     for _ in range(batch_size):
         image, indices = scene.sample(generator, union_sampling=settings.union_sampling)
         sampled.append(indices)
         flip = int(torch.rand((), generator=generator).item() < settings.flip_probability)
+        pictures.append(2 * image + flip)
         latents.append(encoded.sample(2 * image + flip, generator, scaling_factor))
         masks.append(encoded.masks[2 * image + flip][indices])
         prompts.append(
@@ -193,6 +219,7 @@ def sample_batch(
         for row, indices in zip(input_ids.tolist(), sampled, strict=True)
     ]
     union = torch.stack([m.amax(dim=0, keepdim=True) for m in masks])
+    time_rows = [encoded.time_ids[i] for i in pictures] if encoded.time_ids is not None else []
     num_prior = 0
     if prior is not None:
         picks = torch.randint(prior.latent_mean.shape[0], (batch_size,), generator=generator)
@@ -200,7 +227,14 @@ def sample_batch(
         input_ids = torch.cat(
             [input_ids, _tokenize(tokenizer, [settings.class_prompt] * batch_size)]
         )
+        if prior.time_ids is not None:
+            time_rows += [prior.time_ids[int(i)] for i in picks]
         num_prior = batch_size
+    input_ids_2 = None
+    if tokenizer_2 is not None:
+        all_prompts = prompts + [settings.class_prompt] * num_prior
+        input_ids_2 = _tokenize(tokenizer_2, all_prompts)
+        _check_same_positions(tokenizer, tokenizer_2, input_ids, input_ids_2, positions)
     return Batch(
         latents=torch.stack(latents),
         input_ids=input_ids,
@@ -209,7 +243,25 @@ def sample_batch(
         token_positions=positions,
         prompts=prompts,
         num_prior=num_prior,
+        input_ids_2=input_ids_2,
+        time_ids=torch.stack(time_rows) if time_rows else None,
     )
+
+
+def _check_same_positions(
+    tokenizer: Any, tokenizer_2: Any, ids: torch.Tensor, ids_2: torch.Tensor, positions: list
+) -> None:
+    """The attention loss reads each handle's map at its position in the first tokenizer's
+    ids; SDXL's second tokenizer must hold the same token there (both are CLIP BPE tokenizers,
+    so it does when both were given the same handle tokens)."""
+    for row, row_2, where in zip(ids.tolist(), ids_2.tolist(), positions, strict=False):
+        first = tokenizer.convert_ids_to_tokens([row[i] for i in where])
+        second = tokenizer_2.convert_ids_to_tokens([row_2[i] for i in where])
+        if first != second:
+            raise ValueError(
+                f"The two tokenizers read handles {first} and {second} at positions {where}; "
+                "both must hold the same handle tokens (add them to both)."
+            )
 
 
 def training_step(
@@ -221,12 +273,15 @@ def training_step(
     settings: LossSettings | None = None,
     *,
     attention_store: Any = None,
+    text_encoder_2: Any = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward pass and losses of one batch; returns ``(loss, {term: value})``.
 
     ``settings`` default to :meth:`LossSettings.from_config` of the default config.
     ``attention_store`` (an attached :class:`~diffusers_breakscene.AttentionStore`) turns the
-    cross-attention loss on; ``None`` turns it off.
+    cross-attention loss on; ``None`` turns it off. ``text_encoder_2`` (SDXL) conditions the
+    UNet as SDXL does (:func:`~diffusers_breakscene.conditioning.encode_text`), with the
+    batch's second ids and time ids.
     """
     settings = settings or LossSettings.from_config()
     device = unet.device if hasattr(unet, "device") else batch.latents.device
@@ -235,10 +290,16 @@ def training_step(
     steps = noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    text = text_encoder(batch.input_ids.to(device))[0]
+    if text_encoder_2 is None:
+        text, added = encode_text([text_encoder], [batch.input_ids.to(device)])
+    else:
+        if batch.input_ids_2 is None or batch.time_ids is None:
+            raise ValueError("text_encoder_2 needs a batch drawn with tokenizer_2 (SDXL).")
+        ids = [batch.input_ids.to(device), batch.input_ids_2.to(device)]
+        text, added = encode_text([text_encoder, text_encoder_2], ids, batch.time_ids)
     if attention_store is not None:
         attention_store.reset()
-    model_pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
+    model_pred = unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added).sample
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
 
     n = latents.shape[0] - batch.num_prior

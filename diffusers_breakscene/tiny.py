@@ -11,8 +11,7 @@ Three families exist; the table in :data:`FAMILIES` is the one place to add anot
 * ``"sd2"``: v-prediction, linear projections, upcast attention and a wider text encoder.
 * ``"sdxl"``: a ``StableDiffusionXLPipeline``: two text encoders (the second with a projection),
   ``addition_embed_type="text_time"``, three UNet levels of which the first has no attention
-  (SDXL's layout), and SDXL's VAE scaling factor. Loading bundles works on it; training does not
-  yet.
+  (SDXL's layout), and SDXL's VAE scaling factor. Training and loading both work on it.
 
 SD1 and SD2 mirror Stable Diffusion's block layout: four UNet levels, cross-attention on the
 first three, a VAE that downsamples by 8. At the default 256 px the latent is 32x32 and the

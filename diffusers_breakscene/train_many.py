@@ -283,7 +283,7 @@ def _train_one(
         result.losses = {k: float(v) for k, v in last.items() if k.startswith("loss")}
         result.bundle = str(bundle)
         if evaluate:
-            result.identity = _identity(trainer.pipeline, scene, config)
+            result.identity = _identity(trainer.pipeline, scene, trainer.config)
         result.status = "done"
         (out / "error.txt").unlink(missing_ok=True)
         if not keep_checkpoints:

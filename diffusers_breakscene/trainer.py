@@ -1,9 +1,10 @@
 """``BreakASceneTrainer``: the two phases of Break-A-Scene on accelerate.
 
-Phase 1 trains only the handle embeddings at a high learning rate; phase 2 trains the handles
-and a PEFT LoRA on the UNet (or the whole UNet with ``phase2="full"``) at low rates. Each step is
-:func:`~diffusers_breakscene.step.training_step`. The loop runs the same on one CPU, one GPU or
-several processes under ``accelerate launch`` / ``torchrun`` (distributed data parallel).
+Phase 1 trains only the handle embeddings (in each text encoder: SDXL has two) at a high
+learning rate; phase 2 trains the handles and a PEFT LoRA on the UNet (or the whole UNet with
+``phase2="full"``) at low rates. Each step is :func:`~diffusers_breakscene.step.training_step`.
+The loop runs the same on one CPU, one GPU or several processes under ``accelerate launch`` /
+``torchrun`` (distributed data parallel).
 
 Example:
     >>> import tempfile, torch
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from .attention import AttentionStore
-from .base_pipeline import as_pipeline
+from .base_pipeline import as_pipeline, native_resolution
 from .checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -37,6 +38,7 @@ from .checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
+from .conditioning import TextConditioning
 from .config import BreakASceneConfig
 from .errors import (
     InvalidConfigError,
@@ -97,9 +99,9 @@ class _Run:
 
     accelerator: Any
     unet: Any
-    text_encoder: Any
+    text_encoders: tuple[Any, ...]  # SDXL: two
     noise_scheduler: Any
-    handles: HandleEmbedding
+    handles: list[HandleEmbedding]  # one per text encoder
     store: AttentionStore | None
     encoded: EncodedImages
     prior: EncodedImages | None
@@ -115,10 +117,12 @@ class BreakASceneTrainer:
     """Learn one handle token per concept of a :class:`~diffusers_breakscene.Scene`.
 
     Args:
-        pipeline_or_path: an SD-family pipeline (trained in place: after :meth:`train` it holds
-            the handles and the LoRA adapter ``"break_a_scene"``), or a local folder / hub id.
+        pipeline_or_path: an SD1/SD2 or SDXL pipeline (trained in place: after :meth:`train`
+            it holds the handles and the LoRA adapter ``"break_a_scene"``), or a local folder /
+            hub id. On SDXL each handle gets a row in both text encoders (see docs/sdxl.md).
         scene: the image, masks and tokens.
-        config: hyperparameters; ``BreakASceneConfig()`` (the paper's) when omitted.
+        config: hyperparameters; ``BreakASceneConfig()`` (the paper's) when omitted. A
+            ``resolution`` of ``None`` becomes the model's own size (:attr:`config` holds it).
         accelerator: an ``accelerate.Accelerator`` to use instead of a new one.
         revision, variant, cache_dir: passed to ``from_pretrained`` when ``pipeline_or_path``
             is a Hub id or folder (as in diffusers' training scripts).
@@ -159,12 +163,17 @@ class BreakASceneTrainer:
         self.pipeline = as_pipeline(
             pipeline_or_path, revision=revision, variant=variant, cache_dir=cache_dir
         )
-        if getattr(self.pipeline, "text_encoder_2", None) is not None:
+        self.text = TextConditioning.from_pipeline(self.pipeline)
+        if self.text.is_sdxl and (config.train_text_encoder or config.train_text_encoder_lora):
             raise InvalidConfigError(
-                f"{type(self.pipeline).__name__} has two text encoders (SDXL): training on SDXL "
-                "is not supported yet (bundles trained elsewhere load into SDXL pipelines); "
-                "train on an SD1/SD2 pipeline."
+                f"{type(self.pipeline).__name__} has two text encoders (SDXL): training the "
+                "text encoders in phase 2 (train_text_encoder / train_text_encoder_lora) is not "
+                "supported on SDXL yet; turn both off (the handles are trained in both encoders "
+                "either way)."
             )
+        if config.resolution is None:
+            config = config.replace(resolution=native_resolution(self.pipeline))
+            self.config = config
         self.base_model = (
             str(pipeline_or_path)
             if isinstance(pipeline_or_path, str | os.PathLike)
@@ -172,10 +181,9 @@ class BreakASceneTrainer:
             or self.pipeline.config.get("_name_or_path", "")
         )
         # Handles the tokenizer already holds (added tokens, or ordinary words such as "dog")
-        # are refused now, before training touches the tokenizer or the text encoder.
-        check_handle_names(
-            self.pipeline.tokenizer, scene.tokens, "Scene tokens", "Scene(..., tokens=[...])"
-        )
+        # are refused now, before training touches the tokenizers or the text encoders.
+        for tokenizer in self.text.tokenizers:
+            check_handle_names(tokenizer, scene.tokens, "Scene tokens", "Scene(..., tokens=[...])")
         self._accelerator = accelerator
         self.history: list[dict[str, float]] = []
 
@@ -203,8 +211,8 @@ class BreakASceneTrainer:
             )
         device = accelerator.device
         pipe = self.pipeline
-        unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        for model in (unet, vae, text_encoder):
+        unet, vae, encoders = pipe.unet, pipe.vae, self.text.text_encoders
+        for model in (unet, vae, *encoders):
             model.requires_grad_(False)
             model.to(device)
         from diffusers import DDPMScheduler
@@ -217,14 +225,19 @@ class BreakASceneTrainer:
         prior = self._class_latents(output_dir, accelerator) if cfg.prior_preservation else None
         encoded = encode_scene(vae, self.scene, cfg.resolution)
 
-        handle_ids = add_handles(
-            tokenizer,
-            text_encoder,
-            self.scene.tokens,
-            self.scene.initializer_tokens,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
-        handles = HandleEmbedding.install(text_encoder, handle_ids)
+        # One row per handle in each text encoder (SDXL: both), from the initializer word as
+        # that encoder reads it; each encoder's rows are trained as their own parameter.
+        handle_ids, handles = [], []
+        for tokenizer, encoder in zip(self.text.tokenizers, encoders, strict=True):
+            ids = add_handles(
+                tokenizer,
+                encoder,
+                self.scene.tokens,
+                self.scene.initializer_tokens,
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
+            handle_ids.append(ids)
+            handles.append(HandleEmbedding.install(encoder, ids))
         store = (
             AttentionStore.attach(unet, resolution_divisor=cfg.attention_resolution_divisor)
             if cfg.use_attention_loss
@@ -239,15 +252,16 @@ class BreakASceneTrainer:
         if weight_dtype != torch.float32 and cfg.phase2 == "lora":
             unet.to(dtype=weight_dtype)  # frozen base weights; trainable ones stay float32
         unet.train()
-        text_encoder.train()
+        for encoder in encoders:
+            encoder.train()
 
         start_step = 0
         if resume is not None and resume.step >= cfg.phase1_steps:
             start_step = resume.step
         total = cfg.phase1_steps + cfg.phase2_steps
         run = _Run(
-            accelerator, unet, text_encoder, noise_scheduler, handles, store, encoded, prior,
-            handle_ids, generator, output_dir,
+            accelerator, unet, encoders, noise_scheduler, handles, store, encoded, prior,
+            handle_ids[0], generator, output_dir,
             self._progress(total, start_step, accelerator, progress),
             SamplingSettings.from_config(cfg), LossSettings.from_config(cfg),
         )  # fmt: skip
@@ -263,12 +277,15 @@ class BreakASceneTrainer:
                 store.detach()
             unet.disable_gradient_checkpointing()
             unet.eval()
-            text_encoder.eval()
-            handles.uninstall(accelerator.unwrap_model(text_encoder))
+            for encoder, wrapper in zip(encoders, handles, strict=True):
+                encoder.eval()
+                wrapper.uninstall(accelerator.unwrap_model(encoder))
             # The pipeline goes back to its own dtype so it generates without autocast. Frozen
             # weights that were stored in half precision for training come back rounded; load
-            # the bundle into a fresh pipeline for the exact base weights.
-            unet.to(dtype=unet_dtype)
+            # the bundle into a fresh pipeline for the exact base weights. (Only when it was
+            # cast: diffusers warns on every dtype cast of a UNet.)
+            if unet.dtype != unet_dtype:
+                unet.to(dtype=unet_dtype)
 
         accelerator.wait_for_everyone()
         path = output_dir / "break_a_scene.safetensors"
@@ -310,7 +327,7 @@ class BreakASceneTrainer:
         accelerator = run.accelerator
         first = 0 if phase == 1 else cfg.phase1_steps
         last = cfg.phase1_steps if phase == 1 else cfg.phase1_steps + cfg.phase2_steps
-        groups, trainable = self._param_groups(phase, run.unet, run.text_encoder, run.handles)
+        groups, trainable = self._param_groups(phase, run.unet, run.text_encoders, run.handles)
         from diffusers.optimization import get_scheduler
 
         optimizer = adamw_class(cfg.use_8bit_adam)(
@@ -333,7 +350,7 @@ class BreakASceneTrainer:
                 resume, phase, trainable, optimizer, lr_scheduler, run.generator,
                 accelerator.process_index,
             )  # fmt: skip
-        models = [run.text_encoder] if phase == 1 else [run.unet, run.text_encoder]
+        models = ([] if phase == 1 else [run.unet]) + list(run.text_encoders)
         prepared = accelerator.prepare(*models, optimizer, lr_scheduler)
         *models, optimizer, lr_scheduler = prepared
 
@@ -362,19 +379,22 @@ class BreakASceneTrainer:
     ) -> int:
         """Optimizer steps ``step + 1`` ... ``last`` of ``phase``; returns the last step done."""
         cfg, accelerator = self.config, run.accelerator
-        ddp_text_encoder = models[-1]
         ddp_unet = models[0] if phase == 2 else run.unet
+        ddp_encoders = models[1:] if phase == 2 else models
+        sdxl = len(ddp_encoders) == 2
         while step < last:
             with accelerator.accumulate(*models):
                 batch = sample_batch(
-                    self.scene, run.encoded, self.pipeline.tokenizer, run.handle_ids,
+                    self.scene, run.encoded, self.text.tokenizers[0], run.handle_ids,
                     run.generator, run.sampling,
                     scaling_factor=self.pipeline.vae.config.scaling_factor, prior=run.prior,
+                    tokenizer_2=self.text.tokenizers[1] if sdxl else None,
                 )  # fmt: skip
                 with accelerator.autocast():
                     loss, logs = training_step(
-                        ddp_unet, ddp_text_encoder, run.noise_scheduler, batch, run.generator,
+                        ddp_unet, ddp_encoders[0], run.noise_scheduler, batch, run.generator,
                         run.losses, attention_store=run.store,
+                        text_encoder_2=ddp_encoders[1] if sdxl else None,
                     )  # fmt: skip
                 if not math.isfinite(logs["loss"]):
                     last_ckpt = latest_checkpoint(run.output_dir / "checkpoints")
@@ -412,17 +432,25 @@ class BreakASceneTrainer:
         return step
 
     def _param_groups(
-        self, phase: int, unet: Any, text_encoder: Any, handles: HandleEmbedding
+        self,
+        phase: int,
+        unet: Any,
+        text_encoders: tuple[Any, ...],
+        handles: list[HandleEmbedding],
     ) -> tuple[list[dict[str, Any]], dict[str, torch.nn.Parameter]]:
         """Optimizer groups and ``{name: param}`` of everything trained in ``phase``."""
         cfg = self.config
-        handles.handle_weight.requires_grad_(True)
+        text_encoder = text_encoders[0]
+        # "handles" (and "handles_2": SDXL's second encoder), one optimizer group.
+        names = ("handles", "handles_2")
+        rows = {name: h.handle_weight for name, h in zip(names, handles, strict=False)}
+        for param in rows.values():
+            param.requires_grad_(True)
+        lr = cfg.phase1_learning_rate if phase == 1 else cfg.phase2_handle_learning_rate
+        groups = [{"params": list(rows.values()), "lr": lr}]
+        trainable = dict(rows)
         if phase == 1:
-            return [{"params": [handles.handle_weight], "lr": cfg.phase1_learning_rate}], {
-                "handles": handles.handle_weight
-            }
-        trainable = {"handles": handles.handle_weight}
-        groups = [{"params": [handles.handle_weight], "lr": cfg.phase2_handle_learning_rate}]
+            return groups, trainable
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)  # the LoRA's random init is part of the seed's run
             if cfg.phase2 == "full":

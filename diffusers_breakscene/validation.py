@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 
 from .attention import AttentionStore
+from .base_pipeline import native_resolution
+from .conditioning import crop_time_ids, time_ids
 from .config import BreakASceneConfig
 from .errors import InvalidArgumentError
 from .scene import Scene
@@ -186,6 +188,13 @@ def attention_picture(
     return image, picture
 
 
+def _sized(config: BreakASceneConfig, pipe: Any) -> BreakASceneConfig:
+    """``config`` with ``resolution=None`` replaced by the pipeline's native size."""
+    if config.resolution is not None:
+        return config
+    return config.replace(resolution=native_resolution(pipe))
+
+
 def _pil(pixels: torch.Tensor) -> Image.Image:
     """A ``(3, H, W)`` tensor in [-1, 1] as an RGB image."""
     array = ((pixels.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
@@ -217,7 +226,7 @@ def render_validation(
         >>> [f.name for f in files]
         ['00.png', '00.txt']
     """
-    cfg = config
+    cfg = _sized(config, pipe)
     everything = list(range(scene.num_concepts))
     prompts = list(cfg.validation_prompts) or [
         scene.prompt(everything, cfg.prompt_template, cfg.token_joiner)
@@ -231,9 +240,11 @@ def render_validation(
         store = AttentionStore.attach(
             pipe.unet, resolution_divisor=cfg.attention_resolution_divisor
         )
-    modes = pipe.unet.training, pipe.text_encoder.training
-    pipe.unet.eval()
-    pipe.text_encoder.eval()
+    models = [pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    models = [m for m in models if m is not None]
+    modes = [m.training for m in models]
+    for model in models:
+        model.eval()
     written: list[Path] = []
     part = "cond" if cfg.validation_guidance_scale > 1 else "all"
     try:
@@ -266,8 +277,8 @@ def render_validation(
             store.reset()
             if own_store:
                 store.detach()
-        pipe.unet.train(modes[0])
-        pipe.text_encoder.train(modes[1])
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
     return written
 
 
@@ -288,6 +299,7 @@ def generate_class_images(pipe: Any, config: BreakASceneConfig, folder: str | Pa
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    config = _sized(config, pipe)
     existing = sorted(folder.glob("*.png"))
     generator = torch.Generator().manual_seed(config.seed)
     for index in range(len(existing), config.num_class_images):
@@ -305,11 +317,15 @@ def generate_class_images(pipe: Any, config: BreakASceneConfig, folder: str | Pa
 def encode_class_images(pipe: Any, config: BreakASceneConfig, folder: str | Path) -> EncodedImages:
     """Encode the first ``config.num_class_images`` PNGs of ``folder`` with the pipeline's VAE
     (see :func:`generate_class_images` for an example)."""
+    config = _sized(config, pipe)
     files = sorted(Path(folder).glob("*.png"))[: config.num_class_images]
     size = (config.resolution, config.resolution)
-    pixels = []
+    pixels, rows = [], []
     for file in files:
-        image = Image.open(file).convert("RGB").resize(size)
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        image = Image.open(file).convert("RGB")
+        rows.append(crop_time_ids((image.height, image.width), size, (0, 0), config.resolution))
+        array = torch.from_numpy(np.asarray(image.resize(size), dtype=np.float32) / 127.5 - 1.0)
         pixels.append(array.permute(2, 0, 1))
-    return encode_images(pipe.vae, torch.stack(pixels))
+    encoded = encode_images(pipe.vae, torch.stack(pixels))
+    encoded.time_ids = time_ids(rows)
+    return encoded

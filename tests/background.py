@@ -2,9 +2,11 @@
 collected, one at a time, so that they run beside the in-process tests instead of after them.
 
 Each job belongs to the test module that checks its output; it starts only when that module has
-selected tests (``pytest -m "not slow"`` starts none). A test waits for its job with
-``BACKGROUND.stdout(name)`` (which fails the test with the job's stderr if it did not exit 0)
-and reads its files under ``BACKGROUND.root / name``.
+selected tests (``pytest -m "not slow"`` starts none). Under pytest-xdist (``-n 2``) a worker
+does not know at collection which modules it will run, so its jobs start with the first test of
+their module in that worker (``--dist loadfile`` keeps a module in one worker). A test waits for
+its job with ``BACKGROUND.stdout(name)`` (which fails the test with the job's stderr if it did
+not exit 0) and reads its files under ``BACKGROUND.root / name``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Background:
         self._env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         self._lock = threading.Lock()
         self._queue: list[str] = []
+        self._working = False
         self._started: set[str] = set()
         self._done: dict[str, threading.Event] = {}
         self._results: dict[str, tuple[int, str, str]] = {}
@@ -80,9 +83,19 @@ class Background:
         self._jobs = _jobs(self.root)
 
     def start_for(self, modules: Iterable[str]) -> None:
+        """Queue the jobs of ``modules`` (again: nothing new), in :func:`_jobs` order, and
+        start the helper thread if it is not running."""
         wanted = set(modules)
-        self._queue = [name for name, (module, _) in self._jobs.items() if module in wanted]
-        if self._queue:
+        with self._lock:
+            new = [
+                name
+                for name, (module, _) in self._jobs.items()
+                if module in wanted and name not in self._queue
+            ]
+            self._queue += new
+            start = bool(new) and not self._working
+            self._working = self._working or start
+        if start:
             threading.Thread(target=self._work, daemon=True).start()
 
     def _work(self) -> None:
@@ -90,6 +103,7 @@ class Background:
             with self._lock:
                 waiting = [name for name in self._queue if name not in self._started]
                 if not waiting:
+                    self._working = False
                     return
                 self._started.add(waiting[0])
             self._run(waiting[0])

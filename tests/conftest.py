@@ -9,7 +9,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+#: The pytest-xdist worker this process is ("gw0", ...), or None without xdist.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+# Two intra-op threads in one process, or one per worker when xdist runs a worker per core (two
+# threads in each of two workers on 2 cores oversubscribe).
+torch.set_num_threads(1 if XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +54,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
     from background import BACKGROUND
 
-    BACKGROUND.start_for({Path(str(item.fspath)).stem for item in session.items})
+    if XDIST_WORKER is None:
+        BACKGROUND.start_for({Path(str(item.fspath)).stem for item in session.items})
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under xdist: start the jobs of this test's module, in the worker that runs it."""
+    if XDIST_WORKER is not None:
+        from pathlib import Path
+
+        from background import BACKGROUND
+
+        BACKGROUND.start_for({Path(str(item.fspath)).stem})
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

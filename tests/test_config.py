@@ -40,7 +40,7 @@ from diffusers_breakscene.errors import InvalidConfigError, MissingFileError
         ("prior_loss_weight", 1.0),
         ("class_prompt", "a photo at the beach"),
         ("num_class_images", 100),
-        ("resolution", 512),
+        ("resolution", None),  # the model's own size (the trainer resolves it)
         ("adam_beta1", 0.9),  # reference code (paper: beta2 0.99, wd 1e-8)
         ("adam_beta2", 0.999),
         ("adam_weight_decay", 1e-2),

@@ -78,4 +78,8 @@ def test_every_nav_page_exists_or_belongs_to_another_author():
 
 def test_docs_mention_the_readme_commands():
     index = (DOCS / "index.md").read_text(encoding="utf-8")
-    assert "breakscene demo" in index and "python -m pytest -q" in index
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = "python -m pytest -q -n 2"
+    assert "breakscene demo" in index and command in index and command in readme
+    assert "python3 -m pytest -q -n 2\n" in ci  # CI runs the README's test command

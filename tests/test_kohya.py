@@ -18,7 +18,7 @@ from diffusers_breakscene.tiny import tiny_pipeline, tiny_scene
 def train(family: str, tmp_path_factory) -> Bundle:
     cfg = bas.BreakASceneConfig(
         phase1_steps=1, phase2_steps=1, resolution=64, lora_rank=4, lora_alpha=8,
-        phase1_learning_rate=1e-1, phase2_learning_rate=1e-1,
+        phase1_learning_rate=1e-1, phase2_learning_rate=1e-1, validate_phase_ends=False,
     )  # fmt: skip
     pipe = tiny_pipeline(family)
     path = bas.BreakASceneTrainer(pipe, tiny_scene(64), cfg).train(
@@ -152,6 +152,7 @@ def test_text_encoder_lora_uses_kohyas_single_encoder_prefix(tmp_path_factory, t
     cfg = bas.BreakASceneConfig(
         phase1_steps=1, phase2_steps=1, resolution=64, lora_rank=4, lora_alpha=8,
         phase2_learning_rate=1e-1, train_text_encoder_lora=True, text_encoder_lora_rank=2,
+        validate_phase_ends=False,
     )  # fmt: skip
     path = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(64), cfg).train(
         tmp_path_factory.mktemp("te"), progress=False

@@ -94,6 +94,7 @@ def trained_path(tmp_path_factory):
         lora_rank=4,
         lora_alpha=8,
         phase2_learning_rate=1e-2,
+        validate_phase_ends=False,
     )
     trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), bas.Scene(img, [m0, m1]), cfg)
     return trainer.train(tmp_path_factory.mktemp("trained"), progress=False)

@@ -87,7 +87,10 @@ def test_round_trip_through_save_pretrained_generates_the_same_image(family, tin
     image = generate(loaded)
     assert image.shape == (64, 64, 3)
     assert np.isfinite(image).all()
-    np.testing.assert_array_equal(image, generate(tiny_pipeline(family)))
+    # Equal up to float rounding, not bit for bit: the loaded weights sit at safetensors'
+    # offsets (data_ptr % 64 == 56 for conv_in), and with one intra-op thread (pytest-xdist
+    # workers) CPU kernels take another path for unaligned data: 2.7e-6 apart, 0.0 with two.
+    np.testing.assert_allclose(image, generate(tiny_pipeline(family)), rtol=0, atol=1e-5)
     assert loaded.tokenizer.get_vocab() == tiny_tokenizer().get_vocab()
 
 

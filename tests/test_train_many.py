@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from background import _free_port
 from helpers import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
@@ -236,8 +237,8 @@ def test_two_processes_share_four_scenes_each_as_a_one_process_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29541", "-m", "diffusers_breakscene.cli", "train-many", str(root),
-         "--output", str(out), "--model", "tiny-sd1", *FLAGS],
+         "--master_port", str(_free_port()), "-m", "diffusers_breakscene.cli", "train-many",
+         str(root), "--output", str(out), "--model", "tiny-sd1", *FLAGS],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -220,13 +220,15 @@ SCRIPT = textwrap.dedent(
     from test_trainer import RES, config
     from diffusers_breakscene.tiny import tiny_scene
     accelerator = Accelerator(cpu=True)
-    trainer = bas.BreakASceneTrainer(tiny_pipeline("sd1"), tiny_scene(RES),
+    trainer = bas.BreakASceneTrainer(tiny_pipeline("sdxl"), tiny_scene(RES),
                                      config(phase1_steps=2, phase2_steps=2),
                                      accelerator=accelerator)
     trainer.train({out!r}, progress=False)
-    rows = trainer.pipeline.text_encoder.get_input_embeddings().weight[-2:].detach()
-    lora = [p.detach() for n, p in trainer.pipeline.unet.named_parameters() if "lora_" in n]
-    state = {{"rows": rows, **{{f"lora{{i}}": t for i, t in enumerate(lora)}}}}
+    pipe = trainer.pipeline
+    rows = pipe.text_encoder.get_input_embeddings().weight[-2:].detach()
+    rows_2 = pipe.text_encoder_2.get_input_embeddings().weight[-2:].detach()
+    lora = [p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n]
+    state = {{"rows": rows, "rows_2": rows_2, **{{f"lora{{i}}": t for i, t in enumerate(lora)}}}}
     from safetensors.torch import save_file
     save_file({{k: v.contiguous() for k, v in state.items()}},
               {out!r} + f"/rank{{accelerator.process_index}}.safetensors")
@@ -238,7 +240,10 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.distributed
-def test_two_process_torchrun_completes_and_ranks_agree(tmp_path):
+def test_two_process_torchrun_on_sdxl_completes_and_ranks_agree(tmp_path):
+    """Two CPU processes train the tiny SDXL pipeline (SD1 under several processes: the
+    multi_gpu_train example and train_many's torchrun test)."""
+    from background import _free_port
     from safetensors.torch import load_file
 
     script = tmp_path / "train.py"
@@ -248,7 +253,7 @@ def test_two_process_torchrun_completes_and_ranks_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29533", str(script)],
+         "--master_port", str(_free_port()), str(script)],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -256,7 +261,7 @@ def test_two_process_torchrun_completes_and_ranks_agree(tmp_path):
     assert ranks == [("2", "0"), ("2", "1")], result.stdout
     a, b = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "break_a_scene.safetensors").is_file()
+    assert bas.Bundle.load(tmp_path / "break_a_scene.safetensors").handles_2
 
 
 @pytest.mark.parametrize(

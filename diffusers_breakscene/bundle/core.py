@@ -196,10 +196,11 @@ class Bundle:
         unet_lora: bool = True,
         text_encoder_lora: bool = False,
     ) -> Bundle:
-        """The bundle of a trained ``pipeline``: the handle rows of ``tokens`` in its (first)
-        text encoder, its base fingerprint, and, with ``unet_lora``, the training adapter's
-        LoRA weights and config on the UNet (and on the text encoder with
-        ``text_encoder_lora``). ``unet_lora=False`` stores no LoRA at all (``lora == {}``).
+        """The bundle of a trained ``pipeline``: the handle rows of ``tokens`` in its text
+        encoder (SDXL: in both, as ``handles`` and ``handles_2``), its base fingerprint, and,
+        with ``unet_lora``, the training adapter's LoRA weights and config on the UNet (and on
+        the text encoder with ``text_encoder_lora``). ``unet_lora=False`` stores no LoRA at all
+        (``lora == {}``).
 
         Example:
             >>> from diffusers_breakscene.handles import add_handles
@@ -218,7 +219,12 @@ class Bundle:
         metadata["base_model"] = base_model
         if training is not None:
             metadata["training"] = training
-        return cls(handles, lora, metadata)
+        handles_2 = None
+        if getattr(pipeline, "text_encoder_2", None) is not None:  # SDXL: rows in both
+            from ..handles import get_handle_embeddings
+
+            handles_2 = get_handle_embeddings(pipeline.tokenizer_2, pipeline.text_encoder_2, tokens)
+        return cls(handles, lora, metadata, handles_2=handles_2)
 
     # --- (de)serialization --------------------------------------------------------------
     def _serialize(self, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict]:
