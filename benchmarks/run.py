@@ -120,8 +120,21 @@ THREADS = 0  # torch threads of the workers (0: torch's default)
 IN_PROCESS = False  # smoke mode: run workers in this process (memory peaks then mix)
 
 
+#: glibc malloc settings of every worker process. By default glibc moves its mmap and trim
+#: thresholds as memory is freed, so whether a forward's large temporaries reuse heap memory or
+#: get fresh zeroed pages from the kernel (page faults) depends on what the process freed before:
+#: a bundle load/unload or a fuse changes the next forwards' speed by up to 1.7x on the CPU
+#: (docs/benchmarks.md, "The inference anomaly"). Fixed thresholds make every state start alike.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),  # glibc's largest: blocks below come from the heap
+    "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30),  # never give freed heap memory back mid-run
+    "MALLOC_TOP_PAD_": str(256 * 2**20),
+}
+
+
 def worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one configuration in a fresh Python process; returns its result dict."""
+    """Run one configuration in a fresh Python process (glibc malloc fixed: :data:`MALLOC_ENV`);
+    returns its result dict."""
     t0 = time.perf_counter()
     if IN_PROCESS:
         import workers
@@ -131,7 +144,7 @@ def worker(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         [sys.executable, str(Path(__file__).resolve()), "--worker", kind, json.dumps(spec)],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **MALLOC_ENV},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {kind} {spec} failed:\n{proc.stderr[-4000:]}")

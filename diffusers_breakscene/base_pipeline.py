@@ -28,6 +28,7 @@ __all__ = [
     "TINY_MODELS",
     "TOY_MODEL",
     "as_pipeline",
+    "as_vae",
     "available_model_id",
     "load_base_pipeline",
     "load_pipeline",
@@ -177,6 +178,39 @@ def load_pipeline(model: str | os.PathLike[str] | None, **from_pretrained: Any) 
 
         return tiny_pipeline(name.removeprefix("tiny-"))
     return load_base_pipeline(model, **from_pretrained)
+
+
+def as_vae(source: Any, **from_pretrained: Any) -> Any:
+    """``source`` itself if it is a VAE (it has ``encode`` and ``decode``), else
+    ``AutoencoderKL.from_pretrained(source, **from_pretrained)`` for a folder (read offline) or
+    a Hub id, e.g. ``"madebyollin/sdxl-vae-fp16-fix"``, the SDXL VAE that is safe in fp16. A
+    source that cannot be found raises :class:`MissingFileError` naming it.
+
+    Example:
+        >>> as_vae("/no/such/vae")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        diffusers_breakscene.errors.MissingFileError: Cannot load a VAE from '/no/such/vae' (...)...
+    """
+    if callable(getattr(source, "encode", None)) and callable(getattr(source, "decode", None)):
+        return source
+    from diffusers import AutoencoderKL
+    from huggingface_hub.errors import EntryNotFoundError
+
+    kwargs = {k: v for k, v in from_pretrained.items() if v is not None}
+    if Path(source).expanduser().exists():
+        kwargs["local_files_only"] = True
+    try:
+        return AutoencoderKL.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError, EntryNotFoundError) as err:
+        cause = " ".join(str(err).split())[:160] or type(err).__name__
+        raise MissingFileError(
+            message(
+                f"Cannot load a VAE from {str(source)!r} ({cause})",
+                "pass an AutoencoderKL folder (config.json + weights) or a Hub id such as "
+                "'madebyollin/sdxl-vae-fp16-fix'",
+            )
+        ) from err
 
 
 def as_pipeline(source: Any, **from_pretrained: Any) -> Any:

@@ -606,6 +606,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,
+        vae=args.vae,
     )
     _say(
         args,
@@ -1105,6 +1106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--initializer", **_LIST, default=[], metavar="WORD", help="initializer word per handle"
     )
     _add_training_model_flags(train, "--pretrained_model_name_or_path")
+    train.add_argument(
+        "--vae",
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="a VAE folder or hub id to use instead of the model's, e.g. "
+        "madebyollin/sdxl-vae-fp16-fix (SDXL's VAE that is safe in fp16)",
+    )
     train.add_argument("--output", "--output_dir", required=True, help="output folder")
     hub = train.add_argument_group("sharing (after training)")
     hub.add_argument(

@@ -461,9 +461,6 @@ def save_tiny_sam(directory: str | os.PathLike[str], seed: int = 0) -> Path:
             iou_head_hidden_dim=width,
         ),
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SamModel(config).eval()
     processor = SamProcessor(
         SamImageProcessor(
             size={"longest_edge": side}, pad_size={"height": side, "width": side},
@@ -471,6 +468,16 @@ def save_tiny_sam(directory: str | os.PathLike[str], seed: int = 0) -> Path:
                                                                   "width": side // 4},
         )
     )  # fmt: skip
+    return _save_random(SamModel, config, processor, directory, seed)
+
+
+def _save_random(model_cls: Any, config: Any, processor: Any, directory: Any, seed: int) -> Path:
+    """Build ``model_cls(config)`` with ``seed`` (the global generator is left as it was) and
+    save it with ``processor`` into ``directory``: the shared tail of the ``save_tiny_*``
+    transformers models."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config).eval()
     path = Path(directory)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -509,14 +516,9 @@ def save_tiny_clip(directory: str | os.PathLike[str], seed: int = 0) -> Path:
         text_config=_text_config(len(tokenizer), 32), vision_config=_vision_config(32),
         projection_dim=16,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config).eval()
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    path = Path(directory)
-    model.save_pretrained(path)
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
-    return path
+    processor = CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+    return _save_random(CLIPModel, config, processor, directory, seed)
 
 
 def save_tiny_dino(directory: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -535,15 +537,10 @@ def save_tiny_dino(directory: str | os.PathLike[str], seed: int = 0) -> Path:
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32,
         patch_size=8,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Dinov2Model(config).eval()
-    path = Path(directory)
-    model.save_pretrained(path)
-    BitImageProcessor(
+    processor = BitImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_convert_rgb=True
-    ).save_pretrained(path)
-    return path
+    )
+    return _save_random(Dinov2Model, config, processor, directory, seed)
 
 
 def save_tiny_clipseg(directory: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -571,11 +568,6 @@ def save_tiny_clipseg(directory: str | os.PathLike[str], seed: int = 0) -> Path:
         projection_dim=16, reduce_dim=16, extract_layers=[1, 2], decoder_num_attention_heads=2,
         decoder_intermediate_size=32,
     )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPSegForImageSegmentation(config).eval()
     images = ViTImageProcessor(size={"height": 32, "width": 32})
-    path = Path(directory)
-    model.save_pretrained(path)
-    CLIPSegProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
-    return path
+    processor = CLIPSegProcessor(image_processor=images, tokenizer=tokenizer)
+    return _save_random(CLIPSegForImageSegmentation, config, processor, directory, seed)

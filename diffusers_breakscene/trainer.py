@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .attention import AttentionStore
-from .base_pipeline import as_pipeline, native_resolution
+from .base_pipeline import as_pipeline, as_vae, native_resolution
 from .checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -126,6 +126,10 @@ class BreakASceneTrainer:
         accelerator: an ``accelerate.Accelerator`` to use instead of a new one.
         revision, variant, cache_dir: passed to ``from_pretrained`` when ``pipeline_or_path``
             is a Hub id or folder (as in diffusers' training scripts).
+        vae: a VAE to use instead of the pipeline's: an ``AutoencoderKL``, a folder or a Hub id
+            (``--pretrained_vae_model_name_or_path`` in diffusers' scripts), e.g.
+            ``"madebyollin/sdxl-vae-fp16-fix"``. It replaces the pipeline's VAE (it encodes
+            the scene and decodes validation pictures).
 
     Example:
         >>> from diffusers_breakscene import BreakASceneConfig, BreakASceneTrainer, Scene
@@ -145,6 +149,7 @@ class BreakASceneTrainer:
         revision: str | None = None,
         variant: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        vae: Any = None,
     ) -> None:
         if not isinstance(scene, Scene):
             raise InvalidSceneError(
@@ -163,6 +168,8 @@ class BreakASceneTrainer:
         self.pipeline = as_pipeline(
             pipeline_or_path, revision=revision, variant=variant, cache_dir=cache_dir
         )
+        # e.g. SDXL's fp16-safe VAE, as diffusers' scripts take it; put in after every check
+        new_vae = None if vae is None else as_vae(vae, cache_dir=cache_dir)
         self.text = TextConditioning.from_pipeline(self.pipeline)
         if self.text.is_sdxl and (config.train_text_encoder or config.train_text_encoder_lora):
             raise InvalidConfigError(
@@ -186,6 +193,9 @@ class BreakASceneTrainer:
             check_handle_names(tokenizer, scene.tokens, "Scene tokens", "Scene(..., tokens=[...])")
         self._accelerator = accelerator
         self.history: list[dict[str, float]] = []
+        if new_vae is not None:
+            current = self.pipeline.vae
+            self.pipeline.vae = new_vae.to(current.device, current.dtype)
 
     # -- public ---------------------------------------------------------------------------------
 

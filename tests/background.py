@@ -2,21 +2,23 @@
 collected, one at a time, so that they run beside the in-process tests instead of after them.
 
 Each job belongs to the test module that checks its output; it starts only when that module has
-selected tests (``pytest -m "not slow"`` starts none). Under pytest-xdist (``-n 2``) a worker
-does not know at collection which modules it will run, so its jobs start with the first test of
-their module in that worker (``--dist loadfile`` keeps a module in one worker). A test waits for
+selected tests (``pytest -m "not slow"`` starts none). Under pytest-xdist (``-n 2``) worker gw0
+runs every job and the other workers read their results (:class:`Background`). A test waits for
 its job with ``BACKGROUND.stdout(name)`` (which fails the test with the job's stderr if it did
 not exit 0) and reads its files under ``BACKGROUND.root / name``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,18 +62,30 @@ def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
                       *out("toy_model")]),
         "studio_browser": ("test_studio", [str(REPO / "tests" / "studio_browser.py"),
                            *out("studio_browser")]),
+        "fidelity": ("test_fidelity", [str(BENCH / "fidelity.py"), "--smoke", *out("fidelity")]),
     }  # fmt: skip
+
+
+#: Set by the first pytest process (conftest.py) to the folder all jobs write under, so that
+#: pytest-xdist workers (which inherit the environment) share it.
+ROOT_VARIABLE = "BREAKSCENE_TEST_JOBS"
 
 
 class Background:
     """The session's jobs, run one at a time by a helper thread in the order of :func:`_jobs`
     (one job beside the in-process tests uses the CPU they leave idle; more would starve them),
-    or at once when a test asks for a job that has not started yet."""
+    or at once when a test asks for a job that has not started yet.
+
+    Under pytest-xdist only worker ``gw0`` runs jobs, all of them from the start; it writes each
+    job's result to ``<root>/<job>.result.json``, which the other workers wait for. The folder
+    is made and removed by the controlling process (conftest.py)."""
 
     def __init__(self) -> None:
-        import os
-
-        self.root = Path(tempfile.mkdtemp(prefix="breakscene-tests-"))
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        shared = os.environ.get(ROOT_VARIABLE)
+        self.owner = worker in (None, "gw0")  # this process runs the jobs
+        self._own_root = not shared
+        self.root = Path(shared) if shared else Path(tempfile.mkdtemp(prefix="breakscene-tests-"))
         self._env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         self._lock = threading.Lock()
         self._queue: list[str] = []
@@ -84,7 +98,9 @@ class Background:
 
     def start_for(self, modules: Iterable[str]) -> None:
         """Queue the jobs of ``modules`` (again: nothing new), in :func:`_jobs` order, and
-        start the helper thread if it is not running."""
+        start the helper thread if it is not running (in the process that runs jobs)."""
+        if not self.owner:
+            return
         wanted = set(modules)
         with self._lock:
             new = [
@@ -117,11 +133,29 @@ class Background:
         self._procs.append(proc)
         out, err = proc.communicate()
         self._results[name] = (proc.returncode, out, err)
+        # For the other xdist workers: written whole, then renamed, so a reader sees all or none.
+        result = self.root / f"{name}.result.json"
+        partial = result.with_suffix(".partial")
+        partial.write_text(json.dumps([proc.returncode, out, err]))
+        partial.replace(result)
         event.set()
+
+    def _wait_for_owner(self, name: str, timeout: int) -> tuple[int, str, str]:
+        result = self.root / f"{name}.result.json"
+        deadline = time.monotonic() + timeout
+        while not result.exists():
+            assert time.monotonic() < deadline, f"{name}: no result after {timeout} s (gw0 runs it)"
+            time.sleep(0.5)
+        code, out, err = json.loads(result.read_text())
+        return code, out, err
 
     def stdout(self, name: str, timeout: int = 900) -> str:
         """Wait for job ``name`` (starting it now if it has not started) and return its stdout;
         fail the calling test with its stderr if it did not exit 0."""
+        if not self.owner:
+            code, out, err = self._wait_for_owner(name, timeout)
+            assert code == 0, f"{name}: exit {code}\n{err[-4000:]}"
+            return out
         with self._lock:
             event = self._done.setdefault(name, threading.Event())
             start_now = name not in self._started
@@ -134,12 +168,31 @@ class Background:
         return out
 
     def close(self) -> None:
+        """End of this process's session. Worker gw0 lets its queue finish (the other workers
+        may still wait for a job); a single process stops its jobs. The shared folder is left to
+        the process that made it."""
+        if self.owner and os.environ.get("PYTEST_XDIST_WORKER"):
+            while self._working:
+                time.sleep(0.5)
+            return
         with self._lock:
             self._started.update(self._jobs)  # the helper thread starts nothing more
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
-BACKGROUND = Background()
+_BACKGROUND: Background | None = None
+
+
+def __getattr__(name: str) -> Background:
+    """``BACKGROUND``, made on first use (after conftest.py's pytest_configure has set
+    :data:`ROOT_VARIABLE`, which importing this module for the constant must not precede)."""
+    global _BACKGROUND
+    if name != "BACKGROUND":
+        raise AttributeError(name)
+    if _BACKGROUND is None:
+        _BACKGROUND = Background()
+    return _BACKGROUND

@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+#: Where the background jobs' folder is kept (the process that made it removes it).
+_JOBS_ROOT = pytest.StashKey[str]()
 #: The pytest-xdist worker this process is ("gw0", ...), or None without xdist.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 # Two intra-op threads in one process, or one per worker when xdist runs a worker per core (two
@@ -48,24 +50,37 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The first pytest process (the only one, or xdist's controller) makes the folder every
+    background job writes under; xdist's workers inherit it through the environment."""
+    import tempfile
+
+    from background import ROOT_VARIABLE
+
+    if XDIST_WORKER is None and ROOT_VARIABLE not in os.environ:
+        os.environ[ROOT_VARIABLE] = tempfile.mkdtemp(prefix="breakscene-tests-")
+        config.stash[_JOBS_ROOT] = os.environ[ROOT_VARIABLE]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    from background import ROOT_VARIABLE
+
+    root = config.stash.get(_JOBS_ROOT, None)
+    if root is not None:  # made by this process: every worker is done with it
+        shutil.rmtree(root, ignore_errors=True)
+        os.environ.pop(ROOT_VARIABLE, None)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the long subprocess jobs of the selected test modules (see background.py)."""
+    """Start the long subprocess jobs of the selected test modules (see background.py; under
+    xdist only worker gw0 runs them)."""
     from pathlib import Path
 
     from background import BACKGROUND
 
-    if XDIST_WORKER is None:
-        BACKGROUND.start_for({Path(str(item.fspath)).stem for item in session.items})
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Under xdist: start the jobs of this test's module, in the worker that runs it."""
-    if XDIST_WORKER is not None:
-        from pathlib import Path
-
-        from background import BACKGROUND
-
-        BACKGROUND.start_for({Path(str(item.fspath)).stem})
+    BACKGROUND.start_for({Path(str(item.fspath)).stem for item in session.items})
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -118,6 +118,16 @@ def test_two_sdxl_bundles_scaled_and_fused_unload_in_any_order(bundle):
         assert_same_state(pipe, before)
 
 
+def test_twenty_load_unload_rounds_of_a_trained_sdxl_bundle_leave_no_trace(bundle):
+    pipe = tiny_pipeline("sdxl")
+    before = snapshot(pipe)
+    for round_ in range(20):
+        pipe.load_break_a_scene(bundle, fuse=round_ % 2 == 1)  # unfused and fused in turn
+        pipe.unload_break_a_scene()
+    assert_same_state(pipe, before)
+    assert not getattr(pipe.unet, "peft_config", None)
+
+
 def test_fusing_an_sdxl_bundle_draws_what_the_unfused_one_draws(bundle):
     unfused, fused = tiny_pipeline("sdxl"), tiny_pipeline("sdxl")
     unfused.load_break_a_scene(bundle)

@@ -203,7 +203,7 @@ def test_the_command_line_trains_generates_and_draws_attention_on_an_sdxl_folder
         argv += ["--mask", str(tmp_path / f"mask{i}.png")]
     argv += ["--output", str(tmp_path / "out"), "--phase1-steps", "2", "--phase2-steps", "2",
              "--resolution", str(RES), "--lora-rank", "4", "--no-validate-phase-ends",
-             "--quiet"]  # fmt: skip
+             "--vae", str(model / "vae"), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     bundle = tmp_path / "out" / "break_a_scene.safetensors"
     assert Bundle.load(bundle).handles_2
@@ -215,3 +215,23 @@ def test_the_command_line_trains_generates_and_draws_attention_on_an_sdxl_folder
     picture = tmp_path / "att.png"
     assert main(["attention", *common, "--prompt", prompt, "--output", str(picture)]) == 0
     assert Image.open(picture).width > RES
+
+
+def test_a_vae_given_by_folder_replaces_the_pipelines_after_every_check(tmp_path):
+    from diffusers_breakscene.errors import MissingFileError, TokenConflictError
+
+    fp16_safe = tiny_pipeline("sdxl").vae
+    fp16_safe.register_to_config(force_upcast=False)  # as madebyollin/sdxl-vae-fp16-fix says
+    fp16_safe.save_pretrained(tmp_path / "vae")
+    pipe = tiny_pipeline("sdxl")
+    original = pipe.vae
+    with pytest.raises(MissingFileError, match="Cannot load a VAE from"):
+        BreakASceneTrainer(pipe, tiny_scene(RES), config(), vae=tmp_path / "missing")
+    pipe.tokenizer.add_tokens(["<asset0>"])  # a clash: refused, and the VAE is not swapped
+    with pytest.raises(TokenConflictError):
+        BreakASceneTrainer(pipe, tiny_scene(RES), config(), vae=tmp_path / "vae")
+    assert pipe.vae is original
+    trainer = BreakASceneTrainer(
+        tiny_pipeline("sdxl"), tiny_scene(RES), config(), vae=tmp_path / "vae"
+    )
+    assert trainer.pipeline.vae.config.force_upcast is False

@@ -68,8 +68,7 @@ class TrainingRun:
         for folder in root.glob("step-*"):
             step = int(folder.name.removeprefix("step-") or 0)
             for image in sorted(folder.glob("*.png")):
-                prompt_file = image.with_name(image.name.split("-")[0].removesuffix(".png"))
-                prompt = prompt_file.with_suffix(".txt")
+                prompt = folder / f"{image.stem.split('-')[0]}.txt"  # 00.png, 00-attention.png
                 text = prompt.read_text(encoding="utf-8").strip() if prompt.exists() else ""
                 kind = "attention" if image.stem.endswith("attention") else "image"
                 found.append((step, image.name, image, f"step {step} {kind}: {text}"))
@@ -133,8 +132,10 @@ class StudioSession:
 
     @property
     def resolution(self) -> int | None:
-        """Image size for training and generation: 64 on the toy model, else the model's own."""
-        return _TOY_RESOLUTION if self.model == TOY_MODEL else None
+        """Image size for masks, training and generation: 64 on the built-in models (the toy
+        model's own size; the random-weight tiny ones kept quick), else ``None``: the model's
+        own."""
+        return _TOY_RESOLUTION if self.model in BUILTIN_MODELS else None
 
     @property
     def loaded_tokens(self) -> list[str]:
@@ -216,9 +217,7 @@ class StudioSession:
         }
         if self.model == TOY_MODEL:
             return toy_config(**changes)
-        if self.model in BUILTIN_MODELS:
-            changes["resolution"] = 64
-        return BreakASceneConfig(**changes)
+        return BreakASceneConfig(**changes, resolution=self.resolution)
 
     def _run_folder(self) -> Path:
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,613 @@
+"""Fidelity in the toy world: our recipe against the paper's, handles only, weights only, and
+four ablations, all on the same step budget, scenes, seeds and prompts.
+
+    python benchmarks/fidelity.py          # 12 scenes x seeds 0-2, 400 + 400 steps (~11 h)
+    python benchmarks/fidelity.py --quick  # scene 0 x seeds 0, 1, 75 + 75 steps (~11 min)
+    python benchmarks/fidelity.py --smoke  # scene 0 x seed 0, 2 + 2 steps (~25 s; the tests)
+
+Modes (:data:`MODES`; times on 2 CPU cores): full: the 12 evaluation scenes x seeds 0, 1, 2,
+400 + 400 steps, 25 inference steps, curve every 50 steps on seed 0, 10 class images. Quick:
+scene 0 (two objects) x seeds 0, 1, 75 + 75 steps, 25 inference steps, curve every 25 steps on
+seed 0, 4 class images. Smoke: scene 0 x seed 0, 2 + 2 steps, 2 inference steps, only the first
+one- and two-handle prompt template, curve every 2 steps, 1 class image, 1 draw for
+``iou_scene``: every variant and every column, no meaningful number.
+
+Variants (:func:`variant_configs`; every one trains ``phase1_steps + phase2_steps`` steps in all):
+
+* ``ours``: :func:`~diffusers_breakscene.toy.experiment.toy_config` (the default recipe scaled to
+  the toy model: 64 px, LoRA rank 4);
+* ``paper``: the paper's / reference code's phase 2: the whole UNet and the whole text encoder
+  at 2e-6 (``phase2="full"``, ``train_text_encoder=True``), handles at 5e-4 then 2e-6;
+* ``ti_m``: handles only (phase 1 gets the whole budget), the paper's TI-m;
+* ``db_m``: weights only (phase 2 gets the whole budget: our LoRA, masked loss; the handles stay
+  near their initial word at phase 2's 2e-6), the paper's DB-m;
+* ``no_masked_loss``, ``no_attention_loss``, ``no_union_sampling``: ``ours`` with one switch off;
+* ``prior_preservation``: ``ours`` with DreamBooth's prior loss on class images of
+  :data:`CLASS_PROMPT` (generated once per benchmark run and shared by all its runs).
+
+One *run* is one (variant, scene, seed): train with ``config.seed = seed`` and generate every
+prompt of :mod:`diffusers_breakscene.toy.experiment` once with that seed (three one-handle
+prompts per handle, two two-handle prompts per pair of handles; 25 DDIM steps, guidance 7.5).
+Columns, for one-handle (``_1``) and two-handle (``_2``) prompts, mean ± spread over runs:
+
+* ``identity``, ``prompt_accuracy``: the toy evaluator's scores
+  (:func:`~diffusers_breakscene.toy.experiment.score_image`, as ``benchmarks/toy_world.py``);
+* ``iou``: per handle of the prompt, the IoU between its latent/4 (8x8) cross-attention map,
+  averaged over the denoising steps (conditional half), thresholded at half its maximum, and the
+  mask of the generated object the evaluator matches to that handle (best identity); 0 when the
+  evaluator finds no object (:func:`~diffusers_breakscene.metrics.attention_mask_iou`);
+* ``leakage``: the fraction of images showing an object the prompt does not name: some object
+  of the image is closer to another handle's object than to every named one, with a cosine above
+  :data:`LEAK_THRESHOLD`. NaN (with its reason in the report) where no handle is left out:
+  two-handle prompts on two-object scenes;
+* ``leak_similarity``: the continuous version: the best cosine of any object of the image to a
+  handle's object the prompt does not name;
+* ``iou_scene`` (one per run): the same IoU measured on the noised *input* scene with every handle
+  in the training prompt (:func:`~diffusers_breakscene.metrics.evaluate_alignment`), what the
+  attention loss trains (6 seeded draws);
+* ``seconds_per_step``: training wall time without the curve's images, over the steps (includes
+  setup and the bundle's writing: a few percent at 800 steps, most of it in ``--smoke``);
+* ``trainable_params``: everything the optimizer updates (handles, LoRA or UNet, text encoder).
+
+Curve (``ours`` and ``paper``, on the curve seeds of every scene): one-handle identity every
+``curve_every`` steps, from the trainer's validation images (``validation_steps``: the same
+one-handle prompts, seed and sampler as the table, rendered inside the one training run), and the
+first step at which ``ours``' mean reaches ``paper``'s final mean.
+
+Writes ``<out>/fidelity[-quick|-smoke].json``, ``.md`` and ``.png`` (identity against prompt
+accuracy, one point per variant; default out: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(HERE))
+import reports  # noqa: E402
+
+MODES: dict[str, dict[str, Any]] = {
+    # scenes: indices of evaluation_scenes() (None: all 12); steps: per phase (None: 400 + 400);
+    # templates: how many of the one- and of the two-handle prompt templates (None: all)
+    "full": {"scenes": None, "seeds": [0, 1, 2], "steps": None, "inference_steps": 25,
+             "templates": None, "curve_every": 50, "curve_seeds": [0], "class_images": 10,
+             "draws": 6},
+    "quick": {"scenes": [0], "seeds": [0, 1], "steps": 75, "inference_steps": 25,
+              "templates": None, "curve_every": 25, "curve_seeds": [0], "class_images": 4,
+              "draws": 6},
+    "smoke": {"scenes": [0], "seeds": [0], "steps": 2, "inference_steps": 2, "templates": 1,
+              "curve_every": 2, "curve_seeds": [0], "class_images": 1, "draws": 1},
+}  # fmt: skip
+VARIANTS = (
+    "ours",
+    "paper",
+    "ti_m",
+    "db_m",
+    "no_masked_loss",
+    "no_attention_loss",
+    "no_union_sampling",
+    "prior_preservation",
+)
+CURVE_VARIANTS = ("ours", "paper")
+#: Per-prompt columns, each for one-handle (_1) and two-handle (_2) prompts.
+PROMPT_COLUMNS = ("identity", "prompt_accuracy", "iou", "leakage", "leak_similarity")
+#: Per-run columns.
+RUN_COLUMNS = ("iou_scene", "seconds_per_step", "trainable_params")
+COLUMNS = tuple(f"{c}_{k}" for k in (1, 2) for c in PROMPT_COLUMNS) + RUN_COLUMNS
+#: Cosine above which an object of a generated image counts as a handle's object: halfway
+#: between the evaluator's mean cosine for the same object (0.875) and for different objects
+#: (0.002), docs/toy-evaluator.md.
+LEAK_THRESHOLD = 0.5
+#: The toy world's counterpart of the reference code's "a photo at the beach": a scene-level
+#: class prompt in the toy phrasing (it draws beach scenes with random objects). "a photo of a
+#: shape" does not fit: the toy tokenizer splits "shape" into pieces the model never saw, and
+#: it draws empty backgrounds.
+CLASS_PROMPT = "a photo on the beach"
+GUIDANCE = 7.5
+NAN_REASONS = {
+    "leakage_2": "every scene of the run has two objects: a two-handle prompt leaves no handle out",
+    "leak_similarity_2": "as leakage_2",
+}
+
+
+def variant_configs(base: Any, num_class_images: int) -> dict[str, Any]:
+    """Every variant's :class:`~diffusers_breakscene.BreakASceneConfig`, from ``ours``."""
+    total = base.total_steps
+    return {
+        "ours": base,
+        # The reference's rates, spelled out so that a change of our defaults leaves them be.
+        "paper": base.replace(
+            phase2="full",
+            train_text_encoder=True,
+            phase1_learning_rate=5e-4,
+            phase2_handle_learning_rate=2e-6,
+            phase2_full_learning_rate=2e-6,
+        ),
+        "ti_m": base.replace(phase1_steps=total, phase2_steps=0),
+        "db_m": base.replace(phase1_steps=0, phase2_steps=total),
+        "no_masked_loss": base.replace(use_masked_loss=False),
+        "no_attention_loss": base.replace(use_attention_loss=False),
+        "no_union_sampling": base.replace(union_sampling=False),
+        "prior_preservation": base.replace(
+            prior_preservation=True, class_prompt=CLASS_PROMPT, num_class_images=num_class_images
+        ),
+    }
+
+
+def run(mode: str, out: Path, curve_every: int | None = None) -> dict[str, Any]:
+    """Train and score every variant on the mode's scenes and seeds; write the report."""
+    import torch
+
+    from diffusers_breakscene.toy.evaluator import default_evaluator
+    from diffusers_breakscene.toy.experiment import toy_config
+    from diffusers_breakscene.toy.model import toy_pipeline
+    from diffusers_breakscene.toy.world import evaluation_scenes
+    from diffusers_breakscene.validation import generate_class_images
+
+    spec = {**MODES[mode], **({"curve_every": curve_every} if curve_every else {})}
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    # The toy model is so small that one thread is fastest (see benchmarks/toy_world.py).
+    torch.set_num_threads(1)
+    all_scenes = evaluation_scenes()
+    indices = spec["scenes"] if spec["scenes"] is not None else list(range(len(all_scenes)))
+    base = toy_config(
+        validation_num_inference_steps=spec["inference_steps"],
+        validation_guidance_scale=GUIDANCE,
+    )
+    if spec["steps"] is not None:
+        base = base.replace(phase1_steps=spec["steps"], phase2_steps=spec["steps"])
+    configs = variant_configs(base, spec["class_images"])
+    changes = {v: _changes(base, c) for v, c in configs.items()}
+    evaluator = default_evaluator()
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    class_dir = Path(tempfile.mkdtemp(prefix="fidelity-class-"))
+    try:
+        # One set of class images for every run: they depend on the base model only.
+        prior = configs["prior_preservation"].replace(class_images_dir=str(class_dir))
+        configs["prior_preservation"] = prior
+        generate_class_images(toy_pipeline(), prior, class_dir)
+        for index in indices:
+            for seed in spec["seeds"]:
+                for variant in VARIANTS:
+                    curve = variant in CURVE_VARIANTS and seed in spec["curve_seeds"]
+                    row = run_one(
+                        variant, configs[variant], all_scenes[index], index, seed, spec,
+                        evaluator, curve,
+                    )  # fmt: skip
+                    rows.append(row)
+                    printed = {k: v for k, v in row.items() if k != "curve"}
+                    print(json.dumps(printed), flush=True)
+    finally:
+        shutil.rmtree(class_dir, ignore_errors=True)
+    report = {
+        **reports.header(mode),
+        "load_average_start": load_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "plan": {
+            "scenes": indices,
+            "seeds": spec["seeds"],
+            "steps": {"phase1": base.phase1_steps, "phase2": base.phase2_steps},
+            "inference_steps": spec["inference_steps"],
+            "guidance": GUIDANCE,
+            "templates": "all" if spec["templates"] is None else spec["templates"],
+            "curve_every": spec["curve_every"],
+            "curve_variants": list(CURVE_VARIANTS),
+            "curve_seeds": spec["curve_seeds"],
+            "class_prompt": CLASS_PROMPT,
+            "class_images": spec["class_images"],
+            "iou_scene_draws": spec["draws"],
+            "leak_threshold": LEAK_THRESHOLD,
+        },
+        "config": base.to_dict(),
+        "variants": changes,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+        "summary": summarize(rows),
+        "curve": curve_summary(rows, base.total_steps),
+    }
+    name = "fidelity" if mode == "full" else f"fidelity-{mode}"
+    reports.write(out, name, report, markdown(report))
+    scatter(report["summary"]).save(out / f"{name}.png")
+    return report
+
+
+def run_one(
+    variant: str,
+    config: Any,
+    sample: Any,
+    scene_index: int,
+    seed: int,
+    spec: dict[str, Any],
+    evaluator: Any,
+    curve: bool,
+) -> dict[str, Any]:
+    """Train ``variant`` on one scene with one seed, generate every prompt, score the images."""
+    import torch
+
+    from diffusers_breakscene.attention import AttentionStore
+    from diffusers_breakscene.handles import token_ids
+    from diffusers_breakscene.metrics import attention_mask_iou, evaluate_alignment
+    from diffusers_breakscene.toy.experiment import (
+        ONE_HANDLE_PROMPTS,
+        TWO_HANDLE_PROMPTS,
+        fill,
+        score_image,
+    )
+    from diffusers_breakscene.toy.model import toy_pipeline
+    from diffusers_breakscene.toy.world import object_phrase, to_scene
+    from diffusers_breakscene.trainer import BreakASceneTrainer
+
+    pipe = toy_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    scene = to_scene(sample)
+    n = len(sample.objects)
+    one, two = ONE_HANDLE_PROMPTS[: spec["templates"]], TWO_HANDLE_PROMPTS[: spec["templates"]]
+    jobs = [(t, [i]) for t in one for i in range(n)]
+    curve_jobs = list(jobs)
+    jobs += [(t, list(p)) for t in two for p in itertools.combinations(range(n), 2)]
+    cfg = config.replace(seed=seed)
+    if curve:
+        cfg = cfg.replace(
+            validation_prompts=[fill(t, [scene.tokens[i] for i in h]) for t, h in curve_jobs],
+            validation_steps=spec["curve_every"],
+            save_attention_maps=False,
+        )
+    trainer = BreakASceneTrainer(pipe, scene, cfg)
+    curve_seconds = _time_validation(trainer)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as folder:
+        trainer.train(folder, progress=False)
+        train_s = time.perf_counter() - t0
+        points = _read_curve(Path(folder), curve_jobs, sample, evaluator) if curve else {}
+
+    iou_scene = evaluate_alignment(pipe, scene, cfg.resolution, draws=spec["draws"]).mean_iou
+    handle_ids = token_ids(pipe.tokenizer, scene.tokens)
+    refs = torch.stack([evaluator.embed_object(sample.image, m) for m in sample.masks])
+    words = [object_phrase(o) for o in sample.objects]
+    images: list[dict[str, Any]] = []
+    store = AttentionStore.attach(pipe.unet, resolution_divisor=cfg.attention_resolution_divisor)
+    with store:
+        for template, handles in jobs:
+            prompt = fill(template, [scene.tokens[i] for i in handles])
+            store.reset()
+            with torch.no_grad():
+                image = pipe(
+                    prompt, num_inference_steps=spec["inference_steps"], guidance_scale=GUIDANCE,
+                    height=sample.image.height, width=sample.image.width,
+                    generator=torch.Generator().manual_seed(seed),
+                ).images[0]  # fmt: skip
+            maps = store.aggregate(part="cond", over_steps=True)[0]
+            described = fill(template, [words[i] for i in handles])
+            accuracy, identities = score_image(evaluator, sample, image, described, handles)
+            masks, sims = object_similarities(evaluator, refs, image)
+            ids = pipe.tokenizer(prompt).input_ids
+            ious = [
+                attention_mask_iou(
+                    maps[..., ids.index(handle_ids[i])], _matched_mask(masks, sims, i)
+                )
+                for i in handles
+            ]
+            leaked, leak_similarity = leakage(sims, handles)
+            images.append({
+                "handles": len(handles),
+                "identity": sum(identities.values()) / len(handles),
+                "prompt_accuracy": accuracy,
+                "iou": sum(ious) / len(ious),
+                "leakage": leaked,
+                "leak_similarity": leak_similarity,
+            })  # fmt: skip
+
+    row: dict[str, Any] = {"variant": variant, "scene": scene_index, "seed": seed}
+    row["objects"] = [f"{o.shape}/{o.colour}/{o.pattern}" for o in sample.objects]
+    for k in (1, 2):
+        for column in PROMPT_COLUMNS:
+            values = [im[column] for im in images if im["handles"] == k]
+            row[f"{column}_{k}"] = _mean(values)
+    row["iou_scene"] = iou_scene
+    row["seconds_per_step"] = (train_s - curve_seconds[0]) / cfg.total_steps
+    row["trainable_params"] = trainable_parameters(pipe, cfg, n)
+    row["train_s"] = round(train_s, 2)
+    row["curve_s"] = round(curve_seconds[0], 2)
+    if curve:
+        row["curve"] = points
+    return row
+
+
+def _time_validation(trainer: Any) -> list[float]:
+    """Make ``trainer`` add the seconds its validation renders take (the curve's images, which
+    are not training) to the returned one-element list."""
+    spent = [0.0]
+    validate = trainer._validate
+
+    def timed(step: int, run: Any) -> None:
+        started = time.perf_counter()
+        validate(step, run)
+        spent[0] += time.perf_counter() - started
+
+    # The trainer renders validation images inside its loop; timing them is the only way to
+    # keep them out of seconds per step without a second training run.
+    trainer._validate = timed
+    return spent
+
+
+def _read_curve(
+    folder: Path, jobs: list[tuple[str, list[int]]], sample: Any, evaluator: Any
+) -> dict[int, float]:
+    """``{step: mean one-handle identity}`` of the validation images in ``folder``."""
+    from PIL import Image
+
+    points = {}
+    for step_dir in (folder / "validation").glob("step-*"):
+        values = []
+        for k, (_, (i,)) in enumerate(jobs):
+            with Image.open(step_dir / f"{k:02d}.png") as file:
+                image = file.convert("RGB")
+            values.append(evaluator.identity_similarity(image, sample.image, sample.masks[i]))
+        points[int(step_dir.name.removeprefix("step-"))] = _mean(values)
+    return dict(sorted(points.items()))
+
+
+def object_similarities(evaluator: Any, refs: Any, image: Any) -> tuple[list[Any], Any]:
+    """The objects the evaluator finds in ``image`` (masks, as for identity similarity) and
+    their cosines to the scene's objects ``refs`` (``(regions, objects)``)."""
+    import torch
+
+    from diffusers_breakscene.toy.evaluator import crop_object
+
+    masks = evaluator.find_objects(image)
+    if not masks:
+        return [], torch.zeros(0, refs.shape[0])
+    crops = torch.stack([crop_object(image, m) for m in masks])
+    return masks, evaluator.embed_crops(crops) @ refs.T
+
+
+def _matched_mask(masks: list[Any], sims: Any, handle: int) -> Any:
+    """The mask of the object best matching ``handle`` (empty when none was found: IoU 0)."""
+    import torch
+
+    from diffusers_breakscene.toy.evaluator import IMAGE_SIZE
+
+    if not masks:
+        return torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
+    return torch.from_numpy(masks[int(sims[:, handle].argmax())])
+
+
+def leakage(sims: Any, handles: list[int]) -> tuple[float, float]:
+    """``(leaked, best cosine to a left-out object)`` of one image (see the module docstring);
+    NaNs when the prompt names every object of the scene."""
+    others = [j for j in range(sims.shape[1]) if j not in handles]
+    if not others:
+        return math.nan, math.nan
+    if sims.shape[0] == 0:  # no object found: nothing leaked (identity reads 0.0 the same way)
+        return 0.0, 0.0
+    best_other = sims[:, others].max(dim=1).values
+    best_named = sims[:, handles].max(dim=1).values
+    leaked = bool(((best_other > LEAK_THRESHOLD) & (best_other > best_named)).any())
+    return float(leaked), float(best_other.max())
+
+
+def trainable_parameters(pipe: Any, config: Any, num_handles: int) -> int:
+    """How many numbers the optimizer updates in the run (what the trainer puts in its groups)."""
+    count = num_handles * pipe.text_encoder.get_input_embeddings().embedding_dim
+    if config.phase2_steps == 0:
+        return count
+    if config.phase2 == "full":
+        count += sum(p.numel() for p in pipe.unet.parameters())
+    else:
+        count += sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
+    if config.train_text_encoder:  # every weight, the handle rows' base matrix included
+        count += sum(p.numel() for p in pipe.text_encoder.parameters())
+    return count
+
+
+def _mean(values: list[float]) -> float:
+    clean = [v for v in values if not math.isnan(v)]
+    return sum(clean) / len(clean) if clean else math.nan
+
+
+def _changes(base: Any, config: Any) -> dict[str, Any]:
+    """The fields in which ``config`` differs from ``base``."""
+    ours, theirs = base.to_dict(), config.to_dict()
+    return {k: v for k, v in theirs.items() if ours[k] != v}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant and column: mean, spread and count over runs; ``reason`` where it is NaN."""
+    summary: dict[str, dict[str, Any]] = {}
+    for variant in VARIANTS:
+        mine = [r for r in rows if r["variant"] == variant]
+        summary[variant] = {}
+        for column in COLUMNS:
+            values = [float(r[column]) for r in mine]
+            cell: dict[str, Any] = {**reports.stats(values), "n": sum(v == v for v in values)}
+            if cell["n"] == 0:
+                cell["reason"] = NAN_REASONS.get(column, "no run gave a value")
+            summary[variant][column] = cell
+    return summary
+
+
+def curve_summary(rows: list[dict[str, Any]], total_steps: int) -> dict[str, Any]:
+    """Mean identity per step of each curve variant, and when ``ours`` reaches ``paper``'s end."""
+    out: dict[str, Any] = {}
+    for variant in CURVE_VARIANTS:
+        runs = [r["curve"] for r in rows if r["variant"] == variant and "curve" in r]
+        steps = sorted({s for points in runs for s in points})
+        out[variant] = {
+            "steps": steps,
+            "identity": [reports.stats([p[s] for p in runs if s in p]) for s in steps],
+            "runs": len(runs),
+        }
+    ours, paper = out["ours"], out["paper"]
+    target = paper["identity"][-1]["mean"] if paper["steps"] else math.nan
+    reached = next(
+        (s for s, v in zip(ours["steps"], ours["identity"], strict=True) if v["mean"] >= target),
+        None,
+    )
+    out["paper_final_identity"] = target
+    out["ours_steps_to_paper_final"] = reached
+    goal = f"paper's final identity ({target:.3f})"
+    out["verdict"] = (
+        f"ours reaches {goal} at step {reached}"
+        if reached is not None
+        else f"ours does not reach {goal} within {total_steps} steps"
+    )
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's tables: scores, attention and cost, the curve (mean ± spread over runs)."""
+    plan, summary = report["plan"], report["summary"]
+
+    def cell(variant: str, column: str, digits: int = 3) -> str:
+        value = summary[variant][column]
+        if value["n"] == 0:
+            return "n/a"
+        return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+    steps = plan["steps"]
+    lines = [
+        f"Fidelity in the toy world, mode `{report['mode']}`: scenes {plan['scenes']} x seeds "
+        f"{plan['seeds']}, {steps['phase1']} + {steps['phase2']} steps (every variant "
+        f"{steps['phase1'] + steps['phase2']} in all), {plan['inference_steps']} inference "
+        f"steps; {report['seconds']:.0f} s on {report['machine']['cpus']} CPUs, load "
+        f"{report['load_average_start']} at start; {report['date']}.",
+        "",
+        "| variant | identity 1 | prompt acc. 1 | IoU 1 | leakage 1 | identity 2 "
+        "| prompt acc. 2 | IoU 2 | leakage 2 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        cells = [cell(variant, f"{c}_{k}") for k in (1, 2) for c in PROMPT_COLUMNS[:4]]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| variant | IoU, input scene | leak similarity 1 | leak similarity 2 | s / step "
+        "| trainable params |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        params = summary[variant]["trainable_params"]["mean"]
+        cells = [
+            cell(variant, "iou_scene"),
+            cell(variant, "leak_similarity_1"),
+            cell(variant, "leak_similarity_2"),
+            cell(variant, "seconds_per_step", 3),
+            f"{params:,.0f}",
+        ]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    reasons = {
+        c: v["reason"] for values in summary.values() for c, v in values.items() if "reason" in v
+    }
+    lines += [""] + [f"n/a in `{c}`: {r}." for c, r in reasons.items()]
+    curve = report["curve"]
+    lines += [
+        "",
+        f"One-handle identity during training (curve seeds {plan['curve_seeds']}, every "
+        f"{plan['curve_every']} steps):",
+        "",
+        "| step | " + " | ".join(CURVE_VARIANTS) + " |",
+        "|---|" + "---|" * len(CURVE_VARIANTS),
+    ]
+    by_step = {
+        v: dict(zip(curve[v]["steps"], curve[v]["identity"], strict=True)) for v in CURVE_VARIANTS
+    }
+    for step in sorted({s for v in CURVE_VARIANTS for s in curve[v]["steps"]}):
+        cells = [
+            f"{by_step[v][step]['mean']:.3f} ± {by_step[v][step]['std']:.3f}"
+            if step in by_step[v]
+            else "-"
+            for v in CURVE_VARIANTS
+        ]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += ["", curve["verdict"] + "."]
+    return "\n".join(lines) + "\n"
+
+
+def scatter(summary: dict[str, dict[str, Any]], size: tuple[int, int] = (640, 420)) -> Any:
+    """Identity (y) against prompt accuracy (x), one numbered point per variant (the mean of its
+    one- and two-handle means), as in the paper's comparison figure; drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    points = {}
+    for variant, values in summary.items():
+        x = _mean([values[f"prompt_accuracy_{k}"]["mean"] for k in (1, 2)])
+        y = _mean([values[f"identity_{k}"]["mean"] for k in (1, 2)])
+        if not (math.isnan(x) or math.isnan(y)):
+            points[variant] = (x, y)
+    width, height = size
+    left, right, top, bottom = 60, 230, 30, 50  # room for tick labels left, the legend right
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x0, x1 = _axis_range([p[0] for p in points.values()] or [0.0, 1.0])
+    y0, y1 = _axis_range([p[1] for p in points.values()] or [0.0, 1.0])
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        u = left + (x - x0) / (x1 - x0) * (width - left - right)
+        v = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+        return u, v
+
+    black = (0, 0, 0)
+    draw.rectangle([left, top, width - right, height - bottom], outline=black)
+    for i in range(5):
+        x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        u, _ = at(x, y0)
+        _, v = at(x0, y)
+        draw.line([u, height - bottom, u, height - bottom + 4], fill=black)
+        draw.text((u - 12, height - bottom + 6), f"{x:.3f}", fill=black)
+        draw.line([left - 4, v, left, v], fill=black)
+        draw.text((left - 40, v - 6), f"{y:.3f}", fill=black)
+    draw.text((left, height - 20), "prompt accuracy (toy evaluator)", fill=black)
+    draw.text((left, 8), "identity similarity (toy evaluator)", fill=black)
+    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+               (140, 86, 75), (227, 119, 194), (127, 127, 127)]  # fmt: skip
+    # Numbers on the points and names in a legend: variants often land on top of each other.
+    for k, (variant, (x, y)) in enumerate(points.items(), start=1):
+        u, v = at(x, y)
+        colour = palette[(k - 1) % len(palette)]
+        draw.ellipse([u - 5, v - 5, u + 5, v + 5], fill=colour, outline=black)
+        draw.text((u + 7, v - 12), str(k), fill=colour)
+        row = top + 18 * (k - 1)
+        draw.ellipse([width - right + 14, row + 2, width - right + 22, row + 10], fill=colour)
+        draw.text((width - right + 28, row), f"{k} {variant} ({x:.3f}, {y:.3f})", fill=black)
+    return canvas
+
+
+def _axis_range(values: list[float]) -> tuple[float, float]:
+    """A range around ``values`` with 10% room each side (0.1 wide at least)."""
+    low, high = min(values), max(values)
+    pad = max(0.1 * (high - low), 0.05)
+    return low - pad, high + pad
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="scene 0, seeds 0 and 1, 75 + 75 steps")
+    group.add_argument("--smoke", action="store_true", help="scene 0, seed 0, 2 + 2 steps")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
+    parser.add_argument(
+        "--curve-every", type=int, default=None, help="steps between curve points (mode default)"
+    )
+    args = parser.parse_args(argv)
+    if args.curve_every is not None and args.curve_every < 1:
+        parser.error("--curve-every must be >= 1")
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    report = run(mode, args.out, args.curve_every)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
