@@ -111,6 +111,23 @@ def _not_found_message(source: str, error: BaseException) -> str:
     return message(problem, fix)
 
 
+def _model_index(source: Path | str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline's ``model_index.json`` (a small file that says which family it is), from a
+    folder or the Hub. (``hf_hub_download`` directly: diffusers' ``load_config`` passes an
+    argument huggingface_hub deprecated, and warns on every call.)"""
+    import json
+
+    if isinstance(source, Path):
+        return json.loads((source / "model_index.json").read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+
+    where = ("revision", "cache_dir", "token")
+    path = hf_hub_download(
+        source, "model_index.json", **{k: v for k, v in kwargs.items() if k in where}
+    )
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def load_base_pipeline(source: str | os.PathLike[str], **from_pretrained: Any) -> Any:
     """``StableDiffusionPipeline.from_pretrained(source, **from_pretrained)`` without safety
     checker (``StableDiffusionXLPipeline`` when the model's ``model_index.json`` names a second
@@ -127,7 +144,7 @@ def load_base_pipeline(source: str | os.PathLike[str], **from_pretrained: Any) -
         ...
         diffusers_breakscene.errors.MissingFileError: Cannot load a pipeline from '/no/such/folder' (...); pass an existing diffusers pipeline folder ...
     """  # noqa: E501
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from huggingface_hub.errors import EntryNotFoundError
 
     local = Path(source).expanduser()
@@ -141,11 +158,7 @@ def load_base_pipeline(source: str | os.PathLike[str], **from_pretrained: Any) -
     if local.exists():
         kwargs["local_files_only"] = True
     try:
-        # model_index.json alone (a small file) says which family this is.
-        where = ("revision", "cache_dir", "token", "local_files_only", "subfolder")
-        index = DiffusionPipeline.load_config(
-            str(source), **{k: v for k, v in kwargs.items() if k in where}
-        )
+        index = _model_index(local if local.exists() else str(source), kwargs)
         if (index.get("text_encoder_2") or [None])[0] is not None:
             return StableDiffusionXLPipeline.from_pretrained(str(source), **kwargs)
         kwargs.update(safety_checker=None, requires_safety_checker=False)
