@@ -33,6 +33,7 @@ __all__ = [
     "load_base_pipeline",
     "load_pipeline",
     "native_resolution",
+    "sized_for",
 ]
 
 #: The model ``breakscene generate`` and friends use unless told otherwise: the community mirror
@@ -77,6 +78,21 @@ def native_resolution(pipe: Any) -> int:
     return int((size if isinstance(size, int) else size[0]) * factor)
 
 
+def sized_for(config: Any, pipe: Any) -> Any:
+    """``config`` (a :class:`~diffusers_breakscene.BreakASceneConfig`) with ``resolution=None``
+    replaced by :func:`native_resolution` ``(pipe)``; a config with a size is returned as it is.
+
+    Example:
+        >>> from diffusers_breakscene import BreakASceneConfig
+        >>> from diffusers_breakscene.tiny import tiny_pipeline
+        >>> sized_for(BreakASceneConfig(), tiny_pipeline("sd1")).resolution
+        256
+    """
+    if config.resolution is not None:
+        return config
+    return config.replace(resolution=native_resolution(pipe))
+
+
 def available_model_id(model: str) -> str:
     """``model``, or the mirror that holds its weights when ``model`` was removed from the Hub
     (:data:`MIRRORS`).
@@ -90,12 +106,16 @@ def available_model_id(model: str) -> str:
     return MIRRORS.get(model, model)
 
 
+def _short_cause(error: BaseException) -> str:
+    """The library's error message on one line, at most 160 characters."""
+    cause = " ".join(str(error).split()) or type(error).__name__
+    return cause if len(cause) <= 160 else cause[:157] + "..."
+
+
 def _not_found_message(source: str, error: BaseException) -> str:
     """One line: what could not be loaded, why (the library's message, shortened), and what
     to pass instead."""
-    cause = " ".join(str(error).split()) or type(error).__name__
-    if len(cause) > 160:
-        cause = cause[:157] + "..."
+    cause = _short_cause(error)
     builtin = ", ".join(repr(name) for name in BUILTIN_MODELS)
     problem = f"Cannot load a pipeline from {source!r} ({cause})"
     if source in MIRRORS:
@@ -216,10 +236,9 @@ def as_vae(source: Any, **from_pretrained: Any) -> Any:
     try:
         return AutoencoderKL.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError, EntryNotFoundError) as err:
-        cause = " ".join(str(err).split())[:160] or type(err).__name__
         raise MissingFileError(
             message(
-                f"Cannot load a VAE from {str(source)!r} ({cause})",
+                f"Cannot load a VAE from {str(source)!r} ({_short_cause(err)})",
                 "pass an AutoencoderKL folder (config.json + weights) or a Hub id such as "
                 "'madebyollin/sdxl-vae-fp16-fix'",
             )

@@ -37,6 +37,7 @@ from .errors import InvalidConfigError, MissingFileError, TrainingError
 from .files import fsync_dir
 
 __all__ = [
+    "HANDLE_PARAMS",
     "CheckpointState",
     "latest_checkpoint",
     "load_checkpoint",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 STATE_FILE = "state.safetensors"
+#: Names of the handle rows among a checkpoint's trainable tensors: the text encoder's, and on
+#: SDXL the second encoder's. They are what carries over from phase 1 to phase 2.
+HANDLE_PARAMS = ("handles", "handles_2")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -253,8 +257,8 @@ def restore_checkpoint(
         [2.0, 2.0]
     """
     same_phase = state.phase == phase
-    # Across phases only the handle rows carry over ("handles", and "handles_2" on SDXL).
-    names = [n for n in trainable if same_phase or n in ("handles", "handles_2")]
+    # Across phases only the handle rows carry over.
+    names = [n for n in trainable if same_phase or n in HANDLE_PARAMS]
     missing = [name for name in names if name not in state.params]
     if missing:
         raise InvalidConfigError(

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TextConditioning", "crop_time_ids", "encode_text", "time_ids"]
+__all__ = ["TextConditioning", "crop_time_ids", "encode_text", "time_ids", "tokenize"]
 
 
 def crop_time_ids(
@@ -53,6 +53,24 @@ def crop_time_ids(
     if flipped:
         left = resized_size[1] - left - resolution
     return (*original_size, top, left, resolution, resolution)
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """``(n, L)`` input ids of ``prompts``, padded (and cut) to the tokenizer's maximum length,
+    as the pipelines and the training step feed the text encoders.
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_tokenizer
+        >>> tokenize(tiny_tokenizer(), ["a dog", "a cat"]).shape
+        torch.Size([2, 77])
+    """
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def time_ids(rows: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -96,17 +114,8 @@ class TextConditioning:
         return len(self.text_encoders) == 2
 
     def tokenize(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """``(n, L)`` input ids of ``prompts`` for each tokenizer, padded to its maximum length."""
-        return [
-            tok(
-                list(prompts),
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            for tok in self.tokenizers
-        ]
+        """:func:`tokenize` ``(prompts)`` for each tokenizer."""
+        return [tokenize(tok, prompts) for tok in self.tokenizers]
 
 
 def encode_text(

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .conditioning import tokenize
 from .errors import InvalidArgumentError, MissingFileError
 from .files import atomic_write, check_output_dir
 from .mask_ops import erode, regions
@@ -216,10 +217,7 @@ def masks_from_words(
     )
     pixels = (pixels.permute(2, 0, 1)[None] / 127.5 - 1.0).to(device, pipe.vae.dtype)
     latent = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    ids = pipe.tokenizer(
-        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids.to(device)  # fmt: skip
+    ids = tokenize(pipe.tokenizer, [prompt]).to(device)
     text = pipe.text_encoder(ids)[0].to(dtype)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     total = scheduler.config.num_train_timesteps

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .conditioning import crop_time_ids, encode_text, time_ids
+from .conditioning import crop_time_ids, encode_text, time_ids, tokenize
 from .config import BreakASceneConfig
 from .losses import (
     cross_attention_loss,
@@ -169,16 +169,6 @@ class Batch:
     time_ids: torch.Tensor | None = None  # (B [+ P], 6): SDXL's size and crop conditioning
 
 
-def _tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def sample_batch(
     scene: Scene,
     encoded: EncodedImages,
@@ -206,13 +196,14 @@ def sample_batch(
         image, indices = scene.sample(generator, union_sampling=settings.union_sampling)
         sampled.append(indices)
         flip = int(torch.rand((), generator=generator).item() < settings.flip_probability)
-        pictures.append(2 * image + flip)
-        latents.append(encoded.sample(2 * image + flip, generator, scaling_factor))
-        masks.append(encoded.masks[2 * image + flip][indices])
+        picture = 2 * image + flip  # encode_scene's order: each image, then its mirror image
+        pictures.append(picture)
+        latents.append(encoded.sample(picture, generator, scaling_factor))
+        masks.append(encoded.masks[picture][indices])
         prompts.append(
             scene.prompt(indices, template=settings.prompt_template, joiner=settings.token_joiner)
         )
-    input_ids = _tokenize(tokenizer, prompts)
+    input_ids = tokenize(tokenizer, prompts)
     # The prompt names the sampled concepts in sampling order, one handle token each.
     positions = [
         [row.index(handle_ids[i]) for i in indices]
@@ -225,7 +216,7 @@ def sample_batch(
         picks = torch.randint(prior.latent_mean.shape[0], (batch_size,), generator=generator)
         latents += [prior.sample(int(i), generator, scaling_factor) for i in picks]
         input_ids = torch.cat(
-            [input_ids, _tokenize(tokenizer, [settings.class_prompt] * batch_size)]
+            [input_ids, tokenize(tokenizer, [settings.class_prompt] * batch_size)]
         )
         if prior.time_ids is not None:
             time_rows += [prior.time_ids[int(i)] for i in picks]
@@ -233,7 +224,7 @@ def sample_batch(
     input_ids_2 = None
     if tokenizer_2 is not None:
         all_prompts = prompts + [settings.class_prompt] * num_prior
-        input_ids_2 = _tokenize(tokenizer_2, all_prompts)
+        input_ids_2 = tokenize(tokenizer_2, all_prompts)
         _check_same_positions(tokenizer, tokenizer_2, input_ids, input_ids_2, positions)
     return Batch(
         latents=torch.stack(latents),

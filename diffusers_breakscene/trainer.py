@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from .attention import AttentionStore
-from .base_pipeline import as_pipeline, as_vae, native_resolution
+from .base_pipeline import as_pipeline, as_vae, sized_for
 from .checkpoint import (
+    HANDLE_PARAMS,
     latest_checkpoint,
     prune_checkpoints,
     resolve_resume,
@@ -164,7 +165,6 @@ class BreakASceneTrainer:
             )
         adamw_class(config.use_8bit_adam)  # bitsandbytes is there when it is asked for
         self.scene = scene
-        self.config = config
         self.pipeline = as_pipeline(
             pipeline_or_path, revision=revision, variant=variant, cache_dir=cache_dir
         )
@@ -178,9 +178,7 @@ class BreakASceneTrainer:
                 "supported on SDXL yet; turn both off (the handles are trained in both encoders "
                 "either way)."
             )
-        if config.resolution is None:
-            config = config.replace(resolution=native_resolution(self.pipeline))
-            self.config = config
+        self.config = config = sized_for(config, self.pipeline)  # resolution=None: the model's
         self.base_model = (
             str(pipeline_or_path)
             if isinstance(pipeline_or_path, str | os.PathLike)
@@ -452,8 +450,7 @@ class BreakASceneTrainer:
         cfg = self.config
         text_encoder = text_encoders[0]
         # "handles" (and "handles_2": SDXL's second encoder), one optimizer group.
-        names = ("handles", "handles_2")
-        rows = {name: h.handle_weight for name, h in zip(names, handles, strict=False)}
+        rows = {name: h.handle_weight for name, h in zip(HANDLE_PARAMS, handles, strict=False)}
         for param in rows.values():
             param.requires_grad_(True)
         lr = cfg.phase1_learning_rate if phase == 1 else cfg.phase2_handle_learning_rate

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from .attention import AttentionStore
-from .base_pipeline import native_resolution
-from .conditioning import crop_time_ids, time_ids
+from .base_pipeline import sized_for
+from .conditioning import TextConditioning, crop_time_ids, time_ids
 from .config import BreakASceneConfig
 from .errors import InvalidArgumentError
 from .scene import Scene
@@ -188,13 +188,6 @@ def attention_picture(
     return image, picture
 
 
-def _sized(config: BreakASceneConfig, pipe: Any) -> BreakASceneConfig:
-    """``config`` with ``resolution=None`` replaced by the pipeline's native size."""
-    if config.resolution is not None:
-        return config
-    return config.replace(resolution=native_resolution(pipe))
-
-
 def _pil(pixels: torch.Tensor) -> Image.Image:
     """A ``(3, H, W)`` tensor in [-1, 1] as an RGB image."""
     array = ((pixels.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
@@ -226,7 +219,7 @@ def render_validation(
         >>> [f.name for f in files]
         ['00.png', '00.txt']
     """
-    cfg = _sized(config, pipe)
+    cfg = sized_for(config, pipe)
     everything = list(range(scene.num_concepts))
     prompts = list(cfg.validation_prompts) or [
         scene.prompt(everything, cfg.prompt_template, cfg.token_joiner)
@@ -240,8 +233,7 @@ def render_validation(
         store = AttentionStore.attach(
             pipe.unet, resolution_divisor=cfg.attention_resolution_divisor
         )
-    models = [pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
-    models = [m for m in models if m is not None]
+    models = [pipe.unet, *TextConditioning.from_pipeline(pipe).text_encoders]
     modes = [m.training for m in models]
     for model in models:
         model.eval()
@@ -299,7 +291,7 @@ def generate_class_images(pipe: Any, config: BreakASceneConfig, folder: str | Pa
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = _sized(config, pipe)
+    config = sized_for(config, pipe)
     existing = sorted(folder.glob("*.png"))
     generator = torch.Generator().manual_seed(config.seed)
     for index in range(len(existing), config.num_class_images):
@@ -317,7 +309,7 @@ def generate_class_images(pipe: Any, config: BreakASceneConfig, folder: str | Pa
 def encode_class_images(pipe: Any, config: BreakASceneConfig, folder: str | Path) -> EncodedImages:
     """Encode the first ``config.num_class_images`` PNGs of ``folder`` with the pipeline's VAE
     (see :func:`generate_class_images` for an example)."""
-    config = _sized(config, pipe)
+    config = sized_for(config, pipe)
     files = sorted(Path(folder).glob("*.png"))[: config.num_class_images]
     size = (config.resolution, config.resolution)
     pixels, rows = [], []
