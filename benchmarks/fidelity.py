@@ -56,11 +56,20 @@ first step at which ``ours``' mean reaches ``paper``'s final mean.
 
 Writes ``<out>/fidelity[-quick|-smoke].json``, ``.md`` and ``.png`` (identity against prompt
 accuracy, one point per variant; default out: benchmarks/results).
+
+Resumable: every finished run is saved at once in ``<out>/fidelity[-mode]-runs/`` (one JSON file
+per variant, scene and seed, written atomically). Run the same command again after a stop and
+it trains only the runs still missing; a saved run counts only if it was made with the same plan,
+configuration and toy-model weights (:func:`run_key`). ``--fresh`` ignores the saved runs.
+``--shard K/N`` runs only every N-th run from the K-th (0-based) and writes no report: run N such
+processes side by side (one torch thread each), then the command without ``--shard`` writes the
+report from the saved runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -145,16 +154,30 @@ def variant_configs(base: Any, num_class_images: int) -> dict[str, Any]:
     }
 
 
-def run(mode: str, out: Path, curve_every: int | None = None) -> dict[str, Any]:
-    """Train and score every variant on the mode's scenes and seeds; write the report."""
+def run(
+    mode: str,
+    out: Path,
+    curve_every: int | None = None,
+    fresh: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any] | None:
+    """Train and score every variant on the mode's scenes and seeds; write the report.
+
+    Runs saved by an earlier call with the same plan, configuration and weights are reused
+    unless ``fresh``. With ``shard=(k, n)`` only runs ``k, k + n, ...`` (in the plan's order)
+    are trained and saved, and no report is written: ``None`` is returned (see the module
+    docstring).
+    """
     import torch
 
     from diffusers_breakscene.toy.evaluator import default_evaluator
     from diffusers_breakscene.toy.experiment import toy_config
-    from diffusers_breakscene.toy.model import toy_pipeline
+    from diffusers_breakscene.toy.model import toy_model_path, toy_pipeline
     from diffusers_breakscene.toy.world import evaluation_scenes
     from diffusers_breakscene.validation import generate_class_images
 
+    name = "fidelity" if mode == "full" else f"fidelity-{mode}"
+    runs_dir = out / f"{name}-runs"
     spec = {**MODES[mode], **({"curve_every": curve_every} if curve_every else {})}
     load_start = [round(x, 2) for x in os.getloadavg()]
     # The toy model is so small that one thread is fastest (see benchmarks/toy_world.py).
@@ -171,26 +194,45 @@ def run(mode: str, out: Path, curve_every: int | None = None) -> dict[str, Any]:
     changes = {v: _changes(base, c) for v, c in configs.items()}
     evaluator = default_evaluator()
     rows: list[dict[str, Any]] = []
+    resumed = 0
+    weights = model_digest(toy_model_path())
     started = time.perf_counter()
     class_dir = Path(tempfile.mkdtemp(prefix="fidelity-class-"))
     try:
-        # One set of class images for every run: they depend on the base model only.
+        # One set of class images for every run: they depend on the base model only (made when
+        # the first prior-preservation run needs them).
         prior = configs["prior_preservation"].replace(class_images_dir=str(class_dir))
         configs["prior_preservation"] = prior
-        generate_class_images(toy_pipeline(), prior, class_dir)
-        for index in indices:
-            for seed in spec["seeds"]:
-                for variant in VARIANTS:
-                    curve = variant in CURVE_VARIANTS and seed in spec["curve_seeds"]
-                    row = run_one(
-                        variant, configs[variant], all_scenes[index], index, seed, spec,
-                        evaluator, curve,
-                    )  # fmt: skip
-                    rows.append(row)
-                    printed = {k: v for k, v in row.items() if k != "curve"}
-                    print(json.dumps(printed), flush=True)
+        plan = [(i, s, v) for i in indices for s in spec["seeds"] for v in VARIANTS]
+        for number, (index, seed, variant) in enumerate(plan):
+            if shard is not None and number % shard[1] != shard[0]:
+                continue  # another shard's run
+            curve = variant in CURVE_VARIANTS and seed in spec["curve_seeds"]
+            path = runs_dir / f"{variant}-scene{index}-seed{seed}.json"
+            key = run_key(spec, configs[variant], index, seed, curve, weights)
+            row = None if fresh else load_run(path, key)
+            if row is not None:
+                resumed += 1
+            else:
+                if variant == "prior_preservation" and not any(class_dir.iterdir()):
+                    generate_class_images(toy_pipeline(), prior, class_dir)
+                row = run_one(
+                    variant, configs[variant], all_scenes[index], index, seed, spec, evaluator,
+                    curve,
+                )  # fmt: skip
+                save_run(path, key, row)
+            rows.append(row)
+            printed = {k: v for k, v in row.items() if k != "curve"}
+            print(json.dumps(printed), flush=True)
     finally:
         shutil.rmtree(class_dir, ignore_errors=True)
+    if shard is not None:
+        print(
+            f"shard {shard[0]}/{shard[1]}: {len(rows)} runs saved in {runs_dir} "
+            f"({resumed} reused); run without --shard to write the report",
+            flush=True,
+        )
+        return None
     report = {
         **reports.header(mode),
         "load_average_start": load_start,
@@ -213,14 +255,65 @@ def run(mode: str, out: Path, curve_every: int | None = None) -> dict[str, Any]:
         "config": base.to_dict(),
         "variants": changes,
         "seconds": round(time.perf_counter() - started, 1),
+        "resumed_runs": resumed,
         "rows": rows,
         "summary": summarize(rows),
         "curve": curve_summary(rows, base.total_steps),
     }
-    name = "fidelity" if mode == "full" else f"fidelity-{mode}"
     reports.write(out, name, report, markdown(report))
     scatter(report["summary"]).save(out / f"{name}.png")
     return report
+
+
+def model_digest(folder: Path) -> str:
+    """SHA-256 over the safetensors files of a pipeline folder: which weights a run used.
+
+    Example:
+        >>> from diffusers_breakscene.toy.model import toy_model_path
+        >>> len(model_digest(toy_model_path()))
+        64
+    """
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*/*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_key(
+    spec: dict[str, Any], config: Any, scene: int, seed: int, curve: bool, weights: str
+) -> str:
+    """What a saved run must match to be reused: the mode's plan, the variant's configuration
+    (the class-images folder left out: it is a fresh temporary folder every time), the scene,
+    the seed, whether it drew the curve, and the weights."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "class_images_dir"}
+    plan = {"spec": spec, "config": settings, "scene": scene, "seed": seed, "curve": curve}
+    plan["weights"], plan["guidance"] = weights, GUIDANCE
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_run(path: Path, key: str, row: dict[str, Any]) -> None:
+    """Write one finished run atomically (a stop mid-write leaves no half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "row": row}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def load_run(path: Path, key: str) -> dict[str, Any] | None:
+    """The run saved at ``path`` if it was made with ``key``; ``None`` otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: the run is done again
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        return None
+    row = saved["row"]
+    if "curve" in row:  # JSON object keys are strings; the curve's are steps
+        row["curve"] = {int(step): value for step, value in row["curve"].items()}
+    return row
 
 
 def run_one(
@@ -482,7 +575,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{plan['seeds']}, {steps['phase1']} + {steps['phase2']} steps (every variant "
         f"{steps['phase1'] + steps['phase2']} in all), {plan['inference_steps']} inference "
         f"steps; {report['seconds']:.0f} s on {report['machine']['cpus']} CPUs, load "
-        f"{report['load_average_start']} at start; {report['date']}.",
+        f"{report['load_average_start']} at start; {report['date']}."
+        + (
+            f" {report['resumed_runs']} of {len(report['rows'])} runs were saved by an earlier "
+            "call and reused (their time is not in this one's)."
+            if report.get("resumed_runs")
+            else ""
+        ),
         "",
         "| variant | identity 1 | prompt acc. 1 | IoU 1 | leakage 1 | identity 2 "
         "| prompt acc. 2 | IoU 2 | leakage 2 |",
@@ -600,12 +699,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--curve-every", type=int, default=None, help="steps between curve points (mode default)"
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train every run again, ignoring the runs saved in <out>/fidelity[-mode]-runs/",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="train and save only every N-th run from the K-th (0-based), write no report",
+    )
     args = parser.parse_args(argv)
     if args.curve_every is not None and args.curve_every < 1:
         parser.error("--curve-every must be >= 1")
+    shard = None
+    if args.shard is not None:
+        k, _, n = args.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+            parser.error(f"--shard {args.shard}: give K/N with 0 <= K < N, e.g. --shard 0/2")
+        shard = (int(k), int(n))
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    report = run(mode, args.out, args.curve_every)
-    print(markdown(report))
+    report = run(mode, args.out, args.curve_every, args.fresh, shard)
+    if report is not None:
+        print(markdown(report))
     return 0
 
 

@@ -6,6 +6,8 @@
     python benchmarks/run.py --gpu       # a GPU in minutes: 512 px only, fp32/fp16/bf16, no tiny
                                          # alignment section (that runs on the CPU in every mode)
     python benchmarks/run.py --sdxl      # SDXL-sized UNet: LoRA step rows only, 256 px, fp32
+    python benchmarks/run.py --sdxl-gpu  # SDXL-sized UNet on a GPU: 1024 px, bf16 and fp16, with
+                                         # and without gradient checkpointing
     python benchmarks/run.py --capture-512   # SD1.5-sized UNet: LoRA capture rows at 512 px only
 
 Writes ``<out>/<mode>.json`` and ``<out>/<mode>.md`` (default out: benchmarks/results). Every
@@ -62,8 +64,15 @@ MODES: dict[str, dict[str, Any]] = {
         "dtypes": ["fp32"],
         "inference": {"model": "tiny", "res": 64, "rounds": 1, "warmup": 1, "repeats": 2},
         "tiny": {"res": 64, "phase1_steps": 1, "phase2_steps": 1, "seeds": [0]},
-        # The --sdxl code path on the tiny SDXL-layout pipeline (one round timed).
-        "sdxl": {"model": "tiny-sdxl", "res": 64, "repeats": (1, 1)},
+        # The --sdxl code paths on the tiny SDXL-layout pipeline (one round timed), gradient
+        # checkpointing included (bf16/fp16 rows run on CUDA only, as in the step section).
+        "sdxl": {
+            "model": "tiny-sdxl",
+            "res": 64,
+            "repeats": (1, 1),
+            "dtypes": ["bf16"],
+            "checkpointing": [False, True],
+        },
     },
     "quick": {
         "step_model": "sd15",
@@ -97,6 +106,21 @@ MODES: dict[str, dict[str, Any]] = {
         "inference": None,
         "tiny": None,
         "sdxl": {"model": "sdxl", "res": 256, "repeats": (1, 2)},
+    },
+    # What SDXL training costs on a GPU (docs/sdxl.md): SDXL's own 1024 px (128x128 latents,
+    # attention loss on 32x32), the precisions people train in, with and without gradient
+    # checkpointing (what fits a 24 GB card). Random weights of SDXL-base's sizes.
+    "sdxl-gpu": {
+        "step_model": None,
+        "inference": None,
+        "tiny": None,
+        "sdxl": {
+            "model": "sdxl",
+            "res": 1024,
+            "repeats": (2, 5),
+            "dtypes": ["bf16", "fp16"],
+            "checkpointing": [False, True],
+        },
     },
     # The reference-capture comparison where its targets are stated: SD1.5 size, 512 px, fp32.
     "capture-512": {
@@ -192,8 +216,12 @@ def step_rows(
     repeats: dict[str, tuple[int, int]],
     device: str,
     prefix: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Training-step rows ``{prefix}{phase2}_{capture}_{res}px_{dtype}``, one process per phase."""
+    """Training-step rows ``{prefix}{phase2}_{capture}_{res}px_{dtype}``, one process per phase.
+
+    ``extra`` goes into every worker's spec (e.g. ``{"gradient_checkpointing": True}``).
+    """
     details: dict[str, Any] = {}
     xformers = device == "cuda" and _has_xformers()
     for res in resolutions:
@@ -208,9 +236,9 @@ def step_rows(
                     "model": model, "res": res, "phase2": phase2,
                     "captures": captures, "warmup": warmup, "repeats": reps,
                     "device": device, "dtype": dtype, "xformers": xformers,
-                    "threads": THREADS,
+                    "threads": THREADS, **(extra or {}),
                 }  # fmt: skip
-                log(f"step {model} {phase2} {captures} {res}px {dtype} ...")
+                log(f"step {model} {phase2} {captures} {res}px {dtype} {extra or ''} ...")
                 out = worker("step", spec)
                 for capture in captures:
                     name = f"{prefix}{phase2}_{capture}_{res}px_{dtype}"
@@ -223,10 +251,13 @@ def step_rows(
     return details
 
 
-def step_ratios(details: dict[str, Any], prefix: str, res: int) -> dict[str, float]:
-    """Headline ratios of the fp32 rows at ``res``; a ratio whose rows were not run is left out."""
+def step_ratios(
+    details: dict[str, Any], prefix: str, res: int, dtype: str = "fp32"
+) -> dict[str, float]:
+    """Headline ratios of the ``dtype`` rows at ``res``; a ratio whose rows were not run is left
+    out."""
     rows = {
-        (phase2, capture): details.get(f"{prefix}{phase2}_{capture}_{res}px_fp32")
+        (phase2, capture): details.get(f"{prefix}{phase2}_{capture}_{res}px_{dtype}")
         for phase2, capture in (("lora", "ours"), ("full", "ours"), ("lora", "none"),
                                 ("lora", "reference"))
     }  # fmt: skip
@@ -304,19 +335,34 @@ def sdxl_full_fine_tuning(device: str) -> dict[str, Any]:
 
 
 def sdxl_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> None:
-    """LoRA step rows (none / ours / reference capture) on an SDXL-layout UNet, fp32."""
+    """LoRA step rows (none / ours / reference capture) on an SDXL-layout UNet.
+
+    One set of rows per precision (``cfg["dtypes"]`` on CUDA, fp32 on the CPU) and per
+    gradient-checkpointing setting (rows of checkpointed runs are prefixed ``sdxl_gc_``). The
+    headline numbers are the first precision's, without checkpointing.
+    """
     cfg = mode["sdxl"]
+    dtypes = cfg.get("dtypes", ["fp32"]) if device == "cuda" else ["fp32"]
     phases = {"lora": ALL_PHASES["lora"]}
-    details = step_rows(
-        cfg["model"], [cfg["res"]], ["fp32"], phases, {"lora": cfg["repeats"]}, device, "sdxl_"
-    )
-    results["details"].setdefault("steps", {}).update(details)
-    results.update(step_ratios(details, "sdxl_", cfg["res"]))
-    ours = details[f"sdxl_lora_ours_{cfg['res']}px_fp32"]
+    for checkpointing in cfg.get("checkpointing", [False]):
+        prefix = "sdxl_gc_" if checkpointing else "sdxl_"
+        details = step_rows(
+            cfg["model"], [cfg["res"]], dtypes, phases, {"lora": cfg["repeats"]}, device,
+            prefix, {"gradient_checkpointing": checkpointing},
+        )  # fmt: skip
+        results["details"].setdefault("steps", {}).update(details)
+    details = results["details"]["steps"]
+    dtype = dtypes[0]
+    results.update(step_ratios(details, "sdxl_", cfg["res"], dtype))
+    ours = details[f"sdxl_lora_ours_{cfg['res']}px_{dtype}"]
     results["sdxl_lora_step_time_s"] = ours["step_time_s"]
     results["sdxl_lora_peak_bytes"] = ours["peak_bytes"]
+    checkpointed = details.get(f"sdxl_gc_lora_ours_{cfg['res']}px_{dtype}")
+    if checkpointed is not None:
+        results["sdxl_gc_lora_step_time_s"] = checkpointed["step_time_s"]
+        results["sdxl_gc_lora_peak_bytes"] = checkpointed["peak_bytes"]
     results["sdxl_full_fine_tuning"] = sdxl_full_fine_tuning(device)
-    results["sdxl_measured_at"] = f"{cfg['model']} UNet, {cfg['res']} px, fp32, batch 1"
+    results["sdxl_measured_at"] = f"{cfg['model']} UNet, {cfg['res']} px, {dtype}, batch 1"
     log(f"  SDXL full fine-tuning {results['sdxl_full_fine_tuning']['why']}")
 
 
@@ -453,6 +499,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--sdxl", action="store_true", help="SDXL-sized UNet, LoRA step rows only (256 px, fp32)"
     )
     group.add_argument(
+        "--sdxl-gpu",
+        action="store_true",
+        help="SDXL-sized UNet on CUDA: LoRA step rows at 1024 px, bf16 and fp16, with and "
+        "without gradient checkpointing",
+    )
+    group.add_argument(
         "--capture-512",
         action="store_true",
         help="SD1.5-sized UNet, LoRA capture rows (none/ours/reference) at 512 px only, fp32",
@@ -486,10 +538,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     flags = {"smoke": args.smoke, "quick": args.quick, "gpu": args.gpu, "sdxl": args.sdxl,
-             "capture-512": args.capture_512}  # fmt: skip
+             "capture-512": args.capture_512, "sdxl-gpu": args.sdxl_gpu}  # fmt: skip
     name = next((mode for mode, on in flags.items() if on), "full")
     mode = MODES[name]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "sdxl-gpu" and device != "cuda":
+        parser.error(
+            f"--sdxl-gpu measures SDXL at 1024 px in bf16/fp16 and needs a CUDA device (found "
+            f"{device}); on the CPU run --sdxl (256 px, fp32)"
+        )
     global IN_PROCESS, THREADS
     IN_PROCESS = name == "smoke"
     THREADS = args.threads if args.threads is not None else (1 if device == "cpu" else 0)

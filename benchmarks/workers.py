@@ -216,7 +216,8 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Median phase-two step time and memory of one configuration.
 
     spec: model (sd15|sdxl|tiny|tiny-sdxl), res, phase2 (lora|full), captures (list of
-    ours|none|reference), warmup, repeats, device, dtype (fp32|fp16|bf16), xformers (bool).
+    ours|none|reference), warmup, repeats, device, dtype (fp32|fp16|bf16), xformers (bool),
+    gradient_checkpointing (bool, default false: the UNet's, as ``gradient_checkpointing=True``).
     capture="none" is a plain LoRA DreamBooth step: no store, plain MSE, all concepts in every
     prompt; "ours" and "reference" are full Break-A-Scene steps (union sampling, masked loss,
     cross-attention loss) that differ only in how the attention maps are captured. SDXL models
@@ -278,6 +279,8 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
         handle_weights.append(weight)
     if spec.get("xformers") and device == "cuda":
         unet.enable_xformers_memory_efficient_attention()
+    if spec.get("gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
     if spec["phase2"] == "lora":
         if dtype != torch.float32:
             unet.to(dtype=dtype)

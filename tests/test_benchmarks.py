@@ -45,6 +45,23 @@ def test_smoke_run_writes_json_and_markdown():
     assert set(KEYS) <= data["targets_met"].keys()
     table = (tmp_path / "smoke.md").read_text()
     assert all(f"| {key} |" in table for key in KEYS)
+    # The SDXL rows ran with and without gradient checkpointing (what --sdxl-gpu measures).
+    steps = data["details"]["steps"]
+    assert steps["sdxl_gc_lora_ours_64px_fp32"]["spec"]["gradient_checkpointing"] is True
+    assert steps["sdxl_lora_ours_64px_fp32"]["spec"]["gradient_checkpointing"] is False
+    assert data["sdxl_gc_lora_step_time_s"] > 0
+    assert "| sdxl_gc_lora_ours_64px_fp32 |" in table
+
+
+def test_sdxl_gpu_mode_refuses_the_cpu_before_measuring(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--sdxl-gpu", "--device", "cpu",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--sdxl-gpu" in result.stderr and "run --sdxl" in result.stderr
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

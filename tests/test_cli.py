@@ -84,6 +84,20 @@ def test_demo_writes_every_promised_file_and_says_where(tmp_path, capsys):
     assert Image.open(out / "attention.png").height > 2 * 192  # one row per handle
 
 
+@pytest.mark.slow
+def test_demo_runs_on_the_tiny_sdxl_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--output", str(out), "--steps", "1", "--inference-steps", "2"]
+    assert main([*argv, "--resolution", "64", "--model", "tiny-sdxl"]) == 0
+    assert NOTICE in " ".join(capsys.readouterr().out.split())
+    bundle = Bundle.load(out / "break_a_scene.safetensors")
+    # SDXL: a trained row per handle in each of the two text encoders.
+    assert set(bundle.handles) == set(bundle.handles_2) == {"<asset0>", "<asset1>"}
+    assert bundle.info.base_fingerprint["family"] == "sdxl"
+    assert Image.open(out / "images" / "0.png").size == (64, 64)
+    assert (out / "overview.png").is_file() and (out / "attention.png").is_file()
+
+
 def test_demo_scene_masks_cover_the_objects():
     image, (ball, box) = draw_demo_scene(256)
     assert image.getpixel((70, 150))[0] > 200 and ball.getpixel((70, 150)) == 255

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +24,7 @@ VARIANTS = {
     "no_union_sampling",
     "prior_preservation",
 }
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 PER_PROMPT = ("identity", "prompt_accuracy", "iou", "leakage", "leak_similarity")
 COLUMNS = [f"{c}_{k}" for k in (1, 2) for c in PER_PROMPT]
 COLUMNS += ["iou_scene", "seconds_per_step", "trainable_params"]
@@ -115,3 +120,79 @@ def test_markdown_and_scatter_picture(smoke):
     assert "n/a in `leakage_2`" in text and "| 4 |" in text and "paper's final identity" in text
     with Image.open(folder / "fidelity-smoke.png") as picture:
         assert picture.size[0] > 300 and picture.size[1] > 200
+
+
+@pytest.mark.slow
+def test_saved_runs_are_reused_and_shards_split_the_missing_ones(smoke, tmp_path):
+    report, _, folder = smoke
+    assert report["resumed_runs"] == 0
+    saved = sorted(p.name for p in (folder / "fidelity-smoke-runs").iterdir())
+    assert saved == sorted(f"{v}-scene0-seed0.json" for v in VARIANTS)
+    runs = tmp_path / "fidelity-smoke-runs"
+    shutil.copytree(folder / "fidelity-smoke-runs", runs)
+    # Runs 0 (ours) and 2 (ti_m) of the plan are missing: both belong to shard 0 of 2.
+    (runs / "ours-scene0-seed0.json").unlink()
+    (runs / "ti_m-scene0-seed0.json").unlink()
+
+    def fidelity(*argv: str) -> str:
+        result = subprocess.run(
+            [sys.executable, str(BENCH / "fidelity.py"), "--smoke", "--out", str(tmp_path), *argv],
+            capture_output=True, text=True, timeout=600, cwd=BENCH.parent,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    assert "shard 1/2: 4 runs saved" in fidelity("--shard", "1/2")  # all 4 reused
+    assert "(4 reused)" in fidelity("--shard", "1/2")
+    assert not (tmp_path / "fidelity-smoke.json").exists()  # a shard writes no report
+    assert "(2 reused)" in fidelity("--shard", "0/2")  # trains ours and ti_m again
+    assert (runs / "ours-scene0-seed0.json").is_file()
+    fidelity()  # every run saved: the report, from the saved runs alone
+    again = json.loads((tmp_path / "fidelity-smoke.json").read_text())
+    assert again["resumed_runs"] == len(VARIANTS)
+    by_variant = {r["variant"]: r for r in again["rows"]}
+    assert set(by_variant) == VARIANTS
+    first = {r["variant"]: r for r in report["rows"]}
+    assert json.dumps(by_variant["paper"]) == json.dumps(first["paper"])  # NaNs compare equal
+    assert "runs were saved by an earlier call" in (tmp_path / "fidelity-smoke.md").read_text()
+
+
+def test_shard_must_be_k_of_n(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "fidelity.py"), "--smoke", "--shard", "2/2", "--out",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--shard 2/2" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_saved_run_counts_only_with_the_same_key(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import fidelity
+
+    from diffusers_breakscene.toy.experiment import toy_config
+
+    spec = fidelity.MODES["smoke"]
+    ours = toy_config()
+    key = fidelity.run_key(spec, ours, 0, 0, True, "weights-a")
+    path = tmp_path / "runs" / "ours-scene0-seed0.json"
+    row = {"variant": "ours", "identity_1": float("nan"), "curve": {2: 0.5, 10: 0.25}}
+    fidelity.save_run(path, key, row)
+    loaded = fidelity.load_run(path, key)
+    assert loaded["curve"] == {2: 0.5, 10: 0.25}  # steps are ints again
+    assert math.isnan(loaded["identity_1"])
+    # Other weights, another config, seed or scene, or a torn file: the run is done again.
+    assert fidelity.load_run(path, fidelity.run_key(spec, ours, 0, 0, True, "weights-b")) is None
+    other = ours.replace(lora_rank=8)
+    assert fidelity.load_run(path, fidelity.run_key(spec, other, 0, 0, True, "weights-a")) is None
+    assert fidelity.run_key(spec, ours, 0, 1, True, "w") != fidelity.run_key(
+        spec, ours, 1, 0, True, "w"
+    )
+    # A fresh class-images folder every call does not change the key.
+    moved = ours.replace(class_images_dir="/tmp/elsewhere")
+    assert fidelity.run_key(spec, moved, 0, 0, True, "weights-a") == key
+    path.write_text('{"key": "')
+    assert fidelity.load_run(path, key) is None
+    assert fidelity.load_run(tmp_path / "missing.json", key) is None
+    assert not list(path.parent.glob("*.tmp"))
