@@ -3,7 +3,8 @@
 Command that produced the shipped weights (``diffusers_breakscene/assets/toy/evaluator``)::
 
     python -m diffusers_breakscene.toy.train_evaluator \\
-        --output diffusers_breakscene/assets/toy/evaluator
+        --output diffusers_breakscene/assets/toy/evaluator \\
+        --num-scenes 60000 --crop-steps 5000 --crop-multi-share 0.33
 
 1. Render ``--num-scenes`` scenes with ``sample_scene(seed, split="any")`` (all shapes, colours,
    patterns and pairs, held-out ones included), seeds ``0 .. num_scenes - 1``; kept in memory.
@@ -17,7 +18,8 @@ Command that produced the shipped weights (``diffusers_breakscene/assets/toy/eva
    flips and, on some crops, blur, colour drift and noise.
 4. Crop reader: every :func:`~diffusers_breakscene.toy.evaluator.colour_regions` region of the
    same scenes (:func:`region_crops`), binary cross-entropy over the 24 (shape, pattern) pairs it
-   holds, a quarter of each batch from regions of several objects; same augmentation.
+   holds, ``--crop-multi-share`` of each batch from regions of several objects; same
+   augmentation.
 5. Evaluate the saved evaluator on ``--test-scenes`` fresh scenes (seeds from 10,000,000, never
    used for training) and write the numbers into ``config.json`` (``metrics``).
 
@@ -92,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embed-batch-size", type=int, default=64)
     p.add_argument("--crop-steps", type=int, default=3000, help="crop reader optimisation steps")
     p.add_argument("--crop-batch-size", type=int, default=96)
+    p.add_argument(
+        "--crop-multi-share",
+        type=float,
+        default=0.25,
+        help="share of each crop-reader batch drawn from regions of several touching objects",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--test-scenes", type=int, default=1000, help="evaluation scenes (0: none)")
     p.add_argument("--identity-trials", type=int, default=5000, help="(same, different) trials")
@@ -103,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "embed_steps", "batch_size", "embed_batch_size", "threads"):
         if getattr(args, name) < 1:
             fail(InvalidArgumentError, f"--{name.replace('_', '-')} must be >= 1", "raise it")
+    if not 0 <= args.crop_multi_share < 1:
+        fail(
+            InvalidArgumentError,
+            f"--crop-multi-share {args.crop_multi_share}",
+            "use a share from 0 (no oversampling) to below 1",
+        )
     return args
 
 
@@ -326,13 +340,13 @@ def _fit_on_crops(
 def train_crop_reader(
     net: CropReader, crops: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, log: Any
 ) -> None:
-    """Optimise ``net`` with binary cross-entropy on :func:`region_crops` (a quarter of each
-    batch from the regions of several objects)."""
+    """Optimise ``net`` with binary cross-entropy on :func:`region_crops` (``--crop-multi-share``
+    of each batch from the regions of several objects)."""
     n = len(crops)
-    # Regions of several touching objects are ~3% of all: a quarter of each batch is drawn from
+    # Regions of several touching objects are ~3% of all: a share of each batch is drawn from
     # them, or the reader learns to name one object per region.
     multi = torch.nonzero(labels.sum(1) > 1)[:, 0]
-    n_multi = args.crop_batch_size // 4 if len(multi) else 0
+    n_multi = round(args.crop_batch_size * args.crop_multi_share) if len(multi) else 0
 
     def draw(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, n, (args.crop_batch_size - n_multi,), generator=gen)
