@@ -294,10 +294,10 @@ def run_key(
 
 def save_run(path: Path, key: str, row: dict[str, Any]) -> None:
     """Write one finished run atomically (a stop mid-write leaves no half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "row": row}, indent=1) + "\n")
-    tmp.replace(path)
+    from diffusers_breakscene.files import atomic_write
+
+    text = json.dumps({"key": key, "row": row}, indent=1) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text), "fidelity run")
 
 
 def load_run(path: Path, key: str) -> dict[str, Any] | None:
