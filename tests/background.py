@@ -56,13 +56,15 @@ def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
         "torchrun": ("test_examples", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
                      "--master_port", str(_free_port()), str(EXAMPLES / "multi_gpu_train.py"),
                      "--tiny", "--cpu", "--output", str(root / "torchrun")]),
-        "toy_world": ("test_toy_demo", [str(BENCH / "toy_world.py"), "--smoke",
-                      *out("toy_world")]),
+        "toy_world": ("test_toy_demo", [str(BENCH / "toy_world.py"), "--smoke", "--seeds",
+                      "3", *out("toy_world")]),
         "toy_model": ("test_toy_model", [str(BENCH / "toy_model.py"), "--smoke",
                       *out("toy_model")]),
         "studio_browser": ("test_studio", [str(REPO / "tests" / "studio_browser.py"),
                            *out("studio_browser")]),
         "fidelity": ("test_fidelity", [str(BENCH / "fidelity.py"), "--smoke", *out("fidelity")]),
+        "defaults_search": ("test_defaults_search", [str(BENCH / "defaults_search.py"), "--smoke",
+                            "--candidates", "ours,rank_1,kv_only", *out("defaults_search")]),
     }  # fmt: skip
 
 

@@ -77,3 +77,21 @@ def test_toy_world_benchmark_smoke():
     assert {row["variant"] for row in report["rows"]} == {"ours", "phase1", "base"}
     assert "| ours |" in (tmp_path / "toy_world-smoke.md").read_text()
     assert (tmp_path / "toy_world-smoke.png").is_file()
+    assert report["seeds"] == [3]  # --seeds 3 replaced the mode's seed 0
+    assert "seeds [3]" in (tmp_path / "toy_world-smoke.md").read_text()
+
+
+def test_toy_world_benchmark_names_bad_seeds(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_world.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--seeds", "0,x", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert "--seeds 0,x" in run.stderr
+    assert not list(tmp_path.iterdir())

@@ -130,6 +130,52 @@ def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
     assert json.loads((out / "toy_info.json").read_text())["diffusion_steps"] == 3
 
 
+@pytest.mark.slow
+def test_training_script_takes_another_unet_and_refuses_to_resume_a_different_one(
+    tmp_path, one_torch_thread
+):
+    from diffusers import UNet2DConditionModel
+
+    from diffusers_breakscene.toy.train_base import main
+
+    argv = ["--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    argv += ["--threads", "1", "--vae-steps", "1", "--vae-batch", "2", "--num-images", "8"]
+    argv += ["--decoder-steps", "0", "--steps", "1", "--batch", "2", "--warmup", "1"]
+    out = main([*argv, "--unet-channels", "16,32,48", "--unet-layers", "1,2,2"])
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True)
+    assert list(unet.config.block_out_channels) == [16, 32, 48]
+    assert list(unet.config.layers_per_block) == [1, 2, 2]
+    before = (tmp_path / "work" / "diffusion.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"--unet-layers \[1, 1, 1\].*another --work-dir"):
+        main([*argv, "--unet-channels", "16,32,48", "--steps", "2"])
+    assert (tmp_path / "work" / "diffusion.safetensors").read_bytes() == before
+
+
+def test_training_script_reads_unet_shapes_and_names_a_bad_one(capsys):
+    from diffusers_breakscene.toy.train_base import parse_args
+
+    args = parse_args(["--output", "x", "--unet-layers", "2", "--unet-channels", "32,64,128"])
+    assert args.unet_layers == (2, 2, 2)
+    assert args.unet_channels == (32, 64, 128)
+    assert parse_args(["--output", "x"]).unet_layers == (1, 1, 1)
+    for bad in ("1,2", "a,b,c"):
+        with pytest.raises(SystemExit):
+            parse_args(["--output", "x", "--unet-layers", bad])
+        assert "--unet-layers" in capsys.readouterr().err
+
+
+def test_build_unet_names_a_bad_architecture():
+    from diffusers_breakscene.toy.model import build_unet
+
+    unet = build_unet((16, 32, 48), (1, 2, 2))
+    assert [len(b.resnets) for b in unet.down_blocks] == [1, 2, 2]
+    assert [len(b.resnets) for b in unet.up_blocks] == [3, 3, 2]  # one more, as in diffusers
+    with pytest.raises(ValueError, match=r"block_out_channels.*multiples of 16"):
+        build_unet((32, 64, 100))
+    with pytest.raises(ValueError, match=r"layers_per_block.*three counts"):
+        build_unet(layers_per_block=(1, 0, 1))
+
+
 def test_shipped_text_encoder_uses_the_classic_key_layout():
     # transformers 5.0 (the lower bound) reads only "text_model."-prefixed CLIP keys; without the
     # prefix it would silently start the toy text encoder from random weights.

@@ -37,6 +37,8 @@ __all__ = [
     "TOY_MODEL_DIR",
     "TOY_RESOLUTION",
     "TOY_WORDS",
+    "UNET_CHANNELS",
+    "UNET_LAYERS",
     "build_scheduler",
     "build_text_encoder",
     "build_unet",
@@ -106,22 +108,48 @@ def build_vae() -> Any:
     )
 
 
-def build_unet() -> Any:
+#: The shipped UNet's channels per level (32x32, 16x16, 8x8) and layers per level.
+UNET_CHANNELS: tuple[int, int, int] = (32, 64, 96)
+UNET_LAYERS: tuple[int, int, int] = (1, 1, 1)
+
+
+def build_unet(
+    block_out_channels: tuple[int, int, int] = UNET_CHANNELS,
+    layers_per_block: tuple[int, int, int] = UNET_LAYERS,
+) -> Any:
     """A fresh ``UNet2DConditionModel``: levels 32/16/8, cross-attention on 16 and 8 (random).
+
+    Args:
+        block_out_channels: channels of the 32x32, 16x16 and 8x8 levels (multiples of 16).
+        layers_per_block: ResNet (+ transformer) layers of each level's down block; the up blocks
+            get one more, as in diffusers.
 
     Example:
         >>> from diffusers_breakscene.attention import cross_attention_levels
         >>> sorted(set(cross_attention_levels(build_unet()).values()))
         [('down', 2), ('down', 4), ('mid', 4), ('up', 2), ('up', 4)]
+        >>> build_unet(layers_per_block=(1, 2, 2)).config.layers_per_block
+        [1, 2, 2]
     """
     from diffusers import UNet2DConditionModel
 
+    channels, layers = tuple(block_out_channels), tuple(layers_per_block)
+    if len(channels) != 3 or any(c <= 0 or c % 16 for c in channels):
+        raise ValueError(
+            f"block_out_channels={channels!r}: give three positive multiples of 16 (one per level "
+            "32x32, 16x16, 8x8), e.g. (32, 64, 96)."
+        )
+    if len(layers) != 3 or any(n < 1 for n in layers):
+        raise ValueError(
+            f"layers_per_block={layers!r}: give three counts >= 1 (one per level), e.g. (1, 2, 2)."
+        )
     return UNet2DConditionModel(
         sample_size=TOY_RESOLUTION // 2,
         in_channels=4,
         out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64, 96),
+        # diffusers takes one int or one per block; an int keeps the shipped config unchanged.
+        layers_per_block=layers[0] if len(set(layers)) == 1 else list(layers),
+        block_out_channels=channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_WIDTH,

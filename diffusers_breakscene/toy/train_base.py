@@ -69,6 +69,8 @@ from safetensors.torch import load_file, save_file
 
 from .model import (
     TOY_RESOLUTION,
+    UNET_CHANNELS,
+    UNET_LAYERS,
     build_scheduler,
     build_text_encoder,
     build_unet,
@@ -92,6 +94,21 @@ MAX_OBJECTS = 3
 GRID = TOY_RESOLUTION // 8  # latent / 4
 
 
+def _int_triple(text: str) -> tuple[int, int, int]:
+    """``"1,2,2"`` -> ``(1, 2, 2)``; ``"2"`` -> ``(2, 2, 2)`` (argparse type)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one number or three (one per level)")
+    return values  # type: ignore[return-value]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (see ``--help``).
 
@@ -111,6 +128,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-steps", type=int, default=400)
     p.add_argument("--decoder-batch", type=int, default=16)
     p.add_argument("--decoder-lr", type=float, default=5e-4)
+    p.add_argument(
+        "--unet-channels",
+        type=_int_triple,
+        default=UNET_CHANNELS,
+        help="UNet channels of the 32x32, 16x16 and 8x8 levels, comma-separated (default: "
+        + ",".join(map(str, UNET_CHANNELS))
+        + ")",
+    )
+    p.add_argument(
+        "--unet-layers",
+        type=_int_triple,
+        default=UNET_LAYERS,
+        help="UNet layers per level (one number for all, or three comma-separated; default: 1)",
+    )
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=8e-4)
@@ -367,6 +398,22 @@ def _lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _check_architecture(args: argparse.Namespace, work: Path) -> None:
+    """Refuse a work folder whose diffusion checkpoint holds another UNet architecture."""
+    meta = work / "diffusion.json"
+    if not meta.is_file():
+        return
+    # Checkpoints from before --unet-channels/--unet-layers hold the default architecture.
+    saved = json.loads(meta.read_text()).get("unet", [list(UNET_CHANNELS), list(UNET_LAYERS)])
+    wanted = [list(args.unet_channels), list(args.unet_layers)]
+    if saved != wanted:
+        raise SystemExit(
+            f"{work / 'diffusion.safetensors'} holds a UNet with channels {saved[0]} and layers "
+            f"{saved[1]}, not --unet-channels {wanted[0]} --unet-layers {wanted[1]}: pass those "
+            "values to resume it, or use another --work-dir."
+        )
+
+
 def train_diffusion(
     args: argparse.Namespace, work: Path, vae: torch.nn.Module, cache: dict
 ) -> tuple[torch.nn.Module, torch.nn.Module, int]:
@@ -376,7 +423,7 @@ def train_diffusion(
 
     tokenizer = toy_tokenizer()
     torch.manual_seed(args.seed)
-    unet = build_unet()
+    unet = build_unet(args.unet_channels, args.unet_layers)
     text_encoder = build_text_encoder(len(tokenizer))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-2)
@@ -400,8 +447,9 @@ def train_diffusion(
     step, elapsed = 0, 0.0
     ckpt = work / "diffusion.safetensors"
     if ckpt.is_file():
-        tensors = load_file(ckpt)
+        _check_architecture(args, work)
         info = json.loads((work / "diffusion.json").read_text())
+        tensors = load_file(ckpt)
         for i, p in enumerate(params):
             p.data.copy_(tensors[f"param.{i}"])
             ema[i].copy_(tensors[f"ema.{i}"])
@@ -419,7 +467,14 @@ def train_diffusion(
         save_file(tensors, work / "diffusion.tmp")
         minutes = elapsed + (time.time() - start) / 60
         (work / "diffusion.json").write_text(
-            json.dumps({**groups, "step": step, "minutes": minutes})
+            json.dumps(
+                {
+                    **groups,
+                    "step": step,
+                    "minutes": minutes,
+                    "unet": [list(args.unet_channels), list(args.unet_layers)],
+                }
+            )
         )
         (work / "diffusion.tmp").replace(ckpt)
 
@@ -534,6 +589,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.output)
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "breakscene_toy_work")
     work.mkdir(parents=True, exist_ok=True)
+    _check_architecture(args, work)  # before any stage runs
     t0 = time.time()
     vae = train_vae(args, work)
     t_vae = time.time() - t0

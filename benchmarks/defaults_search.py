@@ -1,0 +1,432 @@
+"""Choose the default LoRA by measurement: rank, alpha, target modules, learning rates and the
+attention-loss weight, one at a time around ``ours``, against the paper's recipe (issue 12, 2).
+
+    python benchmarks/defaults_search.py          # scenes 0-5 x seed 0, 400 + 400 steps (~4 h)
+    python benchmarks/defaults_search.py --quick  # scene 0 x seed 0, 75 + 75 steps (~12 min)
+    python benchmarks/defaults_search.py --smoke --candidates ours,rank_2   # the tests
+
+Every candidate (:data:`CANDIDATES`) is ``ours`` (the default recipe scaled to the toy model,
+:func:`~diffusers_breakscene.toy.experiment.toy_config`) with one change; ``paper`` is the
+reference recipe of ``benchmarks/fidelity.py`` (whole UNet and text encoder in phase 2). Each
+(candidate, scene, seed) is one run of :func:`fidelity.run_one` (same prompts, sampler, scores
+and saved-run resume as the fidelity benchmark; ``--shard K/N`` and ``--fresh`` too).
+
+Sizes are given at Stable Diffusion 2.1 scale, where the goal is stated: the toy UNet's layers
+are 8x narrower than SD's, so toy rank ``r`` stands for SD rank ``8 r`` (the toy default 4 for
+SD's 32, as :func:`toy_config` scales it). :func:`sd_bundle_bytes` counts the LoRA of that rank
+on SD2.1's UNet (built on the ``meta`` device and given the adapter through peft, as training
+does), in the bundle's float16, plus two handle rows, and divides by SD2.1-base's fp32 size.
+
+The goal (issue 12): identity similarity >= 95% of ``paper``'s, prompt accuracy >= ``paper``'s
+(both the mean of the one- and two-handle means), bundle <= 1/500 of the pipeline. The pick
+(:func:`choose`): the highest identity among the candidates that meet the goal; when none does,
+the highest identity among the candidates within the size limit whose prompt accuracy is at least
+``paper``'s, else the highest identity within the size limit, and the report says the goal was
+missed. The table also marks the trade-off (Pareto) front of identity against bundle size.
+
+Writes ``<out>/defaults_search[-quick|-smoke].json``, ``.md`` and ``.png`` (identity against
+bundle size; default out: benchmarks/results). The pick is a measurement, not a change:
+``BreakASceneConfig``'s defaults change by hand, with the report cited in docs/fidelity.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(HERE))
+import fidelity  # noqa: E402
+import reports  # noqa: E402
+
+MODES: dict[str, dict[str, Any]] = {
+    "full": {"scenes": [0, 1, 2, 3, 4, 5], "seeds": [0], "steps": None, "inference_steps": 25,
+             "templates": None, "curve_every": 50, "draws": 6},
+    "quick": {"scenes": [0], "seeds": [0], "steps": 75, "inference_steps": 25,
+              "templates": None, "curve_every": 25, "draws": 6},
+    "smoke": {"scenes": [0], "seeds": [0], "steps": 2, "inference_steps": 2, "templates": 1,
+              "curve_every": 2, "draws": 1},
+}  # fmt: skip
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+CONVOLUTIONS = ("conv1", "conv2", "proj_in", "proj_out")
+#: Candidate name -> how it changes ``ours`` (a function of ``ours``' configuration).
+CANDIDATES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "ours": lambda base: {},
+    "rank_1": lambda base: {"lora_rank": 1},
+    "rank_2": lambda base: {"lora_rank": 2},
+    "rank_8": lambda base: {"lora_rank": 8},
+    "rank_16": lambda base: {"lora_rank": 16},
+    "alpha_2x": lambda base: {"lora_alpha": 2.0 * base.lora_rank},
+    "alpha_half": lambda base: {"lora_alpha": 0.5 * base.lora_rank},
+    "attention_only": lambda base: {"lora_target_modules": ATTENTION},
+    "kv_only": lambda base: {"lora_target_modules": ("to_k", "to_v")},
+    "with_convs": lambda base: {"lora_target_modules": ATTENTION + FEED_FORWARD + CONVOLUTIONS},
+    "phase2_lr_half": lambda base: {"phase2_learning_rate": base.phase2_learning_rate / 2},
+    "phase2_lr_3x": lambda base: {"phase2_learning_rate": base.phase2_learning_rate * 3},
+    "phase1_lr_half": lambda base: {"phase1_learning_rate": base.phase1_learning_rate / 2},
+    "phase1_lr_2x": lambda base: {"phase1_learning_rate": base.phase1_learning_rate * 2},
+    "lambda_0.3x": lambda base: {"lambda_attention": base.lambda_attention * 0.3},
+    "lambda_3x": lambda base: {"lambda_attention": base.lambda_attention * 3},
+    "lambda_10x": lambda base: {"lambda_attention": base.lambda_attention * 10},
+}
+REFERENCE = "paper"
+#: Toy rank r stands for SD rank SD_RANK_FACTOR * r (toy_config: 4 for SD's default 32).
+SD_RANK_FACTOR = 8
+SIZE_LIMIT = 1 / 500
+IDENTITY_SHARE = 0.95
+
+
+def candidate_configs(base: Any, names: list[str]) -> dict[str, Any]:
+    """``{name: config}`` for ``names`` (keys of :data:`CANDIDATES`) and ``paper``.
+
+    Example:
+        >>> from diffusers_breakscene.toy.experiment import toy_config
+        >>> configs = candidate_configs(toy_config(), ["ours", "rank_8"])
+        >>> sorted(configs), configs["rank_8"].lora_rank
+        (['ours', 'paper', 'rank_8'], 8)
+    """
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise ValueError(
+            f"unknown candidate(s) {unknown}; choose from {', '.join(CANDIDATES)} (comma-separated)"
+        )
+    configs = {name: base.replace(**CANDIDATES[name](base)) for name in names}
+    configs[REFERENCE] = fidelity.variant_configs(base, 1)["paper"]
+    return configs
+
+
+def sd_bundle_bytes(config: Any, num_handles: int = 2) -> int | None:
+    """Bytes of the float16 bundle this configuration would write for SD2.1 (LoRA of rank
+    ``SD_RANK_FACTOR * config.lora_rank`` on SD2.1's UNet, plus the handle rows); ``None`` for
+    ``phase2="full"`` (no bundle: a copy of the fine-tuned weights)."""
+    if config.phase2 == "full":
+        return None
+    return 2 * (_sd_lora_params(SD_RANK_FACTOR * config.lora_rank, config.lora_target_modules)
+                + num_handles * 1024)  # fmt: skip
+
+
+_LORA_PARAMS: dict[tuple[int, tuple[str, ...]], int] = {}
+
+
+def _sd_lora_params(rank: int, targets: tuple[str, ...]) -> int:
+    key = (rank, tuple(targets))
+    if key not in _LORA_PARAMS:
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        from diffusers_breakscene.lora import add_unet_lora
+
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            unet = UNet2DConditionModel(
+                cross_attention_dim=1024,
+                attention_head_dim=(5, 10, 20, 20),
+                use_linear_projection=True,
+            )
+            params = add_unet_lora(unet, rank=rank, target_modules=targets)
+        _LORA_PARAMS[key] = sum(p.numel() for p in params)
+    return _LORA_PARAMS[key]
+
+
+def run(
+    mode: str,
+    out: Path,
+    names: list[str],
+    fresh: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> dict[str, Any] | None:
+    """Train and score every candidate on the mode's scenes and seeds; write the report
+    (``None`` and no report with ``shard``, as in ``benchmarks/fidelity.py``)."""
+    import torch
+    from workers import sd21_base_pipeline_bytes
+
+    from diffusers_breakscene.toy.evaluator import default_evaluator
+    from diffusers_breakscene.toy.experiment import toy_config
+    from diffusers_breakscene.toy.model import toy_model_path
+    from diffusers_breakscene.toy.world import evaluation_scenes
+
+    name = "defaults_search" if mode == "full" else f"defaults_search-{mode}"
+    runs_dir = out / f"{name}-runs"
+    spec = MODES[mode]
+    torch.set_num_threads(1)  # the toy model is so small that one thread is fastest
+    all_scenes = evaluation_scenes()
+    base = toy_config(
+        validation_num_inference_steps=spec["inference_steps"],
+        validation_guidance_scale=fidelity.GUIDANCE,
+    )
+    if spec["steps"] is not None:
+        base = base.replace(phase1_steps=spec["steps"], phase2_steps=spec["steps"])
+    configs = candidate_configs(base, names)
+    evaluator = default_evaluator()
+    weights = fidelity.model_digest(toy_model_path())
+    plan = [(i, s, c) for i in spec["scenes"] for s in spec["seeds"] for c in configs]
+    rows: list[dict[str, Any]] = []
+    resumed = 0
+    started = time.perf_counter()
+    for number, (index, seed, candidate) in enumerate(plan):
+        if shard is not None and number % shard[1] != shard[0]:
+            continue
+        path = runs_dir / f"{candidate}-scene{index}-seed{seed}.json"
+        key = fidelity.run_key(spec, configs[candidate], index, seed, False, weights)
+        row = None if fresh else fidelity.load_run(path, key)
+        if row is not None:
+            resumed += 1
+        else:
+            row = fidelity.run_one(
+                candidate, configs[candidate], all_scenes[index], index, seed, spec, evaluator,
+                False,
+            )  # fmt: skip
+            fidelity.save_run(path, key, row)
+        rows.append(row)
+        print(f"{candidate} scene {index} seed {seed}: identity {_score(row, 'identity'):.3f}, "
+              f"prompt accuracy {_score(row, 'prompt_accuracy'):.3f}", flush=True)  # fmt: skip
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]}: {len(rows)} runs in {runs_dir} ({resumed} reused); "
+              "run without --shard to write the report", flush=True)  # fmt: skip
+        return None
+    pipeline_bytes = sd21_base_pipeline_bytes()["bytes_fp32"]
+    results = {}
+    for candidate, config in configs.items():
+        mine = [r for r in rows if r["variant"] == candidate]
+        size = sd_bundle_bytes(config)
+        results[candidate] = {
+            "changes": fidelity._changes(base, config),
+            "identity": reports.stats([_score(r, "identity") for r in mine]),
+            "prompt_accuracy": reports.stats([_score(r, "prompt_accuracy") for r in mine]),
+            "iou": reports.stats([_score(r, "iou") for r in mine]),
+            "runs": len(mine),
+            "sd_rank": SD_RANK_FACTOR * config.lora_rank if size is not None else None,
+            "sd_bundle_bytes": size,
+            "bundle_vs_pipeline": None if size is None else size / pipeline_bytes,
+        }
+    report = {
+        **reports.header(mode),
+        "plan": {
+            "scenes": spec["scenes"],
+            "seeds": spec["seeds"],
+            "steps": {"phase1": base.phase1_steps, "phase2": base.phase2_steps},
+            "inference_steps": spec["inference_steps"],
+            "guidance": fidelity.GUIDANCE,
+            "sd_rank_factor": SD_RANK_FACTOR,
+            "sd21_pipeline_bytes_fp32": pipeline_bytes,
+        },
+        "config": base.to_dict(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "resumed_runs": resumed,
+        "rows": rows,
+        "results": results,
+        "choice": choose(results),
+    }
+    reports.write(out, name, report, markdown(report))
+    tradeoff_picture(results).save(out / f"{name}.png")
+    return report
+
+
+def _score(row: dict[str, Any], column: str) -> float:
+    """The mean of a run's one- and two-handle means of ``column`` (NaN ones left out)."""
+    return fidelity._mean([row[f"{column}_{k}"] for k in (1, 2)])
+
+
+def choose(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The pick and the goal's verdict (see the module docstring); ``results`` as in the report.
+
+    Example:
+        >>> def r(identity, accuracy, share):
+        ...     return {"identity": {"mean": identity}, "prompt_accuracy": {"mean": accuracy},
+        ...             "bundle_vs_pipeline": share}
+        >>> choose({"paper": r(0.5, 0.6, None), "ours": r(0.49, 0.6, 0.004),
+        ...         "rank_2": r(0.48, 0.61, 0.001)})["pick"]
+        'rank_2'
+    """
+    paper = results[REFERENCE]
+    target_identity = IDENTITY_SHARE * paper["identity"]["mean"]
+    target_accuracy = paper["prompt_accuracy"]["mean"]
+    small = {
+        name: value
+        for name, value in results.items()
+        if name != REFERENCE
+        and value["bundle_vs_pipeline"] is not None
+        and value["bundle_vs_pipeline"] <= SIZE_LIMIT
+        and not math.isnan(value["identity"]["mean"])
+    }
+    accurate = {n: v for n, v in small.items() if v["prompt_accuracy"]["mean"] >= target_accuracy}
+    meeting = {n: v for n, v in accurate.items() if v["identity"]["mean"] >= target_identity}
+    pool, rule = (
+        (meeting, "meets the goal")
+        if meeting
+        else (accurate, "goal missed: best identity with prompt accuracy >= paper's")
+        if accurate
+        else (small, "goal missed: best identity within the size limit")
+    )
+    pick = max(pool, key=lambda n: pool[n]["identity"]["mean"]) if pool else None
+    return {
+        "pick": pick,
+        "rule": rule if pool else "no candidate within the size limit",
+        "goal_met": bool(meeting),
+        "target_identity": target_identity,
+        "target_prompt_accuracy": target_accuracy,
+        "size_limit": SIZE_LIMIT,
+        "meeting": sorted(meeting),
+        "pareto": pareto_front(results),
+    }
+
+
+def pareto_front(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Candidates with a bundle that no other candidate beats on both identity and size.
+
+    Example:
+        >>> def r(identity, share):
+        ...     return {"identity": {"mean": identity}, "bundle_vs_pipeline": share}
+        >>> pareto_front({"a": r(0.5, 0.004), "b": r(0.4, 0.001), "c": r(0.3, 0.002)})
+        ['a', 'b']
+    """
+    sized = {
+        n: (v["identity"]["mean"], v["bundle_vs_pipeline"])
+        for n, v in results.items()
+        if v["bundle_vs_pipeline"] is not None and not math.isnan(v["identity"]["mean"])
+    }
+
+    def beaten(name: str) -> bool:
+        identity, size = sized[name]
+        return any(
+            i >= identity and s <= size and (i, s) != (identity, size)
+            for other, (i, s) in sized.items()
+            if other != name
+        )
+
+    return sorted(n for n in sized if not beaten(n))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's table (mean ± spread over runs; size at SD2.1 scale) and the pick."""
+    plan, results, choice = report["plan"], report["results"], report["choice"]
+    steps = plan["steps"]
+    lines = [
+        f"Defaults search, mode `{report['mode']}`: scenes {plan['scenes']} x seeds "
+        f"{plan['seeds']}, {steps['phase1']} + {steps['phase2']} steps, "
+        f"{plan['inference_steps']} inference steps; {report['seconds']:.0f} s on "
+        f"{report['machine']['cpus']} CPUs; {report['date']}."
+        + (f" {report['resumed_runs']} runs reused." if report.get("resumed_runs") else ""),
+        "",
+        "| candidate | change | identity | prompt acc. | IoU | SD rank | bundle at SD2.1 "
+        "| bundle / pipeline | front |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def stat(value: dict[str, float]) -> str:
+        return "n/a" if math.isnan(value["mean"]) else f"{value['mean']:.3f} ± {value['std']:.3f}"
+
+    for name, value in results.items():
+        change = ", ".join(f"{k}={v}" for k, v in value["changes"].items()) or "-"
+        if name == REFERENCE:
+            change = "phase 2 trains the whole UNet and text encoder"
+        size = value["sd_bundle_bytes"]
+        cells = [
+            name,
+            change,
+            stat(value["identity"]),
+            stat(value["prompt_accuracy"]),
+            stat(value["iou"]),
+            "-" if value["sd_rank"] is None else str(value["sd_rank"]),
+            "full weights" if size is None else f"{size / 1e6:.1f} MB",
+            "-" if size is None else f"1/{1 / value['bundle_vs_pipeline']:.0f}",
+            "yes" if name in choice["pareto"] else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Goal: identity >= {choice['target_identity']:.3f} (95% of paper's), prompt accuracy >= "
+        f"{choice['target_prompt_accuracy']:.3f} (paper's), bundle <= 1/500 of the pipeline. "
+        f"Meeting it: {', '.join(choice['meeting']) or 'none'}. Pick: **{choice['pick']}** "
+        f"({choice['rule']}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_picture(results: dict[str, dict[str, Any]], size: tuple[int, int] = (640, 420)) -> Any:
+    """Identity (y) against the bundle's share of the pipeline (x, SD2.1 scale), one numbered
+    point per candidate with a bundle, the 1/500 limit as a vertical line; drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    points = {
+        n: (v["bundle_vs_pipeline"] * 1000, v["identity"]["mean"])
+        for n, v in results.items()
+        if v["bundle_vs_pipeline"] is not None and not math.isnan(v["identity"]["mean"])
+    }
+    width, height = size
+    left, right, top, bottom = 60, 230, 30, 50
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    xs = [p[0] for p in points.values()] + [SIZE_LIMIT * 1000, 0.0]
+    x0, x1 = fidelity._axis_range(xs)
+    x0 = max(x0, 0.0)  # sizes are positive
+    y0, y1 = fidelity._axis_range([p[1] for p in points.values()] or [0.0, 1.0])
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        u = left + (x - x0) / (x1 - x0) * (width - left - right)
+        v = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+        return u, v
+
+    black, grey = (0, 0, 0), (150, 150, 150)
+    draw.rectangle([left, top, width - right, height - bottom], outline=black)
+    for i in range(5):
+        x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        u, _ = at(x, y0)
+        _, v = at(x0, y)
+        draw.text((u - 12, height - bottom + 6), f"{x:.2f}", fill=black)
+        draw.text((left - 40, v - 6), f"{y:.3f}", fill=black)
+    u, _ = at(SIZE_LIMIT * 1000, y0)
+    draw.line([u, top, u, height - bottom], fill=grey)
+    draw.text((u + 3, top + 3), "1/500", fill=grey)
+    draw.text((left, height - 20), "bundle / SD2.1 pipeline (per mille)", fill=black)
+    draw.text((left, 8), "identity similarity (toy evaluator)", fill=black)
+    for k, (name, (x, y)) in enumerate(points.items(), start=1):
+        u, v = at(x, y)
+        draw.ellipse([u - 4, v - 4, u + 4, v + 4], fill=(31, 119, 180), outline=black)
+        draw.text((u + 6, v - 12), str(k), fill=black)
+        draw.text((width - right + 10, top + 18 * (k - 1)), f"{k} {name}", fill=black)
+    return canvas
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="scene 0, seed 0, 75 + 75 steps")
+    group.add_argument("--smoke", action="store_true", help="scene 0, seed 0, 2 + 2 steps")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
+    parser.add_argument(
+        "--candidates",
+        default=",".join(CANDIDATES),
+        help="comma-separated candidate names (default: all; paper always runs)",
+    )
+    parser.add_argument("--fresh", action="store_true", help="ignore the saved runs")
+    parser.add_argument(
+        "--shard", default=None, metavar="K/N", help="only every N-th run from the K-th"
+    )
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.candidates.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown or not names:
+        parser.error(f"--candidates {args.candidates}: choose from {', '.join(CANDIDATES)}")
+    shard = None
+    if args.shard is not None:
+        k, _, n = args.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+            parser.error(f"--shard {args.shard}: give K/N with 0 <= K < N, e.g. --shard 0/2")
+        shard = (int(k), int(n))
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    report = run(mode, args.out, names, args.fresh, shard)
+    if report is not None:
+        print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

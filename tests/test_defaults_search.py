@@ -1,0 +1,110 @@
+"""The defaults search's smoke run (benchmarks/defaults_search.py --smoke, run in the background
+by background.py) and its choice rule."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import defaults_search  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke() -> tuple[dict[str, Any], Path]:
+    from background import BACKGROUND
+
+    BACKGROUND.stdout("defaults_search")
+    folder = BACKGROUND.root / "defaults_search"
+    return json.loads((folder / "defaults_search-smoke.json").read_text()), folder
+
+
+def test_smoke_run_measures_each_candidate_and_the_paper_recipe(smoke):
+    report, folder = smoke
+    results = report["results"]
+    assert list(results) == ["ours", "rank_1", "kv_only", "paper"]
+    assert results["rank_1"]["changes"] == {"lora_rank": 1}
+    assert results["kv_only"]["changes"] == {"lora_target_modules": ["to_k", "to_v"]}
+    assert results["paper"]["changes"]["phase2"] == "full"
+    for value in results.values():
+        assert value["runs"] == 1
+        assert 0.0 <= value["prompt_accuracy"]["mean"] <= 1.0
+        assert not math.isnan(value["identity"]["mean"])
+    assert len(report["rows"]) == 4
+    assert (folder / "defaults_search-smoke-runs" / "rank_1-scene0-seed0.json").is_file()
+    assert "| rank_1 | lora_rank=1 |" in (folder / "defaults_search-smoke.md").read_text()
+    assert Image.open(folder / "defaults_search-smoke.png").size == (640, 420)
+
+
+def test_bundle_sizes_are_at_sd21_scale(smoke):
+    results = smoke[0]["results"]
+    ours, rank_1 = results["ours"], results["rank_1"]
+    assert (ours["sd_rank"], rank_1["sd_rank"]) == (32, 8)
+    # Same layers at a quarter of the rank: a quarter of the LoRA numbers (plus two handles).
+    handles = 2 * 2 * 1024
+    assert rank_1["sd_bundle_bytes"] - handles == (ours["sd_bundle_bytes"] - handles) // 4
+    assert results["kv_only"]["sd_bundle_bytes"] < ours["sd_bundle_bytes"]
+    assert results["paper"]["sd_bundle_bytes"] is None
+    # SD rank 32 on attention + feed-forward is about 24.5 MB: 1/211 of SD2.1, over 1/500.
+    assert 1 / 250 < ours["bundle_vs_pipeline"] < 1 / 150
+    choice = smoke[0]["choice"]
+    assert choice["pick"] in {"rank_1", "kv_only"}  # the only ones within 1/500
+    assert "ours" not in choice["meeting"]
+
+
+def _result(identity: float, accuracy: float, share: float | None) -> dict[str, Any]:
+    return {
+        "identity": {"mean": identity},
+        "prompt_accuracy": {"mean": accuracy},
+        "bundle_vs_pipeline": share,
+    }
+
+
+def test_choice_prefers_the_goal_then_prompt_accuracy_then_identity():
+    paper = _result(0.50, 0.60, None)
+    meets = {
+        "paper": paper,
+        "big": _result(0.60, 0.70, 0.004),  # best, but over 1/500
+        "small": _result(0.48, 0.60, 0.001),  # 96% of paper, accuracy equal
+        "smaller": _result(0.47, 0.65, 0.0005),  # 94%: misses
+    }
+    choice = defaults_search.choose(meets)
+    assert (choice["pick"], choice["goal_met"], choice["meeting"]) == ("small", True, ["small"])
+    missed = {**meets, "small": _result(0.48, 0.55, 0.001)}
+    choice = defaults_search.choose(missed)
+    assert (choice["pick"], choice["goal_met"]) == ("smaller", False)
+    assert "prompt accuracy" in choice["rule"]
+    worse = {"paper": paper, "a": _result(0.3, 0.1, 0.001), "b": _result(0.4, 0.2, 0.0019)}
+    assert defaults_search.choose(worse)["pick"] == "b"
+    assert defaults_search.choose({"paper": paper, "a": _result(0.3, 0.9, 0.01)})["pick"] is None
+
+
+def test_pareto_front_keeps_what_nothing_beats():
+    results = {
+        "a": _result(0.5, 0, 0.004),
+        "b": _result(0.4, 0, 0.001),
+        "c": _result(0.3, 0, 0.002),
+        "paper": _result(0.9, 0, None),
+    }
+    assert defaults_search.pareto_front(results) == ["a", "b"]
+
+
+def test_unknown_candidate_is_named(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "defaults_search.py"), "--smoke", "--candidates",
+         "ours,rank_99", "--out", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "--candidates ours,rank_99" in run.stderr and "rank_2" in run.stderr
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="rank_99"):
+        defaults_search.candidate_configs(None, ["rank_99"])
