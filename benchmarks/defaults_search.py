@@ -32,6 +32,7 @@ bundle size; default out: benchmarks/results). The pick is a measurement, not a 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -175,15 +176,12 @@ def run(
             continue
         path = runs_dir / f"{candidate}-scene{index}-seed{seed}.json"
         key = fidelity.run_key(spec, configs[candidate], index, seed, False, weights)
-        row = None if fresh else fidelity.load_run(path, key)
-        if row is not None:
-            resumed += 1
-        else:
-            row = fidelity.run_one(
-                candidate, configs[candidate], all_scenes[index], index, seed, spec, evaluator,
-                False,
-            )  # fmt: skip
-            fidelity.save_run(path, key, row)
+        train = functools.partial(
+            fidelity.run_one, candidate, configs[candidate], all_scenes[index], index, seed, spec,
+            evaluator, False,
+        )  # fmt: skip
+        row, reused = fidelity.saved_or_new(path, key, fresh, train)
+        resumed += reused
         rows.append(row)
         print(f"{candidate} scene {index} seed {seed}: identity {_score(row, 'identity'):.3f}, "
               f"prompt accuracy {_score(row, 'prompt_accuracy'):.3f}", flush=True)  # fmt: skip
@@ -353,40 +351,23 @@ def markdown(report: dict[str, Any]) -> str:
 def tradeoff_picture(results: dict[str, dict[str, Any]], size: tuple[int, int] = (640, 420)) -> Any:
     """Identity (y) against the bundle's share of the pipeline (x, SD2.1 scale), one numbered
     point per candidate with a bundle, the 1/500 limit as a vertical line; drawn with PIL."""
-    from PIL import Image, ImageDraw
-
     points = {
         n: (v["bundle_vs_pipeline"] * 1000, v["identity"]["mean"])
         for n, v in results.items()
         if v["bundle_vs_pipeline"] is not None and not math.isnan(v["identity"]["mean"])
     }
+    x0, x1 = fidelity._axis_range([p[0] for p in points.values()] + [SIZE_LIMIT * 1000, 0.0])
+    y_range = fidelity._axis_range([p[1] for p in points.values()] or [0.0, 1.0])
+    canvas, draw, at = fidelity.plot_frame(
+        size, (max(x0, 0.0), x1), y_range,  # sizes are positive
+        "bundle / SD2.1 pipeline (per mille)", "identity similarity (toy evaluator)", ".2f",
+    )  # fmt: skip
     width, height = size
-    left, right, top, bottom = 60, 230, 30, 50
-    canvas = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    xs = [p[0] for p in points.values()] + [SIZE_LIMIT * 1000, 0.0]
-    x0, x1 = fidelity._axis_range(xs)
-    x0 = max(x0, 0.0)  # sizes are positive
-    y0, y1 = fidelity._axis_range([p[1] for p in points.values()] or [0.0, 1.0])
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        u = left + (x - x0) / (x1 - x0) * (width - left - right)
-        v = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-        return u, v
-
+    _, right, top, bottom = fidelity.PLOT_MARGINS
     black, grey = (0, 0, 0), (150, 150, 150)
-    draw.rectangle([left, top, width - right, height - bottom], outline=black)
-    for i in range(5):
-        x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        u, _ = at(x, y0)
-        _, v = at(x0, y)
-        draw.text((u - 12, height - bottom + 6), f"{x:.2f}", fill=black)
-        draw.text((left - 40, v - 6), f"{y:.3f}", fill=black)
-    u, _ = at(SIZE_LIMIT * 1000, y0)
+    u, _ = at(SIZE_LIMIT * 1000, y_range[0])
     draw.line([u, top, u, height - bottom], fill=grey)
     draw.text((u + 3, top + 3), "1/500", fill=grey)
-    draw.text((left, height - 20), "bundle / SD2.1 pipeline (per mille)", fill=black)
-    draw.text((left, 8), "identity similarity (toy evaluator)", fill=black)
     for k, (name, (x, y)) in enumerate(points.items(), start=1):
         u, v = at(x, y)
         draw.ellipse([u - 4, v - 4, u + 4, v + 4], fill=(31, 119, 180), outline=black)
@@ -415,12 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown or not names:
         parser.error(f"--candidates {args.candidates}: choose from {', '.join(CANDIDATES)}")
-    shard = None
-    if args.shard is not None:
-        k, _, n = args.shard.partition("/")
-        if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
-            parser.error(f"--shard {args.shard}: give K/N with 0 <= K < N, e.g. --shard 0/2")
-        shard = (int(k), int(n))
+    shard = fidelity.parse_shard(parser, args.shard)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     report = run(mode, args.out, names, args.fresh, shard)
     if report is not None:

@@ -69,6 +69,7 @@ report from the saved runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -78,6 +79,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,23 +206,24 @@ def run(
         prior = configs["prior_preservation"].replace(class_images_dir=str(class_dir))
         configs["prior_preservation"] = prior
         plan = [(i, s, v) for i in indices for s in spec["seeds"] for v in VARIANTS]
+
+        def train_run(variant: str, index: int, seed: int, curve: bool) -> dict[str, Any]:
+            if variant == "prior_preservation" and not any(class_dir.iterdir()):
+                generate_class_images(toy_pipeline(), prior, class_dir)
+            return run_one(
+                variant, configs[variant], all_scenes[index], index, seed, spec, evaluator, curve
+            )
+
         for number, (index, seed, variant) in enumerate(plan):
             if shard is not None and number % shard[1] != shard[0]:
                 continue  # another shard's run
             curve = variant in CURVE_VARIANTS and seed in spec["curve_seeds"]
             path = runs_dir / f"{variant}-scene{index}-seed{seed}.json"
             key = run_key(spec, configs[variant], index, seed, curve, weights)
-            row = None if fresh else load_run(path, key)
-            if row is not None:
-                resumed += 1
-            else:
-                if variant == "prior_preservation" and not any(class_dir.iterdir()):
-                    generate_class_images(toy_pipeline(), prior, class_dir)
-                row = run_one(
-                    variant, configs[variant], all_scenes[index], index, seed, spec, evaluator,
-                    curve,
-                )  # fmt: skip
-                save_run(path, key, row)
+
+            train = functools.partial(train_run, variant, index, seed, curve)
+            row, reused = saved_or_new(path, key, fresh, train)
+            resumed += reused
             rows.append(row)
             printed = {k: v for k, v in row.items() if k != "curve"}
             print(json.dumps(printed), flush=True)
@@ -314,6 +317,19 @@ def load_run(path: Path, key: str) -> dict[str, Any] | None:
     if "curve" in row:  # JSON object keys are strings; the curve's are steps
         row["curve"] = {int(step): value for step, value in row["curve"].items()}
     return row
+
+
+def saved_or_new(
+    path: Path, key: str, fresh: bool, train: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], bool]:
+    """``(row, True)`` for the run saved at ``path`` with ``key`` (unless ``fresh``); otherwise
+    ``(train(), False)``, saved at ``path`` first."""
+    row = None if fresh else load_run(path, key)
+    if row is not None:
+        return row, True
+    row = train()
+    save_run(path, key, row)
+    return row, False
 
 
 def run_one(
@@ -637,20 +653,59 @@ def markdown(report: dict[str, Any]) -> str:
 def scatter(summary: dict[str, dict[str, Any]], size: tuple[int, int] = (640, 420)) -> Any:
     """Identity (y) against prompt accuracy (x), one numbered point per variant (the mean of its
     one- and two-handle means), as in the paper's comparison figure; drawn with PIL."""
-    from PIL import Image, ImageDraw
-
     points = {}
     for variant, values in summary.items():
         x = _mean([values[f"prompt_accuracy_{k}"]["mean"] for k in (1, 2)])
         y = _mean([values[f"identity_{k}"]["mean"] for k in (1, 2)])
         if not (math.isnan(x) or math.isnan(y)):
             points[variant] = (x, y)
+    x_range = _axis_range([p[0] for p in points.values()] or [0.0, 1.0])
+    y_range = _axis_range([p[1] for p in points.values()] or [0.0, 1.0])
+    canvas, draw, at = plot_frame(
+        size,
+        x_range,
+        y_range,
+        "prompt accuracy (toy evaluator)",
+        "identity similarity (toy evaluator)",
+    )
+    width, _ = size
+    _, right, top, _ = PLOT_MARGINS
+    black = (0, 0, 0)
+    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+               (140, 86, 75), (227, 119, 194), (127, 127, 127)]  # fmt: skip
+    # Numbers on the points and names in a legend: variants often land on top of each other.
+    for k, (variant, (x, y)) in enumerate(points.items(), start=1):
+        u, v = at(x, y)
+        colour = palette[(k - 1) % len(palette)]
+        draw.ellipse([u - 5, v - 5, u + 5, v + 5], fill=colour, outline=black)
+        draw.text((u + 7, v - 12), str(k), fill=colour)
+        row = top + 18 * (k - 1)
+        draw.ellipse([width - right + 14, row + 2, width - right + 22, row + 10], fill=colour)
+        draw.text((width - right + 28, row), f"{k} {variant} ({x:.3f}, {y:.3f})", fill=black)
+    return canvas
+
+
+#: Room around the plot box (left, right, top, bottom): tick labels left, the legend right.
+PLOT_MARGINS = (60, 230, 30, 50)
+
+
+def plot_frame(
+    size: tuple[int, int],
+    x_range: tuple[float, float],
+    y_range: tuple[float, float],
+    x_label: str,
+    y_label: str,
+    x_format: str = ".3f",
+) -> tuple[Any, Any, Callable[[float, float], tuple[float, float]]]:
+    """A white canvas with the plot box, five ticks per axis and the axis labels:
+    ``(canvas, draw, at)``, where ``at(x, y)`` is the pixel of a data point (PIL)."""
+    from PIL import Image, ImageDraw
+
     width, height = size
-    left, right, top, bottom = 60, 230, 30, 50  # room for tick labels left, the legend right
+    left, right, top, bottom = PLOT_MARGINS
+    (x0, x1), (y0, y1) = x_range, y_range
     canvas = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    x0, x1 = _axis_range([p[0] for p in points.values()] or [0.0, 1.0])
-    y0, y1 = _axis_range([p[1] for p in points.values()] or [0.0, 1.0])
 
     def at(x: float, y: float) -> tuple[float, float]:
         u = left + (x - x0) / (x1 - x0) * (width - left - right)
@@ -664,23 +719,22 @@ def scatter(summary: dict[str, dict[str, Any]], size: tuple[int, int] = (640, 42
         u, _ = at(x, y0)
         _, v = at(x0, y)
         draw.line([u, height - bottom, u, height - bottom + 4], fill=black)
-        draw.text((u - 12, height - bottom + 6), f"{x:.3f}", fill=black)
+        draw.text((u - 12, height - bottom + 6), f"{x:{x_format}}", fill=black)
         draw.line([left - 4, v, left, v], fill=black)
         draw.text((left - 40, v - 6), f"{y:.3f}", fill=black)
-    draw.text((left, height - 20), "prompt accuracy (toy evaluator)", fill=black)
-    draw.text((left, 8), "identity similarity (toy evaluator)", fill=black)
-    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
-               (140, 86, 75), (227, 119, 194), (127, 127, 127)]  # fmt: skip
-    # Numbers on the points and names in a legend: variants often land on top of each other.
-    for k, (variant, (x, y)) in enumerate(points.items(), start=1):
-        u, v = at(x, y)
-        colour = palette[(k - 1) % len(palette)]
-        draw.ellipse([u - 5, v - 5, u + 5, v + 5], fill=colour, outline=black)
-        draw.text((u + 7, v - 12), str(k), fill=colour)
-        row = top + 18 * (k - 1)
-        draw.ellipse([width - right + 14, row + 2, width - right + 22, row + 10], fill=colour)
-        draw.text((width - right + 28, row), f"{k} {variant} ({x:.3f}, {y:.3f})", fill=black)
-    return canvas
+    draw.text((left, height - 20), x_label, fill=black)
+    draw.text((left, 8), y_label, fill=black)
+    return canvas, draw, at
+
+
+def parse_shard(parser: argparse.ArgumentParser, text: str | None) -> tuple[int, int] | None:
+    """``--shard K/N`` as ``(K, N)`` (``None`` when not given); a bad value is a parser error."""
+    if text is None:
+        return None
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        parser.error(f"--shard {text}: give K/N with 0 <= K < N, e.g. --shard 0/2")
+    return int(k), int(n)
 
 
 def _axis_range(values: list[float]) -> tuple[float, float]:
@@ -713,12 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.curve_every is not None and args.curve_every < 1:
         parser.error("--curve-every must be >= 1")
-    shard = None
-    if args.shard is not None:
-        k, _, n = args.shard.partition("/")
-        if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
-            parser.error(f"--shard {args.shard}: give K/N with 0 <= K < N, e.g. --shard 0/2")
-        shard = (int(k), int(n))
+    shard = parse_shard(parser, args.shard)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     report = run(mode, args.out, args.curve_every, args.fresh, shard)
     if report is not None:
