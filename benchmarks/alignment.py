@@ -121,7 +121,7 @@ def run(settings: dict[str, Any], log: Any = print) -> dict[str, Any]:
             "seeds": settings["seeds"],
             "model": "tiny sd1 (diffusers_breakscene.tiny)",
             "eval": "6 fixed draws, two-handle prompts, latent/4 maps > 0.5 max vs mask",
-            "capacity_lora": "default LoRA (rank 32, attention + feed-forward), same lrs",
+            "capacity_lora": "default LoRA (BreakASceneConfig's rank and layers), same lrs",
             "capacity_full_lr": settings["full_lr"],
             "processes": processes,
         },

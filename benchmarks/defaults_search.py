@@ -9,17 +9,18 @@ A full run is 108 runs of about 1.5 minutes on one core each: about 3 hours in o
     python benchmarks/defaults_search.py --smoke --candidates ours,rank_1   # the tests
 
 Every candidate (:data:`CANDIDATES`) is ``ours`` (the default recipe scaled to the toy model,
-:func:`~diffusers_breakscene.toy.experiment.toy_config`) with one change (``attention_rank_2``:
+:func:`~diffusers_breakscene.toy.experiment.toy_config`) with one change (``former_default``:
 two); ``paper`` is the
 reference recipe of ``benchmarks/fidelity.py`` (whole UNet and text encoder in phase 2). Each
 (candidate, scene, seed) is one run of :func:`fidelity.run_one` (same prompts, sampler, scores
 and saved-run resume as the fidelity benchmark; ``--shard K/N`` and ``--fresh`` too).
 
 Sizes are given at Stable Diffusion 2.1 scale, where the goal is stated: toy rank ``r`` stands
-for SD rank ``8 r`` (the toy default 4 for SD's 32, as :func:`toy_config` scales it).
-:func:`sd_bundle_bytes` counts the LoRA of that rank on SD2.1's UNet (built on the ``meta``
-device and given the adapter through peft, as training does), in the bundle's float16, plus two
-handle rows, and divides by SD2.1-base's fp32 size.
+for SD rank ``8 r`` (:data:`~diffusers_breakscene.toy.experiment.TOY_RANK_DIVISOR`; the toy
+default 2 for SD's 16, as :func:`toy_config` scales it). :func:`sd_bundle_bytes` counts the LoRA
+of that rank on SD2.1's UNet (built on the ``meta`` device and given the adapter through peft,
+as training does), in the bundle's float16, plus two handle rows, and divides by SD2.1-base's
+fp32 size.
 
 The goal (issue 12): identity similarity >= 95% of ``paper``'s, prompt accuracy >= ``paper``'s
 (both the mean of the one- and two-handle means), bundle <= 1/500 of the pipeline. The pick
@@ -67,16 +68,18 @@ CONVOLUTIONS = ("conv1", "conv2", "proj_in", "proj_out")
 CANDIDATES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "ours": lambda base: {},
     "rank_1": lambda base: {"lora_rank": 1},
-    "rank_2": lambda base: {"lora_rank": 2},
+    "rank_4": lambda base: {"lora_rank": 4},
     "rank_8": lambda base: {"lora_rank": 8},
-    "rank_16": lambda base: {"lora_rank": 16},
     "alpha_2x": lambda base: {"lora_alpha": 2.0 * base.lora_rank},
     "alpha_half": lambda base: {"lora_alpha": 0.5 * base.lora_rank},
-    "attention_only": lambda base: {"lora_target_modules": ATTENTION},
     "kv_only": lambda base: {"lora_target_modules": ("to_k", "to_v")},
-    # two changes: the attention-only LoRA at the rank that fits 1/500 at SD scale (SD rank 16)
-    "attention_rank_2": lambda base: {"lora_target_modules": ATTENTION, "lora_rank": 2},
-    "with_convs": lambda base: {"lora_target_modules": ATTENTION + FEED_FORWARD + CONVOLUTIONS},
+    "with_feed_forward": lambda base: {"lora_target_modules": ATTENTION + FEED_FORWARD},
+    "with_convs": lambda base: {"lora_target_modules": ATTENTION + CONVOLUTIONS},
+    # The default before 2026-11-27 (SD rank 32 on attention + feed-forward): two changes.
+    "former_default": lambda base: {
+        "lora_rank": 4,
+        "lora_target_modules": ATTENTION + FEED_FORWARD,
+    },
     "phase2_lr_half": lambda base: {"phase2_learning_rate": base.phase2_learning_rate / 2},
     "phase2_lr_3x": lambda base: {"phase2_learning_rate": base.phase2_learning_rate * 3},
     "phase1_lr_half": lambda base: {"phase1_learning_rate": base.phase1_learning_rate / 2},
@@ -86,8 +89,8 @@ CANDIDATES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "lambda_10x": lambda base: {"lambda_attention": base.lambda_attention * 10},
 }
 REFERENCE = "paper"
-#: Toy rank r stands for SD rank SD_RANK_FACTOR * r (toy_config: 4 for SD's default 32).
-SD_RANK_FACTOR = 8
+#: Toy rank r stands for SD rank SD_RANK_FACTOR * r (toy_config: 2 for SD's default 16).
+SD_RANK_FACTOR = 8  # = toy.experiment.TOY_RANK_DIVISOR (a test checks); no torch import here
 SIZE_LIMIT = 1 / 500
 IDENTITY_SHARE = 0.95
 

@@ -284,7 +284,7 @@ def step_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["phase2"] == "lora":
         if dtype != torch.float32:
             unet.to(dtype=dtype)
-        params = add_unet_lora(unet)  # the default: rank 32 on attention + feed-forward
+        params = add_unet_lora(unet)  # the default LoRA (BreakASceneConfig's rank and layers)
     else:
         unet.requires_grad_(True)
         params = list(unet.parameters())
@@ -401,7 +401,7 @@ def _make_bundle(pipe: Any, out_dir: str) -> tuple[Any, str]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        add_unet_lora(pipe.unet)  # default config: rank 32, attention + feed-forward
+        add_unet_lora(pipe.unet)  # the default LoRA (BreakASceneConfig's rank and layers)
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:  # a trained LoRA is not zero: make the fused weights change
                 p.data.normal_(0.0, 1e-3)

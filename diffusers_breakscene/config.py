@@ -7,8 +7,10 @@ Where the defaults come from ("paper" = arXiv 2305.16311, "reference" = google/b
   (paper, reference).
 - Phase 2: the paper and the reference fine-tune the whole UNet at 2e-6 (``phase2="full"``,
   ``phase2_full_learning_rate``). Our default is a PEFT LoRA (``phase2="lora"``) at 1e-4, the
-  usual LoRA rate (ours), rank 32 on the attention and feed-forward projections (ours: the
-  authors report that a parameter-efficient method with little capacity did not work for them).
+  usual LoRA rate (ours), rank 16 on the attention projections (ours, chosen by measurement in
+  ``benchmarks/defaults_search.py``: within 1/500 of an SD2.1 pipeline, 6.6 MB, and level with
+  the paper's recipe and the former rank 32 on attention + feed-forward within the toy world's
+  noise; docs/fidelity.md).
   The handles keep learning in phase 2 at the reference's low rate, 2e-6. The reference also
   fine-tunes the whole text encoder (``phase2="full", train_text_encoder=True`` is exactly its
   phase 2); we train only the handles unless ``train_text_encoder_lora`` is set (ours).
@@ -53,6 +55,8 @@ from .config_schema import config_error, field_specs
 from .errors import InvalidConfigError, MissingFileError
 
 __all__ = [
+    "DEFAULT_LORA_RANK",
+    "DEFAULT_LORA_TARGET_MODULES",
     "DEFAULT_PROMPT_TEMPLATE",
     "DEFAULT_TOKEN_JOINER",
     "KNOWN_LR_SCHEDULERS",
@@ -117,6 +121,13 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+#: The UNet LoRA's default rank and layers, chosen by ``benchmarks/defaults_search.py`` (2026-11-27,
+#: docs/fidelity.md): rank 16 on the attention projections writes 6.6 MB for SD2.1 (1/777 of the
+#: pipeline; the former rank 32 on attention + feed-forward wrote 24.5 MB, 1/211).
+DEFAULT_LORA_RANK = 16
+DEFAULT_LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
 @dataclass(kw_only=True)
 class BreakASceneConfig:
     """Hyperparameters of a Break-A-Scene run, validated on construction.
@@ -156,13 +167,13 @@ class BreakASceneConfig:
     )
 
     # --- LoRA ------------------------------------------------------------------------------
-    lora_rank: int = _f(32, "Rank r of the UNet LoRA.")
+    lora_rank: int = _f(DEFAULT_LORA_RANK, "Rank r of the UNet LoRA.")
     lora_alpha: float | None = _f(None, "LoRA alpha of the UNet LoRA; None means equal to rank.")
     lora_dropout: float = _f(0.0, "Dropout probability inside the LoRA layers, in [0, 1).")
     lora_target_modules: tuple[str, ...] = _f(
-        ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
-        "UNet module name suffixes that get a LoRA (attention and feed-forward projections; "
-        '"proj_in", "proj_out", ... are allowed).',
+        DEFAULT_LORA_TARGET_MODULES,
+        "UNet module name suffixes that get a LoRA (the attention projections; "
+        '"ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", ... are allowed).',
     )
     train_text_encoder_lora: bool = _f(
         False, "Also train a LoRA on the text encoder(s) in phase 2."

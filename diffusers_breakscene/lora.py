@@ -2,10 +2,11 @@
 
 Break-A-Scene fine-tunes the whole UNet in phase two. Here a LoRA takes its place by default, so
 the result is a few MB instead of a model copy. The paper's authors report that a small
-parameter-efficient variant (Custom Diffusion) was too weak for them, so the default is generous:
-rank 32 on the attention projections AND the feed-forward layers of every transformer block
-(see :class:`~diffusers_breakscene.BreakASceneConfig` and docs/training.md). ``phase2="full"``
-keeps the paper's full fine-tuning as a reference mode.
+parameter-efficient variant (Custom Diffusion) was too weak for them, so the default was chosen
+by measurement (``benchmarks/defaults_search.py``, docs/fidelity.md): rank 16 on the attention
+projections of every transformer block, 6.6 MB for SD2.1, level with the paper's recipe within
+the toy world's noise (see :class:`~diffusers_breakscene.BreakASceneConfig` and
+docs/training.md). ``phase2="full"`` keeps the paper's full fine-tuning as a reference mode.
 
 Example:
     >>> from diffusers_breakscene.lora import add_unet_lora, lora_state_dict
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .config import DEFAULT_LORA_RANK, DEFAULT_LORA_TARGET_MODULES
 from .errors import InvalidConfigError
 
 __all__ = [
@@ -79,16 +81,9 @@ def _add(model: Any, config: Any, what: str) -> list[torch.nn.Parameter]:
 
 def add_unet_lora(
     unet: Any,
-    rank: int = 32,
+    rank: int = DEFAULT_LORA_RANK,
     alpha: float | None = None,
-    target_modules: Sequence[str] = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "ff.net.0.proj",
-        "ff.net.2",
-    ),
+    target_modules: Sequence[str] = DEFAULT_LORA_TARGET_MODULES,
     dropout: float = 0.0,
 ) -> list[torch.nn.Parameter]:
     """Attach a trainable PEFT LoRA to ``unet``; returns its parameters (float32).

@@ -27,9 +27,9 @@ from diffusers_breakscene.errors import InvalidConfigError, MissingFileError
         ("phase2_handle_learning_rate", 2e-6),
         ("phase2_full_learning_rate", 2e-6),
         ("phase2", "lora"),
-        ("lora_rank", 32),
+        ("lora_rank", 16),
         ("lora_alpha", None),
-        ("lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")),
+        ("lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0")),
         ("lambda_attention", 1e-2),
         ("masked_loss_normalization", "mean"),
         ("attention_resolution_divisor", 4),
@@ -64,7 +64,7 @@ def test_every_field_has_default_and_help() -> None:
 
 
 def test_effective_lora_alpha_and_total_steps() -> None:
-    assert BreakASceneConfig().effective_lora_alpha == 32.0
+    assert BreakASceneConfig().effective_lora_alpha == 16.0
     assert BreakASceneConfig(lora_rank=4, lora_alpha=16).effective_lora_alpha == 16.0
     assert BreakASceneConfig(phase1_steps=0, phase2_steps=7).total_steps == 7
 
@@ -279,7 +279,7 @@ def test_replace_validates_and_copies() -> None:
     base = BreakASceneConfig()
     changed = base.replace(lora_rank=8, lora_target_modules=["to_q"])
     assert changed.lora_rank == 8 and changed.lora_target_modules == ("to_q",)
-    assert base.lora_rank == 32
+    assert base.lora_rank == 16
     with pytest.raises(InvalidConfigError, match="lora_rank"):
         base.replace(lora_rank=0)
     with pytest.raises(InvalidConfigError, match="did you mean 'lora_rank'"):

@@ -29,7 +29,7 @@ def test_toy_model_loads_by_name_everywhere_a_model_is_accepted():
 
 def test_toy_config_scales_only_what_it_must():
     cfg = toy_config()
-    assert (cfg.resolution, cfg.lora_rank) == (64, 4)
+    assert (cfg.resolution, cfg.lora_rank) == (64, 2)
     assert cfg.phase1_steps == 400 and cfg.phase2_steps == 400  # the defaults
     assert fill("a photo of {1} and {0}", ["x", "y"]) == "a photo of y and x"
 

@@ -151,6 +151,50 @@ def test_training_script_takes_another_unet_and_refuses_to_resume_a_different_on
     assert (tmp_path / "work" / "diffusion.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
+def test_training_script_continues_a_saved_pipeline_and_refuses_another_architecture(
+    tmp_path, one_torch_thread
+):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from diffusers_breakscene.toy.model import toy_model_path
+    from diffusers_breakscene.toy.train_base import main
+
+    shipped = toy_model_path()
+    argv = ["--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
+    argv += ["--threads", "1", "--num-images", "8", "--decoder-steps", "0", "--steps", "1"]
+    argv += ["--batch", "2", "--warmup", "1", "--lr", "1e-12", "--init-from", str(shipped)]
+    out = main([*argv, "--word-weight", "0.5"])
+    # One step at a negligible rate: the continued weights are the shipped ones, not random ones.
+    ours = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    theirs = UNet2DConditionModel.from_pretrained(shipped / "unet").state_dict()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in theirs) < 1e-4
+    encoder = AutoencoderKL.from_pretrained(out / "vae").encoder.state_dict()
+    shipped_encoder = AutoencoderKL.from_pretrained(shipped / "vae").encoder.state_dict()
+    assert all(torch.equal(encoder[k], shipped_encoder[k]) for k in shipped_encoder)
+    with pytest.raises(SystemExit, match=r"--init-from .*does not match --unet-channels"):
+        main([*argv, "--work-dir", str(tmp_path / "work2"), "--unet-layers", "1,2,2"])
+    assert not (tmp_path / "work2" / "vae").exists()  # refused before any stage ran
+    with pytest.raises(SystemExit, match=r"not a saved pipeline folder \(missing vae/config"):
+        main([*argv, "--work-dir", str(tmp_path / "work3"), "--init-from", str(tmp_path)])
+
+
+def test_word_identity_loss_is_low_for_distinct_words_and_high_for_collapsed_ones():
+    from diffusers_breakscene.toy.model import build_text_encoder, toy_tokenizer
+    from diffusers_breakscene.toy.train_base import _word_identity_loss
+
+    torch.manual_seed(0)
+    encoder = build_text_encoder(len(toy_tokenizer()))
+    table = encoder.get_input_embeddings().weight.detach()
+    ids = torch.tensor([[0, 11, 12, 13]])
+    triples = [(0, 1, 0), (0, 2, 0), (0, 3, 0)]
+    own = table[ids]  # each position holds its own word's embedding: the loss's optimum
+    collapsed = table[ids[:, [1]]].expand(-1, 4, -1)  # every word the same state
+    low = _word_identity_loss(encoder, own, ids, triples).item()
+    high = _word_identity_loss(encoder, collapsed, ids, triples).item()
+    assert low < 1.0 < high
+
+
 def test_training_script_reads_unet_shapes_and_names_a_bad_one(capsys):
     from diffusers_breakscene.toy.train_base import parse_args
 

@@ -36,12 +36,15 @@ Three stages, each resumable from ``--work-dir`` (run the same command again aft
    word's latent/4 map, divided by its max, regressed on the object's visible mask) teaches the
    base model to localise its words, a property large text-to-image models have and that a
    model this small would learn slowly; ``--attn-weight 0`` turns it off.
-   ``--max-minutes`` caps the wall time of this stage.
+   ``--max-minutes`` caps the wall time of this stage. ``--word-weight`` adds a word-identity
+   loss that keeps the object words apart in the text encoder's output (they collapse without
+   it: docs/toy-world.md); ``--init-from`` continues a saved pipeline (its VAE too) instead of
+   starting from random weights.
 
 4. The VAE decoder alone, on whole images (encoder frozen: the latent space does not move).
 
-Why this module is just over 500 lines: four resumable training stages, each with its own
-checkpointing, in one script that reads top to bottom.
+The autoencoder stages (1, 2 and 4) live in :mod:`~diffusers_breakscene.toy.train_latents`;
+this module holds the arguments, the diffusion stage and ``main``, which runs them top to bottom.
 
 The pipeline saved in ``--output`` holds the EMA weights (``save_pretrained`` layout, safetensors,
 fp32) and ``toy_info.json`` (arguments, steps, times, held-out sets).
@@ -74,9 +77,9 @@ from .model import (
     build_scheduler,
     build_text_encoder,
     build_unet,
-    build_vae,
     toy_tokenizer,
 )
+from .train_latents import build_cache, finetune_decoder, log, render_batch, train_vae
 from .world import (
     HELDOUT_PAIRS,
     HELDOUT_PATTERNS,
@@ -84,14 +87,11 @@ from .world import (
     SETTINGS,
     ToyObject,
     object_words,
-    sample_scene,
 )
 
 __all__ = ["caption_tokens", "main", "parse_args"]
 
 PREFIX = ("a", "photo", "of")
-MAX_OBJECTS = 3
-GRID = TOY_RESOLUTION // 8  # latent / 4
 
 
 def _int_triple(text: str) -> tuple[int, int, int]:
@@ -151,6 +151,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--setting-dropout", type=float, default=0.15)
     p.add_argument("--attn-weight", type=float, default=0.05)
     p.add_argument(
+        "--word-weight",
+        type=float,
+        default=0.0,
+        help="weight of the word-identity loss: each object word's final text-encoder state must "
+        "pick out its own word among the vocabulary's input embeddings (0: off)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="PIPELINE",
+        help="start from a saved toy pipeline's VAE, UNet and text encoder (e.g. the shipped "
+        "one) instead of random weights; the UNet architecture must match",
+    )
+    p.add_argument(
         "--prediction-type",
         choices=("v_prediction", "epsilon"),
         default="v_prediction",
@@ -203,163 +217,6 @@ def caption_tokens(
     if setting is not None:
         words.extend(SETTINGS[setting].split())
     return words, positions
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _render_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
-    arrays = [np.asarray(sample_scene(rng, "train").image) for _ in range(n)]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1
-
-
-# -- stage 1: VAE -----------------------------------------------------------------------------
-
-
-def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
-
-    folder = work / "vae"
-    if (folder / "config.json").is_file():
-        _log(f"VAE: resuming from {folder}")
-        return AutoencoderKL.from_pretrained(folder)
-    torch.manual_seed(args.seed)
-    vae = build_vae()
-    vae.train()
-    rng = np.random.default_rng([args.seed, 1])
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    crop = TOY_RESOLUTION // 2
-    start = time.time()
-    for step in range(1, args.vae_steps + 1):
-        x = _render_batch(rng, args.vae_batch)
-        oy, ox = (int(v) * 2 for v in rng.integers(0, (TOY_RESOLUTION - crop) // 2 + 1, 2))
-        x = x[:, :, oy : oy + crop, ox : ox + crop]
-        lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * step / max(1, args.vae_steps)))
-        for g in opt.param_groups:
-            g["lr"] = max(lr, args.vae_lr * 0.05)
-        posterior = vae.encode(x).latent_dist
-        # The decoder sees the posterior mean (what the latent cache and the UNet use); the tiny
-        # KL term only keeps the latent scale tame.
-        recon = vae.decode(posterior.mode()).sample
-        mse = F.mse_loss(recon, x)
-        loss = mse + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % args.log_every == 0 or step == args.vae_steps:
-            psnr = 10 * math.log10(4 / max(mse.item(), 1e-10))
-            _log(
-                f"VAE step {step}/{args.vae_steps} loss {loss.item():.4f} PSNR {psnr:.1f} dB "
-                f"({(time.time() - start) / step:.2f} s/step)"
-            )
-    vae.eval()
-    vae.save_pretrained(folder)
-    return vae
-
-
-def finetune_decoder(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> torch.nn.Module:
-    """Stage 4: fine-tune the VAE decoder on whole images with the encoder frozen.
-
-    The latent space (and so the UNet) is unchanged; the decoder gets sharper and its colours
-    truer. Latents get a little noise (5% of their std) so the decoder tolerates imperfect UNet
-    samples. Resumes from ``work/vae_decoder`` when that exists.
-    """
-    from diffusers import AutoencoderKL
-
-    folder = work / "vae_decoder"
-    if (folder / "config.json").is_file():
-        _log(f"decoder: resuming from {folder}")
-        tuned = AutoencoderKL.from_pretrained(folder)
-        tuned.register_to_config(scaling_factor=vae.config.scaling_factor)
-        return tuned.eval()
-    if args.decoder_steps <= 0:
-        return vae
-    torch.manual_seed(args.seed + 5)
-    vae.requires_grad_(False)
-    decoder_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
-    for p in decoder_params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
-    rng = np.random.default_rng([args.seed, 5])
-    vae.train()
-    start = time.time()
-    for step in range(1, args.decoder_steps + 1):
-        x = _render_batch(rng, args.decoder_batch)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
-            z = z + 0.05 * z.std() * torch.randn_like(z)
-        for g in opt.param_groups:
-            g["lr"] = args.decoder_lr * (
-                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
-            )
-        recon = vae.decode(z).sample
-        mse = F.mse_loss(recon, x)
-        loss = mse + 0.5 * F.l1_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder_params, 1.0)
-        opt.step()
-        if step % args.log_every == 0 or step == args.decoder_steps:
-            psnr = 10 * math.log10(4 / max(mse.item(), 1e-10))
-            _log(
-                f"decoder step {step}/{args.decoder_steps} loss {loss.item():.4f} PSNR "
-                f"{psnr:.1f} dB ({(time.time() - start) / step:.2f} s/step)"
-            )
-    vae.eval()
-    vae.requires_grad_(True)
-    vae.save_pretrained(folder)
-    return vae
-
-
-# -- stage 2: latent cache --------------------------------------------------------------------
-
-
-def build_cache(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> dict:
-    path, meta_path = work / "cache.safetensors", work / "cache.json"
-    if path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta["num_images"] == args.num_images and meta["seed"] == args.seed:
-            _log(f"cache: resuming from {path}")
-            tensors = load_file(path)
-            scenes = [
-                ([ToyObject(**{**o, "center": tuple(o["center"])}) for o in objs], setting)
-                for objs, setting in meta["scenes"]
-            ]
-            return {**tensors, "scenes": scenes}
-    rng = np.random.default_rng([args.seed, 2])
-    n = args.num_images
-    latents = torch.empty(n, 4, TOY_RESOLUTION // 2, TOY_RESOLUTION // 2, dtype=torch.float16)
-    masks = torch.zeros(n, MAX_OBJECTS, GRID, GRID, dtype=torch.float16)
-    scenes = []
-    start = time.time()
-    chunk = 256
-    for lo in range(0, n, chunk):
-        samples = [sample_scene(rng, "train") for _ in range(min(chunk, n - lo))]
-        x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples]))
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.no_grad():
-            latents[lo : lo + len(samples)] = vae.encode(x).latent_dist.mean.half()
-        for k, s in enumerate(samples):
-            for j, m in enumerate(s.masks):
-                small = torch.from_numpy(m.astype(np.float32))[None, None]
-                masks[lo + k, j] = F.adaptive_avg_pool2d(small, GRID)[0, 0].half()
-            scenes.append((list(s.objects), s.setting))
-        if (lo // chunk) % 10 == 0:
-            _log(f"cache: {lo + len(samples)}/{n} images ({time.time() - start:.0f} s)")
-    save_file({"latents": latents, "masks": masks}, path)
-    meta_path.write_text(
-        json.dumps(
-            {
-                "num_images": n,
-                "seed": args.seed,
-                "scenes": [([o.__dict__ for o in objs], setting) for objs, setting in scenes],
-            }
-        )
-    )
-    return {"latents": latents, "masks": masks, "scenes": scenes}
 
 
 # -- stage 3: UNet + text encoder -------------------------------------------------------------
@@ -425,6 +282,8 @@ def train_diffusion(
     torch.manual_seed(args.seed)
     unet = build_unet(args.unet_channels, args.unet_layers)
     text_encoder = build_text_encoder(len(tokenizer))
+    if args.init_from is not None:
+        _init_from_pipeline(Path(args.init_from), unet, text_encoder)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
@@ -457,7 +316,7 @@ def train_diffusion(
             opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, info
         )
         step, elapsed = int(info["step"]), float(info.get("minutes", 0.0))
-        _log(f"diffusion: resuming at step {step}")
+        log(f"diffusion: resuming at step {step}")
 
     def save_checkpoint() -> None:
         tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
@@ -487,9 +346,10 @@ def train_diffusion(
     first = step
     losses: list[float] = []
     attn_losses: list[float] = []
+    word_losses: list[float] = []
     while step < args.steps:
         if elapsed + (time.time() - start) / 60 > args.max_minutes:
-            _log(f"diffusion: --max-minutes {args.max_minutes} reached at step {step}")
+            log(f"diffusion: --max-minutes {args.max_minutes} reached at step {step}")
             break
         idx = rng.integers(0, len(scenes), args.batch)
         x0 = latents_all[idx].float() * scale
@@ -520,6 +380,10 @@ def train_diffusion(
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         per_sample = F.mse_loss(pred, goal, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean() if weights is not None else per_sample.mean()
+        word_loss = torch.zeros(())
+        if args.word_weight > 0 and triples:
+            word_loss = _word_identity_loss(text_encoder, hidden, ids, triples)
+            loss = loss + args.word_weight * word_loss
         attn_loss = torch.zeros(())
         if store is not None and triples:
             maps = store.aggregate()  # (B, 8, 8, 77)
@@ -540,14 +404,16 @@ def train_diffusion(
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         losses.append(loss.item())
         attn_losses.append(attn_loss.item())
+        word_losses.append(word_loss.item())
         if step % args.log_every == 0 or step == args.steps:
             per_step = (time.time() - start) / (step - first)
-            _log(
+            log(
                 f"diffusion step {step}/{args.steps} loss {np.mean(losses):.4f} "
-                f"attn {np.mean(attn_losses):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"attn {np.mean(attn_losses):.4f} word {np.mean(word_losses):.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} "
                 f"({per_step:.2f} s/step, ETA {per_step * (args.steps - step) / 60:.1f} min)"
             )
-            losses, attn_losses = [], []
+            losses, attn_losses, word_losses = [], [], []
         if step % args.save_every == 0:
             save_checkpoint()
     if store is not None:
@@ -559,6 +425,73 @@ def train_diffusion(
     unet.eval()
     text_encoder.eval()
     return unet, text_encoder, step
+
+
+def _check_init_from(args: argparse.Namespace) -> None:
+    """Refuse an ``--init-from`` folder that is not a toy pipeline of the requested UNet
+    architecture, before any stage runs."""
+    if args.init_from is None:
+        return
+    folder = Path(args.init_from)
+    missing = [
+        f"{part}/config.json"
+        for part in ("vae", "unet", "text_encoder")
+        if not (folder / part / "config.json").is_file()
+    ]
+    if missing:
+        raise SystemExit(
+            f"--init-from {folder}: not a saved pipeline folder (missing {', '.join(missing)}); "
+            "pass the --output folder of an earlier run or the shipped toy model's folder."
+        )
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    layers = config["layers_per_block"]
+    saved = (
+        tuple(config["block_out_channels"]),
+        tuple(layers if isinstance(layers, list) else [layers] * 3),
+    )
+    if saved != (tuple(args.unet_channels), tuple(args.unet_layers)):
+        raise SystemExit(
+            f"--init-from {folder}: its UNet has channels {list(saved[0])} and layers "
+            f"{list(saved[1])}, which does not match --unet-channels {list(args.unet_channels)} "
+            f"--unet-layers {list(args.unet_layers)}; pass its architecture."
+        )
+
+
+def _init_from_pipeline(folder: Path, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """Copy a saved toy pipeline's UNet and text-encoder weights into the fresh models (strict:
+    another architecture is refused, naming the folder)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    saved_unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    saved_text = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    try:
+        unet.load_state_dict(saved_unet.state_dict())
+        text_encoder.load_state_dict(saved_text.state_dict())
+    except RuntimeError as err:
+        raise SystemExit(
+            f"--init-from {folder}: its UNet or text encoder does not match --unet-channels "
+            f"{unet.config.block_out_channels} --unet-layers {unet.config.layers_per_block} "
+            f"({str(err).splitlines()[0]}); pass its architecture."
+        ) from err
+    log(f"diffusion: starting from the UNet and text encoder of {folder}")
+
+
+def _word_identity_loss(
+    text_encoder: torch.nn.Module,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    triples: list[tuple[int, int, int]],
+) -> torch.Tensor:
+    """Cross-entropy of each object word's final hidden state against the vocabulary's input
+    embeddings (cosine similarity, temperature 0.1; tied to the embeddings as a language model's
+    output layer is, so nothing new is trained or saved): it keeps the words the UNet must tell
+    apart (star, triangle, ...) apart in the text encoder's output."""
+    b_i = torch.tensor([b for b, _, _ in triples])
+    p_i = torch.tensor([p for _, p, _ in triples])
+    states = F.normalize(hidden[b_i, p_i], dim=-1)
+    table = F.normalize(text_encoder.get_input_embeddings().weight, dim=-1)
+    return F.cross_entropy(states @ table.T / 0.1, ids[b_i, p_i])
 
 
 def _classic_text_encoder_keys(path: Path) -> None:
@@ -590,14 +523,15 @@ def main(argv: list[str] | None = None) -> Path:
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "breakscene_toy_work")
     work.mkdir(parents=True, exist_ok=True)
     _check_architecture(args, work)  # before any stage runs
+    _check_init_from(args)
     t0 = time.time()
     vae = train_vae(args, work)
     t_vae = time.time() - t0
     with torch.no_grad():  # deterministic: the same value again on a resumed run
-        x = _render_batch(np.random.default_rng([args.seed, 4]), 256)
+        x = render_batch(np.random.default_rng([args.seed, 4]), 256)
         std = vae.encode(x).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    _log(f"VAE latent std {std:.3f}: scaling_factor {1 / std:.3f}")
+    log(f"VAE latent std {std:.3f}: scaling_factor {1 / std:.3f}")
     cache = build_cache(args, work, vae)
     t_cache = time.time() - t0 - t_vae
     unet, text_encoder, steps = train_diffusion(args, work, vae, cache)
@@ -631,7 +565,7 @@ def main(argv: list[str] | None = None) -> Path:
         },
     }
     (out / "toy_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    _log(f"saved the pipeline to {out} ({steps} diffusion steps, {t_total / 60:.1f} min)")
+    log(f"saved the pipeline to {out} ({steps} diffusion steps, {t_total / 60:.1f} min)")
     return out
 
 

@@ -1,0 +1,198 @@
+"""The toy model's autoencoder stages, run by :mod:`~diffusers_breakscene.toy.train_base`: the
+VAE (stage 1), the latent cache of rendered training scenes with their latent/4 object masks
+(stage 2) and the decoder fine-tuning (stage 4). Each resumes from the work folder.
+
+Example:
+    >>> import numpy as np
+    >>> from diffusers_breakscene.toy.train_latents import render_batch
+    >>> render_batch(np.random.default_rng(0), 2).shape
+    torch.Size([2, 3, 64, 64])
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .model import TOY_RESOLUTION, build_vae
+from .world import ToyObject, sample_scene
+
+__all__ = ["build_cache", "finetune_decoder", "log", "render_batch", "train_vae"]
+
+MAX_OBJECTS = 3
+GRID = TOY_RESOLUTION // 8  # latent / 4
+
+
+def log(msg: str) -> None:
+    """Print ``msg`` with the time of day (the training stages' progress lines)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def render_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """``n`` rendered training scenes as a ``(n, 3, 64, 64)`` batch in [-1, 1]."""
+    arrays = [np.asarray(sample_scene(rng, "train").image) for _ in range(n)]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def _log_reconstruction(
+    stage: str, step: int, total: int, loss: torch.Tensor, mse: torch.Tensor, start: float
+) -> None:
+    psnr = 10 * math.log10(4 / max(mse.item(), 1e-10))  # images in [-1, 1]: peak-to-peak 2
+    log(
+        f"{stage} step {step}/{total} loss {loss.item():.4f} PSNR {psnr:.1f} dB "
+        f"({(time.time() - start) / step:.2f} s/step)"
+    )
+
+
+# -- stage 1: VAE -----------------------------------------------------------------------------
+
+
+def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    folder = work / "vae"
+    if (folder / "config.json").is_file():
+        log(f"VAE: resuming from {folder}")
+        return AutoencoderKL.from_pretrained(folder)
+    if args.init_from is not None:  # its latent space: the UNet being continued was trained in it
+        log(f"VAE: taken from {args.init_from}")
+        vae = AutoencoderKL.from_pretrained(Path(args.init_from) / "vae")
+        vae.save_pretrained(folder)
+        return vae
+    torch.manual_seed(args.seed)
+    vae = build_vae()
+    vae.train()
+    rng = np.random.default_rng([args.seed, 1])
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    crop = TOY_RESOLUTION // 2
+    start = time.time()
+    for step in range(1, args.vae_steps + 1):
+        x = render_batch(rng, args.vae_batch)
+        oy, ox = (int(v) * 2 for v in rng.integers(0, (TOY_RESOLUTION - crop) // 2 + 1, 2))
+        x = x[:, :, oy : oy + crop, ox : ox + crop]
+        lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * step / max(1, args.vae_steps)))
+        for g in opt.param_groups:
+            g["lr"] = max(lr, args.vae_lr * 0.05)
+        posterior = vae.encode(x).latent_dist
+        # The decoder sees the posterior mean (what the latent cache and the UNet use); the tiny
+        # KL term only keeps the latent scale tame.
+        recon = vae.decode(posterior.mode()).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        _optimizer_step(opt, loss, list(vae.parameters()))
+        if step % args.log_every == 0 or step == args.vae_steps:
+            _log_reconstruction("VAE", step, args.vae_steps, loss, mse, start)
+    vae.eval()
+    vae.save_pretrained(folder)
+    return vae
+
+
+def finetune_decoder(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> torch.nn.Module:
+    """Stage 4: fine-tune the VAE decoder on whole images with the encoder frozen.
+
+    The latent space (and so the UNet) is unchanged; the decoder gets sharper and its colours
+    truer. Latents get a little noise (5% of their std) so the decoder tolerates imperfect UNet
+    samples. Resumes from ``work/vae_decoder`` when that exists.
+    """
+    from diffusers import AutoencoderKL
+
+    folder = work / "vae_decoder"
+    if (folder / "config.json").is_file():
+        log(f"decoder: resuming from {folder}")
+        tuned = AutoencoderKL.from_pretrained(folder)
+        tuned.register_to_config(scaling_factor=vae.config.scaling_factor)
+        return tuned.eval()
+    if args.decoder_steps <= 0:
+        return vae
+    torch.manual_seed(args.seed + 5)
+    vae.requires_grad_(False)
+    decoder_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
+    rng = np.random.default_rng([args.seed, 5])
+    vae.train()
+    start = time.time()
+    for step in range(1, args.decoder_steps + 1):
+        x = render_batch(rng, args.decoder_batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+            z = z + 0.05 * z.std() * torch.randn_like(z)
+        for g in opt.param_groups:
+            g["lr"] = args.decoder_lr * (
+                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
+            )
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + 0.5 * F.l1_loss(recon, x)
+        _optimizer_step(opt, loss, decoder_params)
+        if step % args.log_every == 0 or step == args.decoder_steps:
+            _log_reconstruction("decoder", step, args.decoder_steps, loss, mse, start)
+    vae.eval()
+    vae.requires_grad_(True)
+    vae.save_pretrained(folder)
+    return vae
+
+
+# -- stage 2: latent cache --------------------------------------------------------------------
+
+
+def build_cache(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> dict:
+    path, meta_path = work / "cache.safetensors", work / "cache.json"
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["num_images"] == args.num_images and meta["seed"] == args.seed:
+            log(f"cache: resuming from {path}")
+            tensors = load_file(path)
+            scenes = [
+                ([ToyObject(**{**o, "center": tuple(o["center"])}) for o in objs], setting)
+                for objs, setting in meta["scenes"]
+            ]
+            return {**tensors, "scenes": scenes}
+    rng = np.random.default_rng([args.seed, 2])
+    n = args.num_images
+    latents = torch.empty(n, 4, TOY_RESOLUTION // 2, TOY_RESOLUTION // 2, dtype=torch.float16)
+    masks = torch.zeros(n, MAX_OBJECTS, GRID, GRID, dtype=torch.float16)
+    scenes = []
+    start = time.time()
+    chunk = 256
+    for lo in range(0, n, chunk):
+        samples = [sample_scene(rng, "train") for _ in range(min(chunk, n - lo))]
+        x = torch.from_numpy(np.stack([np.asarray(s.image) for s in samples]))
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            latents[lo : lo + len(samples)] = vae.encode(x).latent_dist.mean.half()
+        for k, s in enumerate(samples):
+            for j, m in enumerate(s.masks):
+                small = torch.from_numpy(m.astype(np.float32))[None, None]
+                masks[lo + k, j] = F.adaptive_avg_pool2d(small, GRID)[0, 0].half()
+            scenes.append((list(s.objects), s.setting))
+        if (lo // chunk) % 10 == 0:
+            log(f"cache: {lo + len(samples)}/{n} images ({time.time() - start:.0f} s)")
+    save_file({"latents": latents, "masks": masks}, path)
+    meta_path.write_text(
+        json.dumps(
+            {
+                "num_images": n,
+                "seed": args.seed,
+                "scenes": [([o.__dict__ for o in objs], setting) for objs, setting in scenes],
+            }
+        )
+    )
+    return {"latents": latents, "masks": masks, "scenes": scenes}
