@@ -97,10 +97,15 @@ def test_training_lowers_the_loss_and_aligns_attention_with_masks(tmp_path):
     before = evaluate_alignment(untrained, scene, RES)
 
     pipe = tiny_pipeline("sd1")
+    # The LoRA on attention + feed-forward (the default until 2026-11-27): on this random tiny
+    # model the attention-only default aligns far less in 200 steps (IoU 0.35 against 0.75,
+    # measured; at the edge of the bar below, and under it with the minimum versions). What this
+    # test checks is that the losses train alignment, not which layers suit a random model.
     cfg = config(
         phase1_steps=100,
         phase2_steps=200,
         lora_rank=8,
+        lora_target_modules=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
         phase1_learning_rate=5e-3,
         phase2_learning_rate=1e-3,
         phase2_handle_learning_rate=1e-3,
