@@ -270,8 +270,8 @@ def choose(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         and not math.isnan(value["identity"]["mean"])
     }
     shortfall = {
-        name: max(0.0, 1 - value["identity"]["mean"] / target_identity)
-        + max(0.0, 1 - value["prompt_accuracy"]["mean"] / target_accuracy)
+        name: _gap(value["identity"]["mean"], target_identity)
+        + _gap(value["prompt_accuracy"]["mean"], target_accuracy)
         for name, value in small.items()
     }
     meeting = sorted(n for n, gap in shortfall.items() if gap == 0.0)
@@ -297,6 +297,14 @@ def choose(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "shortfall": {n: round(v, 4) for n, v in sorted(shortfall.items())},
         "pareto": pareto_front(results),
     }
+
+
+def _gap(value: float, target: float) -> float:
+    """How far ``value`` falls short of ``target``: relative to it when it is positive, absolute
+    otherwise (a paper identity at or below 0, as after a few smoke steps); 0 when it is met."""
+    if value >= target:
+        return 0.0
+    return (target - value) / target if target > 0 else target - value
 
 
 def pareto_front(results: dict[str, dict[str, Any]]) -> list[str]:

@@ -103,6 +103,14 @@ def test_choice_prefers_the_goal_then_the_closest_to_it():
         "even": _result(0.47, 0.58, 0.001),
     }
     assert defaults_search.choose(trade)["pick"] == "even"
+    # A paper identity at or below zero (a few smoke steps) still gives a finite, ordered gap.
+    flat = {
+        "paper": _result(-0.1, 0.5, None),
+        "a": _result(-0.3, 0.5, 0.001),
+        "b": _result(-0.2, 0.5, 0.001),
+    }
+    choice = defaults_search.choose(flat)
+    assert choice["pick"] == "b" and choice["shortfall"]["a"] > choice["shortfall"]["b"] > 0
     worse = {"paper": paper, "a": _result(0.3, 0.1, 0.001), "b": _result(0.4, 0.2, 0.0019)}
     assert defaults_search.choose(worse)["pick"] == "b"
     assert defaults_search.choose({"paper": paper, "a": _result(0.3, 0.9, 0.01)})["pick"] is None
