@@ -3,17 +3,17 @@ attention-loss weight, one at a time around ``ours``, against the paper's recipe
 
     python benchmarks/defaults_search.py          # scenes 0-5 x seed 0, 400 + 400 steps
     python benchmarks/defaults_search.py --quick  # scene 0 x seed 0, 75 + 75 steps (~12 min)
+    python benchmarks/defaults_search.py --smoke --candidates ours,rank_1   # the tests
 
 A full run is 108 runs of about 1.5 minutes on one core each: about 3 hours in one process, or
 1.5-2 hours as ``--shard 0/2`` and ``--shard 1/2`` side by side (48 runs took 42 minutes so).
-    python benchmarks/defaults_search.py --smoke --candidates ours,rank_1   # the tests
 
 Every candidate (:data:`CANDIDATES`) is ``ours`` (the default recipe scaled to the toy model,
 :func:`~diffusers_breakscene.toy.experiment.toy_config`) with one change (``former_default``:
-two); ``paper`` is the
-reference recipe of ``benchmarks/fidelity.py`` (whole UNet and text encoder in phase 2). Each
-(candidate, scene, seed) is one run of :func:`fidelity.run_one` (same prompts, sampler, scores
-and saved-run resume as the fidelity benchmark; ``--shard K/N`` and ``--fresh`` too).
+two); ``paper`` is the reference recipe of ``benchmarks/fidelity.py`` (whole UNet and text
+encoder in phase 2). Each (candidate, scene, seed) is one run of :func:`fidelity.run_one` (same
+prompts, sampler, scores and saved-run resume as the fidelity benchmark; ``--shard K/N`` and
+``--fresh`` too).
 
 Sizes are given at Stable Diffusion 2.1 scale, where the goal is stated: toy rank ``r`` stands
 for SD rank ``8 r`` (:data:`~diffusers_breakscene.toy.experiment.TOY_RANK_DIVISOR`; the toy
@@ -25,9 +25,10 @@ fp32 size.
 The goal (issue 12): identity similarity >= 95% of ``paper``'s, prompt accuracy >= ``paper``'s
 (both the mean of the one- and two-handle means), bundle <= 1/500 of the pipeline. The pick
 (:func:`choose`): the highest identity among the candidates that meet the goal; when none does,
-the highest identity among the candidates within the size limit whose prompt accuracy is at least
-``paper``'s, else the highest identity within the size limit, and the report says the goal was
-missed. The table also marks the trade-off (Pareto) front of identity against bundle size.
+the candidate within the size limit closest to it (the smallest relative shortfall in identity
+plus prompt accuracy), and the report says the goal was missed. The table also gives each
+candidate's paired difference from ``paper`` (same scenes and seeds, mean ± standard error) and
+marks the trade-off (Pareto) front of identity against bundle size.
 
 Writes ``<out>/defaults_search[-quick|-smoke].json``, ``.md`` and ``.png`` (identity against
 bundle size; default out: benchmarks/results). The pick is a measurement, not a change:

@@ -186,12 +186,11 @@ def test_word_identity_loss_is_low_for_distinct_words_and_high_for_collapsed_one
     torch.manual_seed(0)
     encoder = build_text_encoder(len(toy_tokenizer()))
     table = encoder.get_input_embeddings().weight.detach()
-    ids = torch.tensor([[0, 11, 12, 13]])
-    triples = [(0, 1, 0), (0, 2, 0), (0, 3, 0)]
-    own = table[ids]  # each position holds its own word's embedding: the loss's optimum
-    collapsed = table[ids[:, [1]]].expand(-1, 4, -1)  # every word the same state
-    low = _word_identity_loss(encoder, own, ids, triples).item()
-    high = _word_identity_loss(encoder, collapsed, ids, triples).item()
+    word_ids = torch.tensor([11, 12, 13])
+    own = table[word_ids]  # each word's state is its own embedding: the loss's optimum
+    collapsed = table[word_ids[:1]].expand(3, -1)  # every word the same state
+    low = _word_identity_loss(encoder, own, word_ids).item()
+    high = _word_identity_loss(encoder, collapsed, word_ids).item()
     assert low < 1.0 < high
 
 

@@ -380,14 +380,15 @@ def train_diffusion(
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         per_sample = F.mse_loss(pred, goal, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean() if weights is not None else per_sample.mean()
+        if triples:  # (batch index, token position, object index) of every object word
+            b_i, p_i, j_i = (torch.tensor(v) for v in zip(*triples, strict=True))
         word_loss = torch.zeros(())
         if args.word_weight > 0 and triples:
-            word_loss = _word_identity_loss(text_encoder, hidden, ids, triples)
+            word_loss = _word_identity_loss(text_encoder, hidden[b_i, p_i], ids[b_i, p_i])
             loss = loss + args.word_weight * word_loss
         attn_loss = torch.zeros(())
         if store is not None and triples:
             maps = store.aggregate()  # (B, 8, 8, 77)
-            b_i, p_i, j_i = (torch.tensor(v) for v in zip(*triples, strict=True))
             sel = maps[b_i, :, :, p_i]
             sel = sel / sel.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
             target = masks_all[idx][b_i, j_i].float()
@@ -478,20 +479,15 @@ def _init_from_pipeline(folder: Path, unet: torch.nn.Module, text_encoder: torch
 
 
 def _word_identity_loss(
-    text_encoder: torch.nn.Module,
-    hidden: torch.Tensor,
-    ids: torch.Tensor,
-    triples: list[tuple[int, int, int]],
+    text_encoder: torch.nn.Module, states: torch.Tensor, word_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Cross-entropy of each object word's final hidden state against the vocabulary's input
-    embeddings (cosine similarity, temperature 0.1; tied to the embeddings as a language model's
-    output layer is, so nothing new is trained or saved): it keeps the words the UNet must tell
-    apart (star, triangle, ...) apart in the text encoder's output."""
-    b_i = torch.tensor([b for b, _, _ in triples])
-    p_i = torch.tensor([p for _, p, _ in triples])
-    states = F.normalize(hidden[b_i, p_i], dim=-1)
+    """Cross-entropy of object words' final hidden ``states`` (N, width) against the vocabulary's
+    input embeddings, the right answer being each word's own id (``word_ids``, N): cosine
+    similarity, temperature 0.1, tied to the embeddings as a language model's output layer is, so
+    nothing new is trained or saved. It keeps the words the UNet must tell apart (star,
+    triangle, ...) apart in the text encoder's output."""
     table = F.normalize(text_encoder.get_input_embeddings().weight, dim=-1)
-    return F.cross_entropy(states @ table.T / 0.1, ids[b_i, p_i])
+    return F.cross_entropy(F.normalize(states, dim=-1) @ table.T / 0.1, word_ids)
 
 
 def _classic_text_encoder_keys(path: Path) -> None:
