@@ -41,7 +41,6 @@ import argparse
 import functools
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -416,21 +415,7 @@ def paired_difference(
         >>> {k: round(v, 3) for k, v in paired_difference(rows, "a", "identity").items()}
         {'mean': 0.15, 'se': 0.05, 'n': 2}
     """
-    scores = {
-        (r["variant"], r["scene"], r["seed"]): _score(r, column)
-        for r in rows
-        if r["variant"] in (name, reference)
-    }
-    diffs = [
-        value - scores[(reference, scene, seed)]
-        for (variant, scene, seed), value in scores.items()
-        if variant == name and (reference, scene, seed) in scores
-    ]
-    diffs = [d for d in diffs if not math.isnan(d)]
-    if not diffs:
-        return {"mean": float("nan"), "se": float("nan"), "n": 0}
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs)}
+    return reports.paired_difference(rows, name, reference, lambda r: _score(r, column))
 
 
 def tradeoff_picture(results: dict[str, dict[str, Any]], size: tuple[int, int] = (640, 420)) -> Any:

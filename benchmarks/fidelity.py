@@ -126,6 +126,26 @@ LEAK_THRESHOLD = 0.5
 #: it draws empty backgrounds.
 CLASS_PROMPT = "a photo on the beach"
 GUIDANCE = 7.5
+#: The paper's claims (issue 12, point 3), each checked as paired differences (same scene and
+#: seed) of ``variant`` minus ``reference`` in the named columns; the sign says which way the
+#: claim goes (+1: higher, -1: lower).
+CLAIMS: tuple[tuple[str, str, str, tuple[tuple[str, int], ...]], ...] = (
+    ("the attention loss aligns each handle's attention with its object", "ours",
+     "no_attention_loss", (("iou_1", 1), ("iou_2", 1), ("iou_scene", 1))),
+    ("the attention loss lowers leakage", "ours", "no_attention_loss",
+     (("leakage_1", -1), ("leak_similarity_1", -1))),
+    ("union sampling makes two-handle prompts succeed more often", "ours", "no_union_sampling",
+     (("prompt_accuracy_2", 1), ("identity_2", 1))),
+    ("both phases beat handles alone (TI-m)", "ours", "ti_m",
+     (("identity_1", 1), ("identity_2", 1), ("prompt_accuracy_1", 1), ("prompt_accuracy_2", 1))),
+    ("both phases beat weights alone (DB-m)", "ours", "db_m",
+     (("identity_1", 1), ("identity_2", 1), ("prompt_accuracy_1", 1), ("prompt_accuracy_2", 1))),
+)  # fmt: skip
+#: Columns of the table of every variant's paired difference against ``ours``.
+PAIRED_COLUMNS = (
+    "identity_1", "identity_2", "prompt_accuracy_1", "prompt_accuracy_2", "iou_1", "iou_scene",
+    "leakage_1",
+)  # fmt: skip
 NAN_REASONS = {
     "leakage_2": "every scene of the run has two objects: a two-handle prompt leaves no handle out",
     "leak_similarity_2": "as leakage_2",
@@ -162,13 +182,15 @@ def run(
     curve_every: int | None = None,
     fresh: bool = False,
     shard: tuple[int, int] | None = None,
+    partial: bool = False,
 ) -> dict[str, Any] | None:
     """Train and score every variant on the mode's scenes and seeds; write the report.
 
     Runs saved by an earlier call with the same plan, configuration and weights are reused
     unless ``fresh``. With ``shard=(k, n)`` only runs ``k, k + n, ...`` (in the plan's order)
     are trained and saved, and no report is written: ``None`` is returned (see the module
-    docstring).
+    docstring). With ``partial`` nothing is trained: the report is written from the saved
+    runs of the (scene, seed) pairs that every variant has finished, and says so.
     """
     import torch
 
@@ -205,7 +227,8 @@ def run(
         # the first prior-preservation run needs them).
         prior = configs["prior_preservation"].replace(class_images_dir=str(class_dir))
         configs["prior_preservation"] = prior
-        plan = [(i, s, v) for i in indices for s in spec["seeds"] for v in VARIANTS]
+        # Seed-major: a run stopped part-way has whole seeds (every scene, every variant) done.
+        plan = [(i, s, v) for s in spec["seeds"] for i in indices for v in VARIANTS]
 
         def train_run(variant: str, index: int, seed: int, curve: bool) -> dict[str, Any]:
             if variant == "prior_preservation" and not any(class_dir.iterdir()):
@@ -221,8 +244,13 @@ def run(
             path = runs_dir / f"{variant}-scene{index}-seed{seed}.json"
             key = run_key(spec, configs[variant], index, seed, curve, weights)
 
-            train = functools.partial(train_run, variant, index, seed, curve)
-            row, reused = saved_or_new(path, key, fresh, train)
+            if partial:
+                row, reused = load_run(path, key), True
+                if row is None:
+                    continue  # not trained yet
+            else:
+                train = functools.partial(train_run, variant, index, seed, curve)
+                row, reused = saved_or_new(path, key, fresh, train)
             resumed += reused
             rows.append(row)
             printed = {k: v for k, v in row.items() if k != "curve"}
@@ -236,6 +264,10 @@ def run(
             flush=True,
         )
         return None
+    saved = len(rows)
+    if partial:
+        rows = complete_groups(rows)
+        resumed = len(rows)
     report = {
         **reports.header(mode),
         "load_average_start": load_start,
@@ -262,7 +294,19 @@ def run(
         "rows": rows,
         "summary": summarize(rows),
         "curve": curve_summary(rows, base.total_steps),
-    }
+        "claims": check_claims(rows),
+        "paired_vs_ours": {
+            v: {c: reports.paired_difference(rows, v, "ours", lambda r, c=c: r[c])
+                for c in PAIRED_COLUMNS}
+            for v in VARIANTS[1:]
+        },
+    }  # fmt: skip
+    if partial:
+        report["partial"] = {
+            "planned_runs": len(plan),
+            "saved_runs": saved,
+            "pairs": sorted({(r["scene"], r["seed"]) for r in rows}, key=lambda p: (p[1], p[0])),
+        }
     reports.write(out, name, report, markdown(report))
     scatter(report["summary"]).save(out / f"{name}.png")
     return report
@@ -287,10 +331,13 @@ def run_key(
     spec: dict[str, Any], config: Any, scene: int, seed: int, curve: bool, weights: str
 ) -> str:
     """What a saved run must match to be reused: the mode's plan, the variant's configuration
-    (the class-images folder left out: it is a fresh temporary folder every time), the scene,
-    the seed, whether it drew the curve, and the weights."""
+    (the class-images folder left out: it is a fresh temporary folder every time; the plan's
+    lists of scenes and seeds left out: they do not change this run), the scene, the seed,
+    whether it drew the curve, and the weights."""
     settings = {k: v for k, v in config.to_dict().items() if k != "class_images_dir"}
-    plan = {"spec": spec, "config": settings, "scene": scene, "seed": seed, "curve": curve}
+    # Which scenes and seeds the whole plan holds does not change one run.
+    per_run = {k: v for k, v in spec.items() if k not in ("scenes", "seeds")}
+    plan = {"spec": per_run, "config": settings, "scene": scene, "seed": seed, "curve": curve}
     plan["weights"], plan["guidance"] = weights, GUIDANCE
     return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -575,6 +622,53 @@ def curve_summary(rows: list[dict[str, Any]], total_steps: int) -> dict[str, Any
     return out
 
 
+def complete_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the (scene, seed) pairs for which every variant has a run: the fair subset
+    of a run stopped part-way (every variant then has the same scenes and seeds)."""
+    have: dict[tuple[int, int], set[str]] = {}
+    for r in rows:
+        have.setdefault((r["scene"], r["seed"]), set()).add(r["variant"])
+    done = {pair for pair, variants in have.items() if variants >= set(VARIANTS)}
+    return [r for r in rows if (r["scene"], r["seed"]) in done]
+
+
+def verdict(difference: dict[str, float], sign: int) -> str:
+    """``"holds"`` when the paired difference goes the claimed way (``sign``) by at least two
+    standard errors, ``"reversed"`` when it goes the other way as clearly, otherwise
+    ``"within noise"`` (``"too few runs"`` under two pairs).
+
+    Example:
+        >>> up = {"mean": 0.1, "se": 0.02, "n": 12}
+        >>> verdict(up, 1), verdict(up, -1), verdict({**up, "se": 0.06}, 1)
+        ('holds', 'reversed', 'within noise')
+    """
+    mean, se = difference["mean"], difference["se"]
+    if difference["n"] < 2 or math.isnan(se):
+        return "too few runs"
+    if abs(mean) <= 2 * se:  # also a zero difference with zero spread
+        return "within noise"
+    return "holds" if mean * sign > 0 else "reversed"
+
+
+def check_claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every claim of :data:`CLAIMS`: per column, the paired difference and its verdict."""
+    out = []
+    for claim, variant, reference, columns in CLAIMS:
+        checks = []
+        for column, sign in columns:
+            diff = reports.paired_difference(rows, variant, reference, lambda r, c=column: r[c])
+            checks.append({"column": column, "sign": sign, **diff, "verdict": verdict(diff, sign)})
+        out.append({"claim": claim, "variant": variant, "reference": reference, "checks": checks})
+    return out
+
+
+def _signed(diff: dict[str, float]) -> str:
+    if diff["n"] == 0:
+        return "n/a"
+    se = "n/a" if math.isnan(diff["se"]) else f"{diff['se']:.3f}"
+    return f"{diff['mean']:+.3f} ± {se}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report's tables: scores, attention and cost, the curve (mean ± spread over runs)."""
     plan, summary = report["plan"], report["summary"]
@@ -599,6 +693,17 @@ def markdown(report: dict[str, Any]) -> str:
             else ""
         ),
         "",
+    ]
+    if "partial" in report:
+        part = report["partial"]
+        pairs = ", ".join(f"scene {a} seed {b}" for a, b in part["pairs"])
+        lines += [
+            f"**Partial report**: {part['saved_runs']} of the plan's {part['planned_runs']} runs "
+            f"were saved when it was written; the tables use only the (scene, seed) pairs that "
+            f"every variant has finished ({len(part['pairs'])}: {pairs}).",
+            "",
+        ]
+    lines += [
         "| variant | identity 1 | prompt acc. 1 | IoU 1 | leakage 1 | identity 2 "
         "| prompt acc. 2 | IoU 2 | leakage 2 |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -647,6 +752,32 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines += ["", curve["verdict"] + "."]
+    lines += [
+        "",
+        "The paper's claims, as paired differences (same scene and seed; mean ± standard error; "
+        "a verdict needs two standard errors):",
+        "",
+        "| claim | comparison | measure | difference | pairs | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for claim in report["claims"]:
+        for check in claim["checks"]:
+            way = "higher" if check["sign"] > 0 else "lower"
+            lines.append(
+                f"| {claim['claim']} | {claim['variant']} - {claim['reference']} "
+                f"| {check['column']} ({way} claimed) | {_signed(check)} | {check['n']} "
+                f"| {check['verdict']} |"
+            )
+    lines += [
+        "",
+        "Every variant against `ours` (variant - ours, paired; mean ± standard error):",
+        "",
+        "| variant | " + " | ".join(PAIRED_COLUMNS) + " |",
+        "|---|" + "---|" * len(PAIRED_COLUMNS),
+    ]
+    for variant, diffs in report["paired_vs_ours"].items():
+        cells = [_signed(diffs[c]) for c in PAIRED_COLUMNS]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -764,12 +895,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K/N",
         help="train and save only every N-th run from the K-th (0-based), write no report",
     )
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="train nothing: write the report from the saved runs of the (scene, seed) pairs "
+        "every variant has finished, marked partial",
+    )
     args = parser.parse_args(argv)
     if args.curve_every is not None and args.curve_every < 1:
         parser.error("--curve-every must be >= 1")
+    if args.partial and (args.shard or args.fresh):
+        parser.error("--partial trains nothing: leave out --shard and --fresh")
     shard = parse_shard(parser, args.shard)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    report = run(mode, args.out, args.curve_every, args.fresh, shard)
+    report = run(mode, args.out, args.curve_every, args.fresh, shard, args.partial)
     if report is not None:
         print(markdown(report))
     return 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,40 @@ def stats(values: list[float]) -> dict[str, float]:
         "mean": statistics.fmean(clean),
         "std": statistics.pstdev(clean) if len(clean) > 1 else 0.0,
     }
+
+
+def paired_difference(
+    rows: list[dict[str, Any]],
+    name: str,
+    reference: str,
+    value: Callable[[dict[str, Any]], float],
+) -> dict[str, float]:
+    """Mean and standard error of ``value(row)`` of variant ``name`` minus that of ``reference``
+    on the same scene and seed (rows carry ``variant``, ``scene`` and ``seed``): the scenes'
+    own difficulty cancels, so this is the fair test of a small difference. NaN values and
+    unmatched runs are left out; ``n`` counts the pairs.
+
+    Example:
+        >>> rows = [{"variant": v, "scene": s, "seed": 0, "x": x}
+        ...         for v, s, x in [("a", 0, .3), ("b", 0, .2), ("a", 1, .6), ("b", 1, .4)]]
+        >>> {k: round(v, 3) for k, v in paired_difference(rows, "a", "b", lambda r: r["x"]).items()}
+        {'mean': 0.15, 'se': 0.05, 'n': 2}
+    """
+    scores = {
+        (r["variant"], r["scene"], r["seed"]): value(r)
+        for r in rows
+        if r["variant"] in (name, reference)
+    }
+    diffs = [
+        score - scores[(reference, scene, seed)]
+        for (variant, scene, seed), score in scores.items()
+        if variant == name and (reference, scene, seed) in scores
+    ]
+    diffs = [d for d in diffs if not math.isnan(d)]
+    if not diffs:
+        return {"mean": float("nan"), "se": float("nan"), "n": 0}
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs)}
 
 
 def write(out: Path, name: str, report: dict[str, Any], markdown: str) -> None:

@@ -113,11 +113,14 @@ def test_markdown_and_scatter_picture(smoke):
     _, text, folder = smoke
     for variant in VARIANTS:
         rows = [line for line in text.splitlines() if line.startswith(f"| {variant} |")]
-        assert len(rows) == 2, variant  # the scores table and the attention-and-cost table
+        # the scores table, the attention-and-cost table and (but ours) the paired table
+        assert len(rows) == (2 if variant == "ours" else 3), variant
     for header in ("identity 1", "prompt acc. 2", "IoU 1", "leakage 2", "IoU, input scene",
                    "leak similarity 1", "s / step", "trainable params"):  # fmt: skip
         assert header in text
     assert "n/a in `leakage_2`" in text and "| 4 |" in text and "paper's final identity" in text
+    assert "| the attention loss lowers leakage | ours - no_attention_loss |" in text
+    assert "Every variant against `ours`" in text and "| prior_preservation | " in text
     with Image.open(folder / "fidelity-smoke.png") as picture:
         assert picture.size[0] > 300 and picture.size[1] > 200
 
@@ -142,6 +145,12 @@ def test_saved_runs_are_reused_and_shards_split_the_missing_ones(smoke, tmp_path
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout
 
+    # Without ours and ti_m, scene 0 seed 0 is not complete: a partial report has no rows.
+    assert "Partial report" in fidelity("--partial")
+    part = json.loads((tmp_path / "fidelity-smoke.json").read_text())
+    assert part["partial"] == {"planned_runs": 8, "saved_runs": 6, "pairs": []}
+    assert part["rows"] == [] and part["summary"]["ours"]["identity_1"]["n"] == 0
+    (tmp_path / "fidelity-smoke.json").unlink()
     assert "shard 1/2: 4 runs saved" in fidelity("--shard", "1/2")  # all 4 reused
     assert "(4 reused)" in fidelity("--shard", "1/2")
     assert not (tmp_path / "fidelity-smoke.json").exists()  # a shard writes no report
@@ -155,6 +164,13 @@ def test_saved_runs_are_reused_and_shards_split_the_missing_ones(smoke, tmp_path
     first = {r["variant"]: r for r in report["rows"]}
     assert json.dumps(by_variant["paper"]) == json.dumps(first["paper"])  # NaNs compare equal
     assert "runs were saved by an earlier call" in (tmp_path / "fidelity-smoke.md").read_text()
+    assert "Partial" not in (tmp_path / "fidelity-smoke.md").read_text()
+    fidelity("--partial")  # every variant saved: the same rows, marked partial
+    part = json.loads((tmp_path / "fidelity-smoke.json").read_text())
+    assert part["partial"] == {"planned_runs": 8, "saved_runs": 8, "pairs": [[0, 0]]}
+    assert json.dumps(part["rows"]) == json.dumps(again["rows"])
+    text = (tmp_path / "fidelity-smoke.md").read_text()
+    assert "**Partial report**: 8 of the plan's 8 runs" in text and "scene 0 seed 0" in text
 
 
 def test_shard_must_be_k_of_n(tmp_path):
@@ -164,6 +180,13 @@ def test_shard_must_be_k_of_n(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
     )  # fmt: skip
     assert result.returncode == 2 and "--shard 2/2" in result.stderr
+    assert not list(tmp_path.iterdir())
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "fidelity.py"), "--smoke", "--partial", "--fresh", "--out",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--partial trains nothing" in result.stderr
     assert not list(tmp_path.iterdir())
 
 
@@ -189,10 +212,61 @@ def test_a_saved_run_counts_only_with_the_same_key(tmp_path):
     assert fidelity.run_key(spec, ours, 0, 1, True, "w") != fidelity.run_key(
         spec, ours, 1, 0, True, "w"
     )
-    # A fresh class-images folder every call does not change the key.
+    # A fresh class-images folder every call does not change the key, nor does the plan's
+    # list of scenes and seeds (a run of seed 0 is the same run in a plan of seeds 0-2).
     moved = ours.replace(class_images_dir="/tmp/elsewhere")
     assert fidelity.run_key(spec, moved, 0, 0, True, "weights-a") == key
+    wider = {**spec, "scenes": [0, 1, 2], "seeds": [0, 1, 2]}
+    assert fidelity.run_key(wider, ours, 0, 0, True, "weights-a") == key
+    longer = {**spec, "steps": 3}
+    assert fidelity.run_key(longer, ours, 0, 0, True, "weights-a") != key
     path.write_text('{"key": "')
     assert fidelity.load_run(path, key) is None
     assert fidelity.load_run(tmp_path / "missing.json", key) is None
     assert not list(path.parent.glob("*.tmp"))
+
+
+def _rows(values: dict[str, list[float]], column: str = "iou_1") -> list[dict[str, Any]]:
+    """One row per (variant, scene) with ``column`` set, every other column NaN."""
+    nan = float("nan")
+    return [
+        {"variant": v, "scene": scene, "seed": 0, **dict.fromkeys(COLUMNS, nan), column: x}
+        for v, xs in values.items()
+        for scene, x in enumerate(xs)
+    ]
+
+
+def test_claims_are_paired_differences_with_a_two_standard_error_verdict():
+    sys.path.insert(0, str(BENCH))
+    import fidelity
+
+    # The attention loss raises IoU on every scene by about 0.2: the claim holds.
+    rows = _rows({"ours": [0.5, 0.7, 0.4, 0.6], "no_attention_loss": [0.3, 0.5, 0.2, 0.42]})
+    (aligned,) = [c for c in fidelity.check_claims(rows) if c["reference"] == "no_attention_loss"
+                  and c["checks"][0]["column"] == "iou_1"]  # fmt: skip
+    check = aligned["checks"][0]
+    assert check["n"] == 4 and check["mean"] == pytest.approx(0.195)
+    assert check["verdict"] == "holds"
+    # Leakage claimed lower, measured higher on every scene: reversed.
+    leaky = _rows({"ours": [0.5, 0.6, 0.7], "no_attention_loss": [0.1, 0.25, 0.3]}, "leakage_1")
+    (lowers,) = [c for c in fidelity.check_claims(leaky) if c["claim"].endswith("leakage")]
+    assert lowers["checks"][0]["verdict"] == "reversed"
+    assert lowers["checks"][1]["verdict"] == "too few runs"  # leak_similarity_1: all NaN
+    # Differences of both signs: within noise; a single pair: too few runs.
+    mixed = _rows({"ours": [0.5, 0.1, 0.5], "ti_m": [0.1, 0.5, 0.45]}, "identity_1")
+    (ti_m,) = [c for c in fidelity.check_claims(mixed) if c["reference"] == "ti_m"]
+    assert ti_m["checks"][0]["verdict"] == "within noise"
+    one = _rows({"ours": [0.5], "db_m": [0.1]}, "identity_1")
+    (db_m,) = [c for c in fidelity.check_claims(one) if c["reference"] == "db_m"]
+    assert db_m["checks"][0]["verdict"] == "too few runs"
+
+
+def test_a_partial_report_keeps_only_pairs_every_variant_finished():
+    sys.path.insert(0, str(BENCH))
+    import fidelity
+
+    rows = _rows({v: [0.1, 0.2] for v in VARIANTS})
+    rows = [r for r in rows if not (r["variant"] == "paper" and r["scene"] == 1)]
+    kept = fidelity.complete_groups(rows)
+    assert {r["scene"] for r in kept} == {0} and {r["variant"] for r in kept} == VARIANTS
+    assert fidelity.complete_groups(rows[:3]) == []
