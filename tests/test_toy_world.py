@@ -10,6 +10,7 @@ from diffusers_breakscene.toy.world import (
     HELDOUT_PAIRS,
     HELDOUT_PATTERNS,
     HELDOUT_SHAPES,
+    MAX_OBJECTS,
     PATTERNS,
     SETTINGS,
     SHAPES,
@@ -105,6 +106,11 @@ def test_determinism_by_seed():
     for ma, mb in zip(a.masks, b.masks, strict=True):
         np.testing.assert_array_equal(ma, mb)
     assert not np.array_equal(np.array(a.image), np.array(c.image))
+    assert {len(sample_scene(s).objects) for s in range(40)} == set(range(1, MAX_OBJECTS + 1))
+    assert len(sample_scene(3, "heldout", num_objects=MAX_OBJECTS).objects) == MAX_OBJECTS
+    for bad in (0, MAX_OBJECTS + 1):
+        with pytest.raises(ValueError, match=f"num_objects={bad}: a toy scene holds 1 to 3"):
+            sample_scene(3, num_objects=bad)
     rng1, rng2 = np.random.default_rng(5), np.random.default_rng(5)
     assert [sample_scene(rng1).caption for _ in range(5)] == [
         sample_scene(rng2).caption for _ in range(5)
@@ -117,7 +123,7 @@ def test_train_split_never_holds_out_attributes():
     seen_shapes, seen_patterns = set(), set()
     for _ in range(2000):
         s = sample_scene(rng, split="train")
-        assert 1 <= len(s.objects) <= 3
+        assert 1 <= len(s.objects) <= MAX_OBJECTS
         for o in s.objects:
             assert o.shape not in HELDOUT_SHAPES
             assert o.pattern not in HELDOUT_PATTERNS

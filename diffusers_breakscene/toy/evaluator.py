@@ -58,6 +58,7 @@ from ..mask_ops import erode
 from ..mask_ops import regions as connected_regions
 from .world import (
     COLOURS,
+    MAX_OBJECTS,
     PATTERNS,
     SETTINGS,
     SHAPES,
@@ -114,7 +115,6 @@ SETTING_NAMES: tuple[str, ...] = tuple(SETTINGS)
 _NS, _NC, _NP = len(SHAPES), len(COLOUR_NAMES), len(PATTERNS)
 #: Identities: (shape, colour, pattern), index ``shape * 32 + colour * 4 + pattern``.
 NUM_IDENTITIES = _NS * _NC * _NP
-MAX_OBJECTS = 3
 
 # Label layout of the reader's presence logits.
 _OFF_S = 0

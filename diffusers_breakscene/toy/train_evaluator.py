@@ -67,13 +67,21 @@ from .evaluator import (
     identity_label_table,
     presence_probs,
 )
-from .world import COLOURS, PATTERNS, SETTINGS, SHAPES, ToyObject, render_scene, sample_scene
+from .world import (
+    COLOURS,
+    MAX_OBJECTS,
+    PATTERNS,
+    SETTINGS,
+    SHAPES,
+    ToyObject,
+    render_scene,
+    sample_scene,
+)
 
 __all__ = ["TEST_SEED_BASE", "SceneData", "evaluate", "main", "parse_args", "render_data"]
 
 #: Seeds of evaluation scenes start here; training scenes use seeds below it.
 TEST_SEED_BASE = 10_000_000
-_MAX_OBJECTS = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,7 +152,7 @@ def render_data(seeds: range, log: Any = print) -> SceneData:
     data = SceneData(
         images=np.zeros((n, 64, 64, 3), np.uint8),
         owner=np.full((n, 64, 64), -1, np.int8),
-        ids=np.full((n, _MAX_OBJECTS), NUM_IDENTITIES, np.int64),
+        ids=np.full((n, MAX_OBJECTS), NUM_IDENTITIES, np.int64),
         setting=np.zeros(n, np.int64),
         count=np.zeros(n, np.int64),
     )
@@ -197,7 +205,7 @@ def train_reader(reader: ReaderNet, data: SceneData, args: argparse.Namespace, l
         own = torch.from_numpy(data.owner[idx]).long()
         img, own = _augment(img, gen, own)
         ids = torch.from_numpy(data.ids[idx])  # (B, 3), 192 = none
-        onehot = (own[:, None] == torch.arange(_MAX_OBJECTS)[None, :, None, None]).float()
+        onehot = (own[:, None] == torch.arange(MAX_OBJECTS)[None, :, None, None]).float()
         cover = F.avg_pool2d(onehot, 4)  # (B, 3, 16, 16)
         for g in opt.param_groups:
             g["lr"] = _lr(step, args.steps, args.lr)
@@ -242,7 +250,7 @@ def object_crops(data: SceneData) -> tuple[torch.Tensor, torch.Tensor]:
     crops, ids = [], []
     for i in range(len(data.images)):
         image = data.images[i].astype(np.float32) / 255.0
-        for k in range(_MAX_OBJECTS):
+        for k in range(MAX_OBJECTS):
             if data.ids[i, k] < NUM_IDENTITIES:
                 crops.append(crop_object(image, data.owner[i] == k))
                 ids.append(int(data.ids[i, k]))
@@ -270,7 +278,7 @@ def region_crops(data: SceneData, log: Any = print) -> tuple[torch.Tensor, torch
         for region, _ in colour_regions(image, setting):
             label = torch.zeros(NUM_SHAPE_PATTERNS)
             area = int(region.sum())
-            for k in range(_MAX_OBJECTS):
+            for k in range(MAX_OBJECTS):
                 ident = int(data.ids[i, k])
                 if ident >= NUM_IDENTITIES:
                     continue

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .model import TOY_RESOLUTION, build_vae
-from .world import ToyObject, sample_scene
+from .world import MAX_OBJECTS, ToyObject, sample_scene
 
 __all__ = ["build_cache", "finetune_decoder", "log", "render_batch", "train_vae"]
 
-MAX_OBJECTS = 3
 GRID = TOY_RESOLUTION // 8  # latent / 4
 
 

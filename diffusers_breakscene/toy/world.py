@@ -54,6 +54,7 @@ __all__ = [
     "HELDOUT_PAIRS",
     "HELDOUT_PATTERNS",
     "HELDOUT_SHAPES",
+    "MAX_OBJECTS",
     "PATTERNS",
     "SETTINGS",
     "SHAPES",
@@ -148,6 +149,8 @@ _NIGHT_STAR = (250, 250, 200)
 _FLAT = {"white": (250, 250, 250), "black": (12, 12, 12), "gray": (128, 128, 128)}
 
 # Size is the diameter of the shape's bounding circle as a fraction of the image side.
+#: The most objects a scene holds (scenes hold 1 to this many).
+MAX_OBJECTS = 3
 _TRAIN_SIZE = (0.25, 0.5)
 _EVAL_SIZE = (0.36, 0.46)
 _MIN_VISIBLE = 0.4  # a sampled object keeps at least this fraction of its own area visible
@@ -468,7 +471,8 @@ def sample_scene(
     size: int = DEFAULT_SIZE,
     num_objects: int | None = None,
 ) -> ToySample:
-    """A random scene of 1 to 3 objects (``num_objects`` fixes the count) from ``split``.
+    """A random scene of 1 to :data:`MAX_OBJECTS` objects (``num_objects`` fixes the count)
+    from ``split``.
 
     ``"train"``: no held-out shape, pattern or pair; ``"heldout"``: at least one held-out object;
     ``"any"``: unrestricted. Every object keeps at least 40% of its area visible. Same seed, same
@@ -479,9 +483,14 @@ def sample_scene(
         >>> a.caption == b.caption and in_split(a.objects, "heldout")
         True
     """
+    if num_objects is not None and not 1 <= num_objects <= MAX_OBJECTS:
+        raise ValueError(
+            f"num_objects={num_objects}: a toy scene holds 1 to {MAX_OBJECTS} objects; pass a "
+            "count in that range, or None for a random one"
+        )
     rng = _rng(rng_or_seed)
     while True:
-        n = int(num_objects) if num_objects is not None else int(rng.integers(1, 4))
+        n = int(num_objects) if num_objects is not None else int(rng.integers(1, MAX_OBJECTS + 1))
         setting = str(rng.choice(list(SETTINGS)))
         per_object: Split = "train" if split == "train" else "any"
         objects = [sample_object(rng, per_object) for _ in range(n)]
