@@ -224,8 +224,9 @@ class BreakASceneConfig:
     # --- prior preservation ----------------------------------------------------------------
     prior_preservation: bool = _f(
         False,
-        "Add a DreamBooth prior-preservation loss on generated class images (off in the paper, "
-        "on in the reference code).",
+        "Add a DreamBooth prior-preservation loss on generated class images (the paper does not "
+        "mention it; the reference code turns it on and cannot train without it when the "
+        "attention loss is on: IndexError).",
     )
     prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.")
     class_prompt: str = _f("a photo at the beach", "Prompt of the class images (reference).")
