@@ -9,7 +9,8 @@ For every evaluation scene of the toy world (2-3 objects the base model never sa
 variants are measured in the same run, with the same prompts and seeds
 (:mod:`diffusers_breakscene.toy.experiment`):
 
-* ``ours``: the default configuration (scaled to the toy model: 64 px, LoRA rank 4);
+* ``ours``: the default configuration (scaled to the toy model: 64 px, LoRA rank 2 on the
+  attention projections);
 * ``phase1``: handles only (phase 1 alone, the paper's TI-m);
 * ``base``: no training; the base model prompted with the objects' own words.
 

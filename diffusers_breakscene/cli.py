@@ -872,8 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--model",
         default=None,
-        help="hub id or folder of an SD pipeline, or a built-in name: 'toy' (default: a small "
-        "model trained on the toy world) or 'tiny-sd1' (random weights, shows the workflow only)",
+        help="hub id or folder of an SD pipeline, or a built-in name: 'toy' (a small model "
+        "trained on the toy world) or 'tiny-sd1', 'tiny-sd2', 'tiny-sdxl' (random weights, show "
+        "the workflow only) (default: toy)",
     )
     demo.add_argument(
         "--steps", type=int, default=None, help="optimizer steps of each training phase"
@@ -1143,6 +1144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-checkpoints", action="store_true", help="keep finished scenes' checkpoints"
     )
     _add_config_flags(many)
+    _add_underscore_aliases(many)
     many.set_defaults(func=_cmd_train_many)
 
     tiny = add(

@@ -17,10 +17,14 @@ from diffusers_breakscene.cli import build_parser
 
 NOTES = {
     "demo": (
-        "Draws a scene (a red ball and a blue box), trains on it, saves the bundle, generates"
-        " three images and an attention picture, all under `--output`. On the tiny model each"
-        " phase runs 50 steps at 256 px unless `--steps` / `--resolution` say otherwise; on a"
-        " real model the `BreakASceneConfig` defaults apply (400 + 400 steps, 512 px)."
+        "By default it learns the two objects of one of the toy world's evaluation scenes with"
+        " the built-in toy model (64 px, 400 + 400 steps), saves the bundle, generates four"
+        " images of them in new settings and together, an attention picture and an overview"
+        " beside the input, all under `--output`, and prints the toy evaluator's identity"
+        " similarity and prompt accuracy. With `--model tiny-sd1` (or `tiny-sd2`, `tiny-sdxl`)"
+        " it draws a scene (a red ball and a blue box) and trains 50 steps per phase at 256 px"
+        " on random weights; on a real model the `BreakASceneConfig` defaults apply (400 + 400"
+        " steps, 512 px)."
     ),
     "generate": (
         "Writes `OUTPUT/00.png`, `01.png`, ... one per `--prompt`, with seeds `--seed`, "
@@ -126,13 +130,16 @@ the version.
 List flags take one or more values and may be repeated: `--mask m0.png --mask m1.png` and
 `--mask m0.png m1.png` are the same (`--initializer`, `--token`, `--prompt`, `--bundle`,
 `--scale`, `--token-prefix` and the list settings such as `--lora-target-modules` alike).
-`breakscene train` also accepts the spelling of diffusers' training scripts: every
-`--dashed-flag` as `--underscored_flag` (`--lora_rank`, `--mixed_precision`,
-`--gradient_checkpointing`, `--no_union_sampling`, ...), and `--pretrained_model_name_or_path`,
-`--output_dir`, `--instance_data_dir`, `--rank` (`--lora-rank`), `--validation_prompt`.
+`breakscene train` and `train-many` also accept the spelling of diffusers' training scripts
+(not listed in the tables below): every `--dashed-flag` as `--underscored_flag` (`--lora_rank`,
+`--mixed_precision`, `--gradient_checkpointing`, `--no_union_sampling`, ...), `--rank`
+(`--lora-rank`) and `--validation_prompt`; `train` also `--pretrained_model_name_or_path`,
+`--output_dir` and `--instance_data_dir`.
 
-Models (`--model`) are a hub id, a local diffusers folder, or `tiny-sd1`: the built-in tiny
-model with random weights (offline; shows the workflow, not image quality). Bundles
+Models (`--model`) are a hub id, a local diffusers folder, or a built-in name: `toy` (a small
+pipeline trained on the [toy world](toy-world.md), offline) or `tiny-sd1`, `tiny-sd2`,
+`tiny-sdxl` (tiny models with random weights, offline; they show the workflow, not image
+quality). Bundles
 (`--bundle`, `bundle`) are a bundle file, a folder holding `break_a_scene.safetensors`, or a
 hub repo id.
 """
@@ -203,7 +210,9 @@ def generate() -> str:
             actions = [
                 a
                 for a in group._group_actions
-                if not isinstance(a, argparse._HelpAction) and a.dest not in ("quiet", "debug")
+                if not isinstance(a, argparse._HelpAction)
+                and a.dest not in ("quiet", "debug")
+                and a.help is not argparse.SUPPRESS  # diffusers-style aliases, said in HEADER
             ]
             if not actions:
                 continue

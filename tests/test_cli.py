@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffusers_breakscene import BreakASceneConfig, Bundle
 from diffusers_breakscene.cli import build_parser, config_from_args, main
+from diffusers_breakscene.config_schema import field_specs
 from diffusers_breakscene.demo import NOTICE, draw_demo_scene
 
 
@@ -279,6 +280,61 @@ def test_train_has_a_flag_per_config_field(capsys):
     for f in dataclasses.fields(BreakASceneConfig):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "--no-union-sampling" in out
+
+
+#: Values the generic rule of ``_other_value`` would make invalid, and the flags they need.
+_VALID_OTHER = {
+    "attention_resolution_divisor": (8, []),
+    "resolution": (256, []),
+    "lr_scheduler": ("cosine", []),
+    "report_to": ("tensorboard", []),
+    "train_text_encoder": (True, ["--phase2", "full"]),
+}
+
+
+def _other_value(spec):
+    """A valid value of a config field that is not its default."""
+    if spec.name in _VALID_OTHER:
+        return _VALID_OTHER[spec.name][0]
+    if spec.kind == "bool":
+        return not spec.default
+    if spec.kind == "choice":
+        return next(c for c in spec.choices if c != spec.default)
+    if spec.kind == "names":
+        return ("first_name", "second_name")
+    if spec.kind == "int":
+        return 2 if spec.default is None else spec.default + 1
+    if spec.kind == "float":
+        return 0.5 if not spec.default else spec.default / 2
+    return "x" if spec.default is None else spec.default + " x"
+
+
+def _flag(spec, value, underscore: bool) -> list[str]:
+    name = spec.name if underscore else spec.name.replace("_", "-")
+    if spec.kind == "bool":
+        return [f"--{name}" if value else f"--no{'_' if underscore else '-'}{name}"]
+    return [f"--{name}", *value] if spec.kind == "names" else [f"--{name}", str(value)]
+
+
+_SPECS = list(field_specs(BreakASceneConfig))
+
+
+@pytest.mark.parametrize("spec", _SPECS, ids=[s.name for s in _SPECS])
+def test_every_config_flag_sets_its_field_in_train_and_train_many(spec):
+    value = _other_value(spec)
+    extra = _VALID_OTHER.get(spec.name, (None, []))[1]
+    commands = (
+        ["train", "--scene-dir", "s", "--output", "o"],
+        ["train-many", "s", "--output", "o"],
+    )
+    for command in commands:
+        for underscore in (False, True):  # --lora-rank and diffusers' --lora_rank
+            args = build_parser().parse_args([*command, *extra, *_flag(spec, value, underscore)])
+            config = config_from_args(args)
+            assert getattr(config, spec.name) == value, (command[0], underscore)
+            assert getattr(config_from_args(build_parser().parse_args(command)), spec.name) == (
+                spec.default
+            )
 
 
 def test_config_file_and_flags_merge(tmp_path):
