@@ -49,6 +49,15 @@ def test_help_shows_examples(capsys):
         assert f"breakscene {command}" in out
 
 
+def test_version_prints_the_installed_version(capsys):
+    import diffusers_breakscene
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"breakscene {diffusers_breakscene.__version__}"
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["generate", "--prompt", "x"])  # --bundle is missing
@@ -171,6 +180,11 @@ def test_generate_flags_images_negative_prompt_scheduler_dtype_fuse(trained, tmp
     plain = tmp_path / "plain"
     assert main([*argv, "--output", str(plain), "--quiet"]) == 0
     assert not np.array_equal(first, np.asarray(Image.open(plain / "00.png")))  # the negative
+    unguided = tmp_path / "unguided"
+    assert main([*argv, "--output", str(unguided), "--guidance", "1", "--quiet"]) == 0
+    # guidance 1 is the conditional prediction alone: another image than the default 7.5
+    unguided_image = np.asarray(Image.open(unguided / "00.png"))
+    assert not np.array_equal(unguided_image, np.asarray(Image.open(plain / "00.png")))
     fused = tmp_path / "fused"
     flags = [
         "--fuse",
