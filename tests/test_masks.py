@@ -154,7 +154,7 @@ def test_masks_from_sam_refuses_bad_prompts(sam_folder, kwargs, message):
 
 
 @pytest.mark.slow
-def test_cli_masks_writes_a_scene_folder_from_words_or_boxes(tmp_path, sam_folder, capsys):
+def test_cli_masks_writes_a_scene_folder_from_words_boxes_or_points(tmp_path, sam_folder, capsys):
     image = tmp_path / "photo.png"
     photo().save(image)
     rc = main(["masks", str(image), "--words", "a cup", "a bowl", "--model", "tiny-sd1",
@@ -166,6 +166,9 @@ def test_cli_masks_writes_a_scene_folder_from_words_or_boxes(tmp_path, sam_folde
     rc = main(["masks", str(image), "--box", "8", "8", "24", "24", "--label", "cup", "--quiet",
                "--sam-model", str(sam_folder), "--output", str(tmp_path / "sam")])  # fmt: skip
     assert rc == 0 and (tmp_path / "sam" / "mask0.png").is_file()
+    rc = main(["masks", str(image), "--point", "16", "16", "--point", "48", "30", "--quiet",
+               "--sam-model", str(sam_folder), "--output", str(tmp_path / "points")])  # fmt: skip
+    assert rc == 0 and len(bas.Scene.from_dir(tmp_path / "points").masks) == 2
     rc = main(["masks", str(image), "--output", str(tmp_path / "none")])
     assert rc == 1 and "say what to mask in one way" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
