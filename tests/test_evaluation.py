@@ -165,6 +165,8 @@ def test_report_summarises_per_handle_and_by_handle_count_and_saves_json_and_mar
     assert json.loads(json_path.read_text())["images"][1]["identity"]["<asset1>"] == 0.4
     markdown = md_path.read_text()
     assert "| `<asset1>` | hat | 0.400 ± 0.000 (n=1) |" in markdown and "1.png" in markdown
+    assert report.to_markdown() == markdown
+    assert json.loads(json.dumps(report.to_dict())) == json.loads(json_path.read_text())
 
 
 # -- images in and out ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from diffusers_breakscene.handles import (
     get_handle_embeddings,
     initial_handle_rows,
     set_handle_embeddings,
+    token_ids,
 )
 from diffusers_breakscene.lora import add_unet_lora, lora_metadata, lora_state_dict
 
@@ -27,6 +28,9 @@ def test_add_handles_appends_tokens_and_keeps_other_rows(sd1_pipe):
     assert tok("a photo of <asset0>").input_ids.count(ids[0]) == 1
     dog = tok("dog", add_special_tokens=False).input_ids
     assert torch.equal(after[ids[0]], before[dog].mean(0))
+    assert token_ids(tok, ["<asset1>", "<asset0>"]) == [ids[1], ids[0]]
+    with pytest.raises(TokenConflictError, match=r"\['<asset7>'\] are not in the tokenizer"):
+        token_ids(tok, ["<asset0>", "<asset7>"])
 
 
 def test_multi_token_initializer_uses_the_mean_of_its_pieces(sd1_pipe):
