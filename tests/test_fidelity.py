@@ -173,20 +173,16 @@ def test_saved_runs_are_reused_and_shards_split_the_missing_ones(smoke, tmp_path
     assert "**Partial report**: 8 of the plan's 8 runs" in text and "scene 0 seed 0" in text
 
 
-def test_shard_must_be_k_of_n(tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--shard", "2/2"], "--shard 2/2"), (["--partial", "--fresh"], "--partial trains nothing")],
+)
+def test_bad_flags_are_usage_errors_before_any_work(tmp_path, flags, message):
     result = subprocess.run(
-        [sys.executable, str(BENCH / "fidelity.py"), "--smoke", "--shard", "2/2", "--out",
-         str(tmp_path)],
+        [sys.executable, str(BENCH / "fidelity.py"), "--smoke", *flags, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
     )  # fmt: skip
-    assert result.returncode == 2 and "--shard 2/2" in result.stderr
-    assert not list(tmp_path.iterdir())
-    result = subprocess.run(
-        [sys.executable, str(BENCH / "fidelity.py"), "--smoke", "--partial", "--fresh", "--out",
-         str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=BENCH.parent,
-    )  # fmt: skip
-    assert result.returncode == 2 and "--partial trains nothing" in result.stderr
+    assert result.returncode == 2 and message in result.stderr
     assert not list(tmp_path.iterdir())
 
 
