@@ -54,8 +54,8 @@ Curve (``ours`` and ``paper``, on the curve seeds of every scene): one-handle id
 one-handle prompts, seed and sampler as the table, rendered inside the one training run), and the
 first step at which ``ours``' mean reaches ``paper``'s final mean.
 
-Writes ``<out>/fidelity[-quick|-smoke].json``, ``.md`` and ``.png`` (identity against prompt
-accuracy, one point per variant; default out: benchmarks/results).
+Writes ``<out>/fidelity[-quick|-smoke].json``, ``.md``, ``.png`` (identity against prompt
+accuracy, one point per variant) and ``-curve.png`` (the curve; default out: benchmarks/results).
 
 Resumable: every finished run is saved at once in ``<out>/fidelity[-mode]-runs/`` (one JSON file
 per variant, scene and seed, written atomically). Run the same command again after a stop and
@@ -309,6 +309,7 @@ def run(
         }
     reports.write(out, name, report, markdown(report))
     scatter(report["summary"]).save(out / f"{name}.png")
+    curve_picture(report["curve"], base.phase1_steps).save(out / f"{name}-curve.png")
     return report
 
 
@@ -813,6 +814,54 @@ def scatter(summary: dict[str, dict[str, Any]], size: tuple[int, int] = (640, 42
         row = top + 18 * (k - 1)
         draw.ellipse([width - right + 14, row + 2, width - right + 22, row + 10], fill=colour)
         draw.text((width - right + 28, row), f"{k} {variant} ({x:.3f}, {y:.3f})", fill=black)
+    return canvas
+
+
+def curve_picture(
+    curve: dict[str, Any], phase1_steps: int, size: tuple[int, int] = (640, 420)
+) -> Any:
+    """One-handle identity (y) against training step (x) for every curve variant (mean over the
+    curve runs, a line per variant), with ``paper``'s final identity as a dashed line and the
+    end of phase 1 as a grey line; drawn with PIL."""
+    lines = {v: list(zip(curve[v]["steps"], (p["mean"] for p in curve[v]["identity"]), strict=True))
+             for v in CURVE_VARIANTS}  # fmt: skip
+    lines = {v: [(x, y) for x, y in pts if not math.isnan(y)] for v, pts in lines.items()}
+    xs = [x for pts in lines.values() for x, _ in pts] or [0.0, 1.0]
+    ys = [y for pts in lines.values() for _, y in pts]
+    target = curve.get("paper_final_identity", math.nan)
+    ys += [] if math.isnan(target) else [target]
+    x_range = (0.0, float(max(max(xs), 1)))
+    canvas, draw, at = plot_frame(
+        size, x_range, _axis_range(ys or [0.0, 1.0]), "training step",
+        "one-handle identity (toy evaluator)", x_format=".0f",
+    )  # fmt: skip
+    width, height = size
+    _, right, top, bottom = PLOT_MARGINS
+    grey, black = (160, 160, 160), (0, 0, 0)
+    if x_range[0] < phase1_steps < x_range[1]:
+        u, _ = at(phase1_steps, 0)
+        draw.line([u, top, u, height - bottom], fill=grey)
+        draw.text((u + 3, top + 2), "phase 2 starts", fill=grey)
+    colours = {"ours": (31, 119, 180), "paper": (214, 39, 40)}
+    if not math.isnan(target):
+        _, v = at(0, target)
+        for u in range(PLOT_MARGINS[0], width - right, 12):  # dashed
+            draw.line([u, v, min(u + 6, width - right), v], fill=colours["paper"])
+    for k, (variant, pts) in enumerate(lines.items()):
+        colour = colours.get(variant, black)
+        pixels = [at(x, y) for x, y in pts]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for u, v in pixels:
+            draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
+        row = top + 18 * k
+        draw.line([width - right + 12, row + 6, width - right + 24, row + 6], fill=colour, width=2)
+        draw.text(
+            (width - right + 28, row), f"{variant} ({curve[variant]['runs']} runs)", fill=black
+        )
+    row = top + 18 * len(lines)
+    draw.line([width - right + 12, row + 6, width - right + 24, row + 6], fill=colours["paper"])
+    draw.text((width - right + 28, row), "paper's final identity", fill=black)
     return canvas
 
 

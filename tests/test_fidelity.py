@@ -121,8 +121,13 @@ def test_markdown_and_scatter_picture(smoke):
     assert "n/a in `leakage_2`" in text and "| 4 |" in text and "paper's final identity" in text
     assert "| the attention loss lowers leakage | ours - no_attention_loss |" in text
     assert "Every variant against `ours`" in text and "| prior_preservation | " in text
-    with Image.open(folder / "fidelity-smoke.png") as picture:
-        assert picture.size[0] > 300 and picture.size[1] > 200
+    for name in ("fidelity-smoke.png", "fidelity-smoke-curve.png"):
+        with Image.open(folder / name) as picture:
+            assert picture.size[0] > 300 and picture.size[1] > 200
+            # ours' blue is drawn inside the plot box (its point or its line), not only in the
+            # legend on the right
+            inside = picture.convert("RGB").crop((61, 31, 409, 369))
+            assert (31, 119, 180) in {c for _, c in inside.getcolors(maxcolors=100_000)}, name
 
 
 @pytest.mark.slow
