@@ -689,7 +689,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['load_average_start']} at start; {report['date']}."
         + (
             f" {report['resumed_runs']} of {len(report['rows'])} runs were saved by an earlier "
-            "call and reused (their time is not in this one's)."
+            "call and reused (their time is not in this one's; the runs' own training took "
+            f"{sum(r.get('train_s', 0.0) for r in report['rows']) / 60:.0f} core-minutes in all)."
             if report.get("resumed_runs")
             else ""
         ),
