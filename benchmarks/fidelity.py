@@ -804,12 +804,10 @@ def scatter(summary: dict[str, dict[str, Any]], size: tuple[int, int] = (640, 42
     width, _ = size
     _, right, top, _ = PLOT_MARGINS
     black = (0, 0, 0)
-    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
-               (140, 86, 75), (227, 119, 194), (127, 127, 127)]  # fmt: skip
     # Numbers on the points and names in a legend: variants often land on top of each other.
     for k, (variant, (x, y)) in enumerate(points.items(), start=1):
         u, v = at(x, y)
-        colour = palette[(k - 1) % len(palette)]
+        colour = PALETTE[(k - 1) % len(PALETTE)]
         draw.ellipse([u - 5, v - 5, u + 5, v + 5], fill=colour, outline=black)
         draw.text((u + 7, v - 12), str(k), fill=colour)
         row = top + 18 * (k - 1)
@@ -843,7 +841,7 @@ def curve_picture(
         u, _ = at(phase1_steps, 0)
         draw.line([u, top, u, height - bottom], fill=grey)
         draw.text((u + 3, top + 2), "phase 2 starts", fill=grey)
-    colours = {"ours": (31, 119, 180), "paper": (214, 39, 40)}
+    colours = {v: PALETTE[VARIANTS.index(v)] for v in CURVE_VARIANTS}  # as in the scatter
     if not math.isnan(target):
         _, v = at(0, target)
         for u in range(PLOT_MARGINS[0], width - right, 12):  # dashed
@@ -866,6 +864,9 @@ def curve_picture(
     return canvas
 
 
+#: Colours of the pictures' points and lines (the first two: ``ours`` and ``paper``).
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127))  # fmt: skip
 #: Room around the plot box (left, right, top, bottom): tick labels left, the legend right.
 PLOT_MARGINS = (60, 230, 30, 50)
 

@@ -26,13 +26,11 @@ def test_cli_reference_names_every_subcommand_and_flag():
     for name, parser in subcommands().items():
         assert f"## {name}\n" in text, f"docs/cli.md lacks a section for `breakscene {name}`"
         section = text.split(f"## {name}\n", 1)[1].split("\n## ", 1)[0]
-        shown = {a.dest: a for a in parser._actions if a.help is not argparse.SUPPRESS}
+        shown = {a.dest for a in parser._actions if a.help is not argparse.SUPPRESS}
         for action in parser._actions:
             if action.help is argparse.SUPPRESS and action.dest not in ("quiet", "debug"):
-                # a hidden diffusers-style alias (--lora_rank): its visible flag is listed,
-                # and the page's header states the rule once
+                # a hidden diffusers-style alias (--lora_rank): its visible flag is listed
                 assert action.dest in shown, (name, action.option_strings)
-                assert "`--underscored_flag`" in text
                 continue
             for flag in action.option_strings:
                 if flag not in ("-h", "--help"):
@@ -41,6 +39,7 @@ def test_cli_reference_names_every_subcommand_and_flag():
                         "python docs/gen_cli.py > docs/cli.md"
                     )
         assert "SUPPRESS" not in section, name
+    assert "`--underscored_flag`" in text  # the header states the hidden aliases' rule once
 
 
 def test_cli_reference_is_generated_from_the_current_parser():
