@@ -4,8 +4,9 @@ attention-loss weight, one at a time around ``ours``, against the paper's recipe
     python benchmarks/defaults_search.py          # scenes 0-5 x seed 0, 400 + 400 steps
     python benchmarks/defaults_search.py --quick  # scene 0 x seed 0, 75 + 75 steps (~12 min)
     python benchmarks/defaults_search.py --smoke --candidates ours,rank_1   # the tests
+    python benchmarks/defaults_search.py --curve --candidates ours,phase1_lr_2x,fast_phase1
 
-A full run is 108 runs of about 1.5 minutes on one core each: about 3 hours in one process, or
+A full run is 114 runs of about 1.5 minutes on one core each: about 3 hours in one process, or
 1.5-2 hours as ``--shard 0/2`` and ``--shard 1/2`` side by side (48 runs took 42 minutes so).
 
 Every candidate (:data:`CANDIDATES`) is ``ours`` (the default recipe scaled to the toy model,
@@ -30,8 +31,15 @@ plus prompt accuracy), and the report says the goal was missed. The table also g
 candidate's paired difference from ``paper`` (same scenes and seeds, mean ± standard error) and
 marks the trade-off (Pareto) front of identity against bundle size.
 
-Writes ``<out>/defaults_search[-quick|-smoke].json``, ``.md`` and ``.png`` (identity against
-bundle size; default out: benchmarks/results). The pick is a measurement, not a change:
+Speed (``--curve``): every run also records its one-handle identity every 50 steps, as the
+fidelity benchmark draws ``ours``' and ``paper``'s curves, and the report says at which step each
+candidate's mean first reaches ``paper``'s final identity (the fidelity goal: by step 400). Those
+runs use the fidelity benchmark's plan, so the ``ours`` and ``paper`` runs it saved in
+``<out>/fidelity-runs/`` are reused (same key) and only the other candidates train: about 4.5
+minutes per run on one core.
+
+Writes ``<out>/defaults_search[-quick|-smoke][-curve].json``, ``.md`` and ``.png`` (identity
+against bundle size; with ``--curve``, identity against step; default out: benchmarks/results). The pick is a measurement, not a change:
 ``BreakASceneConfig``'s defaults change by hand, with the report cited in docs/fidelity.md.
 """
 
@@ -84,6 +92,12 @@ CANDIDATES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "phase2_lr_3x": lambda base: {"phase2_learning_rate": base.phase2_learning_rate * 3},
     "phase1_lr_half": lambda base: {"phase1_learning_rate": base.phase1_learning_rate / 2},
     "phase1_lr_2x": lambda base: {"phase1_learning_rate": base.phase1_learning_rate * 2},
+    # Phase 1 in half its steps at twice its rate; phase 2 takes the steps left (same total).
+    "fast_phase1": lambda base: {
+        "phase1_learning_rate": base.phase1_learning_rate * 2,
+        "phase1_steps": base.phase1_steps // 2,
+        "phase2_steps": base.phase2_steps + base.phase1_steps - base.phase1_steps // 2,
+    },
     "lambda_0.3x": lambda base: {"lambda_attention": base.lambda_attention * 0.3},
     "lambda_3x": lambda base: {"lambda_attention": base.lambda_attention * 3},
     "lambda_10x": lambda base: {"lambda_attention": base.lambda_attention * 10},
@@ -152,9 +166,14 @@ def run(
     names: list[str],
     fresh: bool = False,
     shard: tuple[int, int] | None = None,
+    curve: bool = False,
 ) -> dict[str, Any] | None:
     """Train and score every candidate on the mode's scenes and seeds; write the report
-    (``None`` and no report with ``shard``, as in ``benchmarks/fidelity.py``)."""
+    (``None`` and no report with ``shard``, as in ``benchmarks/fidelity.py``).
+
+    With ``curve`` every run also draws the identity curve, on the fidelity benchmark's plan for
+    the mode (the same key for the same configuration, scene and seed), and a run that the
+    fidelity benchmark saved in ``<out>/fidelity[-mode]-runs/`` under that key is reused."""
     import torch
     from workers import sd21_base_pipeline_bytes
 
@@ -164,8 +183,13 @@ def run(
     from diffusers_breakscene.toy.world import evaluation_scenes
 
     name = "defaults_search" if mode == "full" else f"defaults_search-{mode}"
+    spec, shared = MODES[mode], None
+    if curve:
+        # fidelity's plan for the mode, on this mode's scenes and seeds (which no key holds)
+        spec = {**fidelity.MODES[mode], "scenes": spec["scenes"], "seeds": spec["seeds"]}
+        shared = out / ("fidelity-runs" if mode == "full" else f"fidelity-{mode}-runs")
+        name += "-curve"
     runs_dir = out / f"{name}-runs"
-    spec = MODES[mode]
     torch.set_num_threads(1)  # the toy model is so small that one thread is fastest
     all_scenes = evaluation_scenes()
     base = toy_config(
@@ -185,12 +209,16 @@ def run(
         if shard is not None and number % shard[1] != shard[0]:
             continue
         path = runs_dir / f"{candidate}-scene{index}-seed{seed}.json"
-        key = fidelity.run_key(spec, configs[candidate], index, seed, False, weights)
+        key = fidelity.run_key(spec, configs[candidate], index, seed, curve, weights)
         train = functools.partial(
             fidelity.run_one, candidate, configs[candidate], all_scenes[index], index, seed, spec,
-            evaluator, False,
+            evaluator, curve,
         )  # fmt: skip
-        row, reused = fidelity.saved_or_new(path, key, fresh, train)
+        row = None if fresh or shared is None else _saved_elsewhere(path, key, shared)
+        if row is not None:
+            reused = True
+        else:
+            row, reused = fidelity.saved_or_new(path, key, fresh, train)
         resumed += reused
         rows.append(row)
         print(f"{candidate} scene {index} seed {seed}: identity {_score(row, 'identity'):.3f}, "
@@ -227,6 +255,7 @@ def run(
             "inference_steps": spec["inference_steps"],
             "guidance": fidelity.GUIDANCE,
             "sd_rank_factor": SD_RANK_FACTOR,
+            "curve_every": spec["curve_every"] if curve else None,
             "sd21_pipeline_bytes_fp32": pipeline_bytes,
         },
         "config": base.to_dict(),
@@ -237,9 +266,25 @@ def run(
         "results": results,
         "choice": choose(results),
     }
+    if curve:
+        report["curve"] = fidelity.curve_summary(rows, base.total_steps, list(configs))
     reports.write(out, name, report, markdown(report))
-    tradeoff_picture(results).save(out / f"{name}.png")
+    if curve:  # these candidates differ in speed, not in size: the picture is the curve
+        fidelity.curve_picture(report["curve"], base.phase1_steps).save(out / f"{name}.png")
+    else:
+        tradeoff_picture(results).save(out / f"{name}.png")
     return report
+
+
+def _saved_elsewhere(path: Path, key: str, shared: Path) -> dict[str, Any] | None:
+    """The run saved under ``key`` in this search's folder or, copied from there, in
+    ``shared`` (the fidelity benchmark's runs); ``None`` when neither has it."""
+    row = fidelity.load_run(path, key)
+    if row is None:
+        row = fidelity.load_run(shared / path.name, key)
+        if row is not None:
+            fidelity.save_run(path, key, row)  # this search's folder then holds all its runs
+    return row
 
 
 def _score(row: dict[str, Any], column: str) -> float:
@@ -378,6 +423,19 @@ def markdown(report: dict[str, Any]) -> str:
             "yes" if name in choice["pareto"] else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    curve = report.get("curve")
+    if curve is not None:
+        reached = curve["steps_to_paper_final"]
+        lines += [
+            "",
+            f"One-handle identity during training (every {plan['curve_every']} steps; mean ± "
+            f"spread over runs). First step at which a candidate's mean reaches paper's final "
+            f"identity ({curve['paper_final_identity']:.3f}): "
+            + "; ".join(f"{v} {'never' if s is None else s}" for v, s in reached.items())
+            + ".",
+            "",
+            *fidelity.curve_table(curve),
+        ]
     lines += [
         "",
         f"Goal: identity >= {choice['target_identity']:.3f} (95% of paper's), prompt accuracy >= "
@@ -465,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(CANDIDATES),
         help="comma-separated candidate names (default: all; paper always runs)",
     )
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="also draw every run's identity curve (on the fidelity benchmark's plan, reusing "
+        "its saved runs); the picture is then the curves",
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore the saved runs")
     parser.add_argument(
         "--shard", default=None, metavar="K/N", help="only every N-th run from the K-th"
@@ -476,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--candidates {args.candidates}: choose from {', '.join(CANDIDATES)}")
     shard = fidelity.parse_shard(parser, args.shard)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    report = run(mode, args.out, names, args.fresh, shard)
+    report = run(mode, args.out, names, args.fresh, shard, args.curve)
     if report is not None:
         print(markdown(report))
     return 0

@@ -79,7 +79,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -595,10 +595,21 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
-def curve_summary(rows: list[dict[str, Any]], total_steps: int) -> dict[str, Any]:
-    """Mean identity per step of each curve variant, and when ``ours`` reaches ``paper``'s end."""
-    out: dict[str, Any] = {}
-    for variant in CURVE_VARIANTS:
+def curve_summary(
+    rows: list[dict[str, Any]], total_steps: int, variants: Sequence[str] = CURVE_VARIANTS
+) -> dict[str, Any]:
+    """Mean identity per step of each of ``variants`` (over their runs that drew a curve), and
+    the first step at which each reaches ``paper``'s final mean (``steps_to_paper_final``;
+    ``None``: never). ``variants`` must include ``paper``; the verdict is about ``ours``.
+
+    Example:
+        >>> rows = [{"variant": "ours", "curve": {50: 0.1, 100: 0.3}},
+        ...         {"variant": "paper", "curve": {50: 0.1, 100: 0.2}}]
+        >>> curve_summary(rows, 100)["steps_to_paper_final"]
+        {'ours': 100}
+    """
+    out: dict[str, Any] = {"variants": list(variants)}
+    for variant in variants:
         runs = [r["curve"] for r in rows if r["variant"] == variant and "curve" in r]
         steps = sorted({s for points in runs for s in points})
         out[variant] = {
@@ -606,13 +617,13 @@ def curve_summary(rows: list[dict[str, Any]], total_steps: int) -> dict[str, Any
             "identity": [reports.stats([p[s] for p in runs if s in p]) for s in steps],
             "runs": len(runs),
         }
-    ours, paper = out["ours"], out["paper"]
+    paper = out["paper"]
     target = paper["identity"][-1]["mean"] if paper["steps"] else math.nan
-    reached = next(
-        (s for s, v in zip(ours["steps"], ours["identity"], strict=True) if v["mean"] >= target),
-        None,
-    )
     out["paper_final_identity"] = target
+    out["steps_to_paper_final"] = {
+        v: _first_step_at(out[v], target) for v in variants if v != "paper"
+    }
+    reached = out["steps_to_paper_final"].get("ours")
     out["ours_steps_to_paper_final"] = reached
     goal = f"paper's final identity ({target:.3f})"
     out["verdict"] = (
@@ -621,6 +632,33 @@ def curve_summary(rows: list[dict[str, Any]], total_steps: int) -> dict[str, Any
         else f"ours does not reach {goal} within {total_steps} steps"
     )
     return out
+
+
+def _first_step_at(curve: dict[str, Any], target: float) -> int | None:
+    pairs = zip(curve["steps"], curve["identity"], strict=True)
+    return next((step for step, point in pairs if point["mean"] >= target), None)
+
+
+def curve_variants(curve: dict[str, Any]) -> list[str]:
+    """The variants a :func:`curve_summary` holds (a report written before it named them: ours
+    and paper)."""
+    return list(curve.get("variants", CURVE_VARIANTS))
+
+
+def curve_table(curve: dict[str, Any]) -> list[str]:
+    """Markdown rows: one-handle identity (mean ± spread) per step, a column per variant."""
+    variants = curve_variants(curve)
+    lines = ["| step | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    by_step = {v: dict(zip(curve[v]["steps"], curve[v]["identity"], strict=True)) for v in variants}
+    for step in sorted({s for v in variants for s in curve[v]["steps"]}):
+        cells = [
+            f"{by_step[v][step]['mean']:.3f} ± {by_step[v][step]['std']:.3f}"
+            if step in by_step[v]
+            else "-"
+            for v in variants
+        ]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def complete_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -739,20 +777,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"One-handle identity during training (curve seeds {plan['curve_seeds']}, every "
         f"{plan['curve_every']} steps):",
         "",
-        "| step | " + " | ".join(CURVE_VARIANTS) + " |",
-        "|---|" + "---|" * len(CURVE_VARIANTS),
     ]
-    by_step = {
-        v: dict(zip(curve[v]["steps"], curve[v]["identity"], strict=True)) for v in CURVE_VARIANTS
-    }
-    for step in sorted({s for v in CURVE_VARIANTS for s in curve[v]["steps"]}):
-        cells = [
-            f"{by_step[v][step]['mean']:.3f} ± {by_step[v][step]['std']:.3f}"
-            if step in by_step[v]
-            else "-"
-            for v in CURVE_VARIANTS
-        ]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += curve_table(curve)
     lines += ["", curve["verdict"] + "."]
     lines += [
         "",
@@ -822,8 +848,9 @@ def curve_picture(
     """One-handle identity (y) against training step (x) for every curve variant (mean over the
     curve runs, a line per variant), with ``paper``'s final identity as a dashed line and the
     end of phase 1 as a grey line; drawn with PIL."""
+    variants = curve_variants(curve)
     lines = {v: list(zip(curve[v]["steps"], (p["mean"] for p in curve[v]["identity"]), strict=True))
-             for v in CURVE_VARIANTS}  # fmt: skip
+             for v in variants}  # fmt: skip
     lines = {v: [(x, y) for x, y in pts if not math.isnan(y)] for v, pts in lines.items()}
     xs = [x for pts in lines.values() for x, _ in pts] or [0.0, 1.0]
     ys = [y for pts in lines.values() for _, y in pts]
@@ -841,7 +868,10 @@ def curve_picture(
         u, _ = at(phase1_steps, 0)
         draw.line([u, top, u, height - bottom], fill=grey)
         draw.text((u + 3, top + 2), "phase 2 starts", fill=grey)
-    colours = {v: PALETTE[VARIANTS.index(v)] for v in CURVE_VARIANTS}  # as in the scatter
+    # A variant of the scatter keeps its colour there; others take the colours left over.
+    colours = {v: PALETTE[VARIANTS.index(v)] for v in variants if v in VARIANTS}
+    spare = iter(c for c in PALETTE if c not in colours.values())
+    colours |= {v: next(spare, black) for v in variants if v not in colours}
     if not math.isnan(target):
         _, v = at(0, target)
         for u in range(PLOT_MARGINS[0], width - right, 12):  # dashed

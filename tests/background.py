@@ -33,8 +33,9 @@ def _free_port() -> int:
 
 
 def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
-    """``{job: (test module, argv)}`` in the order the test modules need them (``generate``
-    reads what ``train_scene`` writes); each job writes under ``root / job``."""
+    """``{job: (test modules, comma-separated, argv)}`` in the order the test modules need
+    them (``generate`` reads what ``train_scene`` writes; ``defaults_search_curve`` what
+    ``fidelity`` writes); each job writes under ``root / job`` unless it reads another's."""
 
     def out(job: str) -> list[str]:
         return ["--out", str(root / job)]
@@ -62,9 +63,14 @@ def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
                       *out("toy_model")]),
         "studio_browser": ("test_studio", [str(REPO / "tests" / "studio_browser.py"),
                            *out("studio_browser")]),
-        "fidelity": ("test_fidelity", [str(BENCH / "fidelity.py"), "--smoke", *out("fidelity")]),
+        "fidelity": ("test_fidelity,test_defaults_search", [str(BENCH / "fidelity.py"),
+                     "--smoke", *out("fidelity")]),
         "defaults_search": ("test_defaults_search", [str(BENCH / "defaults_search.py"), "--smoke",
                             "--candidates", "ours,rank_1,kv_only", *out("defaults_search")]),
+        # after "fidelity" and in its folder: it reuses the fidelity smoke run's ours and paper
+        "defaults_search_curve": ("test_defaults_search", [str(BENCH / "defaults_search.py"),
+                                  "--smoke", "--curve", "--candidates", "ours,fast_phase1",
+                                  *out("fidelity")]),
     }  # fmt: skip
 
 
@@ -107,8 +113,8 @@ class Background:
         with self._lock:
             new = [
                 name
-                for name, (module, _) in self._jobs.items()
-                if module in wanted and name not in self._queue
+                for name, (modules_of_job, _) in self._jobs.items()
+                if wanted.intersection(modules_of_job.split(",")) and name not in self._queue
             ]
             self._queue += new
             start = bool(new) and not self._working

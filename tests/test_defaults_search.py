@@ -44,6 +44,37 @@ def test_smoke_run_measures_each_candidate_and_the_paper_recipe(smoke):
     assert Image.open(folder / "defaults_search-smoke.png").size == (640, 420)
 
 
+def test_curve_run_reuses_the_fidelity_runs_and_times_each_candidate():
+    from background import BACKGROUND
+
+    BACKGROUND.stdout("fidelity")  # its saved runs first (a test may start a job early)
+    BACKGROUND.stdout("defaults_search_curve")
+    folder = BACKGROUND.root / "fidelity"
+    report = json.loads((folder / "defaults_search-smoke-curve.json").read_text())
+    # ours and paper were trained by the fidelity smoke run (same plan, configuration, scene,
+    # seed and weights): reused, copied into this search's folder, not trained again
+    assert report["resumed_runs"] == 2 and len(report["rows"]) == 3
+    fidelity_rows = json.loads((folder / "fidelity-smoke.json").read_text())["rows"]
+    for variant in ("ours", "paper"):
+        (mine,) = [r for r in report["rows"] if r["variant"] == variant]
+        (theirs,) = [r for r in fidelity_rows if r["variant"] == variant and r["seed"] == 0]
+        assert mine["identity_1"] == theirs["identity_1"] and mine["curve"] == theirs["curve"]
+        assert (
+            folder / "defaults_search-smoke-curve-runs" / f"{variant}-scene0-seed0.json"
+        ).exists()
+    changes = report["results"]["fast_phase1"]["changes"]
+    assert changes == {"phase1_learning_rate": 1e-3, "phase1_steps": 1, "phase2_steps": 3}
+    curve = report["curve"]
+    assert curve["variants"] == ["ours", "fast_phase1", "paper"]
+    assert curve["fast_phase1"]["steps"] == [2, 4] and curve["fast_phase1"]["runs"] == 1
+    assert set(curve["steps_to_paper_final"]) == {"ours", "fast_phase1"}
+    for reached in curve["steps_to_paper_final"].values():
+        assert reached is None or reached in (2, 4)
+    text = (folder / "defaults_search-smoke-curve.md").read_text()
+    assert "| step | ours | fast_phase1 | paper |" in text and "paper's final identity" in text
+    assert Image.open(folder / "defaults_search-smoke-curve.png").size == (640, 420)
+
+
 def test_bundle_sizes_are_at_sd21_scale(smoke):
     results = smoke[0]["results"]
     ours, rank_1 = results["ours"], results["rank_1"]
