@@ -186,6 +186,23 @@ def test_cli_studio_refuses_a_file_as_output_before_loading_anything(tmp_path, c
     assert "--output" in capsys.readouterr().err
 
 
+def test_studio_without_gradio_names_the_extra_before_anything_is_made(
+    tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from diffusers_breakscene import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the [studio] extra were missing
+    out = tmp_path / "runs"
+    with pytest.raises(MissingDependencyError, match=r"diffusers-breakscene\[studio\]") as error:
+        build_studio(StudioSession("tiny-sd1", tmp_path / "session"))
+    assert isinstance(error.value, ImportError)  # `except ImportError` code still catches it
+    assert main(["studio", "--output", str(out)]) == 1
+    assert "pip install 'diffusers-breakscene[studio]'" in capsys.readouterr().err
+    assert not out.exists()  # refused before the studio made its folder
+
+
 # -- in a real browser ---------------------------------------------------------------------------
 
 
