@@ -39,8 +39,9 @@ runs use the fidelity benchmark's plan, so the ``ours`` and ``paper`` runs it sa
 minutes per run on one core.
 
 Writes ``<out>/defaults_search[-quick|-smoke][-curve].json``, ``.md`` and ``.png`` (identity
-against bundle size; with ``--curve``, identity against step; default out: benchmarks/results). The pick is a measurement, not a change:
-``BreakASceneConfig``'s defaults change by hand, with the report cited in docs/fidelity.md.
+against bundle size; with ``--curve``, identity against step; default out: benchmarks/results).
+The pick is a measurement, not a change: ``BreakASceneConfig``'s defaults change by hand, with
+the report cited in docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -465,13 +466,14 @@ def paired_difference(
     rows: list[dict[str, Any]], name: str, column: str, reference: str = REFERENCE
 ) -> dict[str, float]:
     """Mean and standard error of ``name``'s score minus ``reference``'s on the same scene and
-    seed: the scenes' own difficulty cancels, so this is the fair test of a small difference.
+    seed: the scenes' own difficulty cancels, so this is the fair test of a small difference
+    (over scenes, a scene's seeds averaged first: :func:`reports.paired_difference`).
 
     Example:
         >>> rows = [{"variant": v, "scene": s, "seed": 0, "identity_1": x, "identity_2": x}
         ...         for v, s, x in [("a", 0, .3), ("paper", 0, .2), ("a", 1, .6), ("paper", 1, .4)]]
         >>> {k: round(v, 3) for k, v in paired_difference(rows, "a", "identity").items()}
-        {'mean': 0.15, 'se': 0.05, 'n': 2}
+        {'mean': 0.15, 'se': 0.05, 'n': 2, 'scenes': 2}
     """
     return reports.paired_difference(rows, name, reference, lambda r: _score(r, column))
 

@@ -54,6 +54,10 @@ Curve (``ours`` and ``paper``, on the curve seeds of every scene): one-handle id
 one-handle prompts, seed and sampler as the table, rendered inside the one training run), and the
 first step at which ``ours``' mean reaches ``paper``'s final mean.
 
+Claims and every variant against ``ours``: paired differences (same scene and seed), mean ±
+standard error over the scenes, a scene's seeds averaged first
+(:func:`reports.paired_difference`); a verdict needs two standard errors (:func:`verdict`).
+
 Writes ``<out>/fidelity[-quick|-smoke].json``, ``.md``, ``.png`` (identity against prompt
 accuracy, one point per variant) and ``-curve.png`` (the curve; default out: benchmarks/results).
 
@@ -674,7 +678,7 @@ def complete_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def verdict(difference: dict[str, float], sign: int) -> str:
     """``"holds"`` when the paired difference goes the claimed way (``sign``) by at least two
     standard errors, ``"reversed"`` when it goes the other way as clearly, otherwise
-    ``"within noise"`` (``"too few runs"`` under two pairs).
+    ``"within noise"`` (``"too few runs"`` under two scenes: the error is over scenes).
 
     Example:
         >>> up = {"mean": 0.1, "se": 0.02, "n": 12}
@@ -682,7 +686,7 @@ def verdict(difference: dict[str, float], sign: int) -> str:
         ('holds', 'reversed', 'within noise')
     """
     mean, se = difference["mean"], difference["se"]
-    if difference["n"] < 2 or math.isnan(se):
+    if difference.get("scenes", difference["n"]) < 2 or math.isnan(se):
         return "too few runs"
     if abs(mean) <= 2 * se:  # also a zero difference with zero spread
         return "within noise"
@@ -782,10 +786,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", curve["verdict"] + "."]
     lines += [
         "",
-        "The paper's claims, as paired differences (same scene and seed; mean ± standard error; "
-        "a verdict needs two standard errors):",
+        "The paper's claims, as paired differences (same scene and seed; mean ± standard error "
+        "over scenes, a scene's seeds averaged first; a verdict needs two standard errors):",
         "",
-        "| claim | comparison | measure | difference | pairs | verdict |",
+        "| claim | comparison | measure | difference | pairs (scenes) | verdict |",
         "|---|---|---|---|---|---|",
     ]
     for claim in report["claims"]:
@@ -793,12 +797,13 @@ def markdown(report: dict[str, Any]) -> str:
             way = "higher" if check["sign"] > 0 else "lower"
             lines.append(
                 f"| {claim['claim']} | {claim['variant']} - {claim['reference']} "
-                f"| {check['column']} ({way} claimed) | {_signed(check)} | {check['n']} "
+                f"| {check['column']} ({way} claimed) | {_signed(check)} "
+                f"| {check['n']} ({check.get('scenes', check['n'])}) "
                 f"| {check['verdict']} |"
             )
     lines += [
         "",
-        "Every variant against `ours` (variant - ours, paired; mean ± standard error):",
+        "Every variant against `ours` (variant - ours, paired; mean ± standard error over scenes):",
         "",
         "| variant | " + " | ".join(PAIRED_COLUMNS) + " |",
         "|---|" + "---|" * len(PAIRED_COLUMNS),

@@ -47,29 +47,36 @@ def paired_difference(
     """Mean and standard error of ``value(row)`` of variant ``name`` minus that of ``reference``
     on the same scene and seed (rows carry ``variant``, ``scene`` and ``seed``): the scenes'
     own difficulty cancels, so this is the fair test of a small difference. NaN values and
-    unmatched runs are left out; ``n`` counts the pairs.
+    unmatched runs are left out; ``n`` counts the pairs, ``scenes`` their scenes.
+
+    The seeds of one scene are not independent draws of a scene: their differences are averaged
+    first, and the mean and standard error are over the scenes (a cluster-robust error; with
+    one seed per scene it is the plain paired one). Counting every (scene, seed) pair as
+    independent would shrink the error by up to the square root of the number of seeds.
 
     Example:
         >>> rows = [{"variant": v, "scene": s, "seed": 0, "x": x}
         ...         for v, s, x in [("a", 0, .3), ("b", 0, .2), ("a", 1, .6), ("b", 1, .4)]]
         >>> {k: round(v, 3) for k, v in paired_difference(rows, "a", "b", lambda r: r["x"]).items()}
-        {'mean': 0.15, 'se': 0.05, 'n': 2}
+        {'mean': 0.15, 'se': 0.05, 'n': 2, 'scenes': 2}
     """
     scores = {
         (r["variant"], r["scene"], r["seed"]): value(r)
         for r in rows
         if r["variant"] in (name, reference)
     }
-    diffs = [
-        score - scores[(reference, scene, seed)]
-        for (variant, scene, seed), score in scores.items()
-        if variant == name and (reference, scene, seed) in scores
-    ]
-    diffs = [d for d in diffs if not math.isnan(d)]
-    if not diffs:
-        return {"mean": float("nan"), "se": float("nan"), "n": 0}
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return {"mean": statistics.fmean(diffs), "se": se, "n": len(diffs)}
+    by_scene: dict[Any, list[float]] = {}
+    for (variant, scene, seed), score in scores.items():
+        if variant == name and (reference, scene, seed) in scores:
+            diff = score - scores[(reference, scene, seed)]
+            if not math.isnan(diff):
+                by_scene.setdefault(scene, []).append(diff)
+    n = sum(len(diffs) for diffs in by_scene.values())
+    if not n:
+        return {"mean": float("nan"), "se": float("nan"), "n": 0, "scenes": 0}
+    means = [statistics.fmean(diffs) for diffs in by_scene.values()]
+    se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else float("nan")
+    return {"mean": statistics.fmean(means), "se": se, "n": n, "scenes": len(means)}
 
 
 def write(out: Path, name: str, report: dict[str, Any], markdown: str) -> None:

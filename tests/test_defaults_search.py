@@ -159,6 +159,23 @@ def test_paired_difference_cancels_the_scenes_difficulty():
     assert defaults_search.paired_difference(rows, "missing", "identity")["n"] == 0
 
 
+def test_paired_difference_over_seeds_counts_scenes_not_runs():
+    # Two seeds of each scene give the same difference: they add no evidence about other
+    # scenes, so the standard error is that of the two scene means, not of four runs.
+    rows = [
+        {"variant": v, "scene": scene, "seed": seed, "identity_1": x, "identity_2": x}
+        for scene, gap in ((0, 0.1), (1, 0.3))
+        for seed in (0, 1)
+        for v, x in (("a", 0.5 + gap), ("paper", 0.5))
+    ]
+    diff = defaults_search.paired_difference(rows, "a", "identity")
+    assert diff["mean"] == pytest.approx(0.2) and (diff["n"], diff["scenes"]) == (4, 2)
+    assert diff["se"] == pytest.approx(0.1)  # stdev(0.1, 0.3) / sqrt(2); four runs: 0.058
+    # An unbalanced scene (one seed matched) weighs as much as a scene with two.
+    uneven = [r for r in rows if not (r["scene"] == 1 and r["seed"] == 1 and r["variant"] == "a")]
+    assert defaults_search.paired_difference(uneven, "a", "identity")["mean"] == pytest.approx(0.2)
+
+
 def test_pareto_front_keeps_what_nothing_beats():
     results = {
         "a": _result(0.5, 0, 0.004),
