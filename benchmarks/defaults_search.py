@@ -35,7 +35,7 @@ Speed (``--curve``): every run also records its one-handle identity every 50 ste
 fidelity benchmark draws ``ours``' and ``paper``'s curves, and the report says at which step each
 candidate's mean first reaches ``paper``'s final identity (the fidelity goal: by step 400). Those
 runs use the fidelity benchmark's plan, so the ``ours`` and ``paper`` runs it saved in
-``<out>/fidelity-runs/`` are reused (same key) and only the other candidates train: about 4.5
+``<out>/fidelity-runs/`` are reused (same key) and only the other candidates train: about 4
 minutes per run on one core.
 
 Writes ``<out>/defaults_search[-quick|-smoke][-curve].json``, ``.md`` and ``.png`` (identity
