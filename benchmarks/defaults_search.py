@@ -215,11 +215,7 @@ def run(
             fidelity.run_one, candidate, configs[candidate], all_scenes[index], index, seed, spec,
             evaluator, curve,
         )  # fmt: skip
-        row = None if fresh or shared is None else _saved_elsewhere(path, key, shared)
-        if row is not None:
-            reused = True
-        else:
-            row, reused = fidelity.saved_or_new(path, key, fresh, train)
+        row, reused = fidelity.saved_or_new(path, key, fresh, train, also=shared)
         resumed += reused
         rows.append(row)
         print(f"{candidate} scene {index} seed {seed}: identity {_score(row, 'identity'):.3f}, "
@@ -275,17 +271,6 @@ def run(
     else:
         tradeoff_picture(results).save(out / f"{name}.png")
     return report
-
-
-def _saved_elsewhere(path: Path, key: str, shared: Path) -> dict[str, Any] | None:
-    """The run saved under ``key`` in this search's folder or, copied from there, in
-    ``shared`` (the fidelity benchmark's runs); ``None`` when neither has it."""
-    row = fidelity.load_run(path, key)
-    if row is None:
-        row = fidelity.load_run(shared / path.name, key)
-        if row is not None:
-            fidelity.save_run(path, key, row)  # this search's folder then holds all its runs
-    return row
 
 
 def _score(row: dict[str, Any], column: str) -> float:

@@ -372,11 +372,20 @@ def load_run(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def saved_or_new(
-    path: Path, key: str, fresh: bool, train: Callable[[], dict[str, Any]]
+    path: Path,
+    key: str,
+    fresh: bool,
+    train: Callable[[], dict[str, Any]],
+    also: Path | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """``(row, True)`` for the run saved at ``path`` with ``key`` (unless ``fresh``); otherwise
-    ``(train(), False)``, saved at ``path`` first."""
+    """``(row, True)`` for the run saved at ``path`` with ``key`` (unless ``fresh``), or, when
+    only folder ``also`` holds it (same file name and key), that run copied to ``path``;
+    otherwise ``(train(), False)``, saved at ``path`` first."""
     row = None if fresh else load_run(path, key)
+    if row is None and not fresh and also is not None:
+        row = load_run(also / path.name, key)
+        if row is not None:
+            save_run(path, key, row)  # ``path``'s folder then holds every run of its plan
     if row is not None:
         return row, True
     row = train()
@@ -798,7 +807,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {claim['claim']} | {claim['variant']} - {claim['reference']} "
                 f"| {check['column']} ({way} claimed) | {_signed(check)} "
-                f"| {check['n']} ({check.get('scenes', check['n'])}) "
+                f"| {check['n']} ({check['scenes']}) "
                 f"| {check['verdict']} |"
             )
     lines += [
