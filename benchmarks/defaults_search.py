@@ -5,6 +5,8 @@ attention-loss weight, one at a time around ``ours``, against the paper's recipe
     python benchmarks/defaults_search.py --quick  # scene 0 x seed 0, 75 + 75 steps (~12 min)
     python benchmarks/defaults_search.py --smoke --candidates ours,rank_1   # the tests
     python benchmarks/defaults_search.py --curve --candidates ours,phase1_lr_2x,fast_phase1
+    python benchmarks/defaults_search.py --curve --candidates ours,phase1_lr_2x --scenes all \
+        --seeds 0,1,2   # the fidelity run's plan: reuses all of its ours and paper runs
 
 A full run is 114 runs of about 1.5 minutes on one core each: about 3 hours in one process, or
 1.5-2 hours as ``--shard 0/2`` and ``--shard 1/2`` side by side (48 runs took 42 minutes so).
@@ -36,7 +38,13 @@ fidelity benchmark draws ``ours``' and ``paper``'s curves, and the report says a
 candidate's mean first reaches ``paper``'s final identity (the fidelity goal: by step 400). Those
 runs use the fidelity benchmark's plan, so the ``ours`` and ``paper`` runs it saved in
 ``<out>/fidelity-runs/`` are reused (same key) and only the other candidates train: about 4
-minutes per run on one core.
+minutes per run on one core. As in the fidelity benchmark, only the seeds of its plan's
+``curve_seeds`` (seed 0) draw a curve; a run of another seed is an ordinary run (about 1 minute),
+so ``--scenes all --seeds 0,1,2`` reuses every ``ours`` and ``paper`` run of the fidelity run.
+``--scenes`` and ``--seeds`` replace the mode's lists (the saved runs' keys do not hold them).
+
+Beside the difference from ``paper``, the table gives each candidate's paired difference from
+``ours`` when ``ours`` ran: the test of whether a change of the default is worth making.
 
 Writes ``<out>/defaults_search[-quick|-smoke][-curve].json``, ``.md`` and ``.png`` (identity
 against bundle size; with ``--curve``, identity against step; default out: benchmarks/results).
@@ -168,13 +176,17 @@ def run(
     fresh: bool = False,
     shard: tuple[int, int] | None = None,
     curve: bool = False,
+    scenes: list[int] | None = None,
+    seeds: list[int] | None = None,
 ) -> dict[str, Any] | None:
     """Train and score every candidate on the mode's scenes and seeds; write the report
     (``None`` and no report with ``shard``, as in ``benchmarks/fidelity.py``).
 
     With ``curve`` every run also draws the identity curve, on the fidelity benchmark's plan for
     the mode (the same key for the same configuration, scene and seed), and a run that the
-    fidelity benchmark saved in ``<out>/fidelity[-mode]-runs/`` under that key is reused."""
+    fidelity benchmark saved in ``<out>/fidelity[-mode]-runs/`` under that key is reused; only
+    the fidelity plan's ``curve_seeds`` draw the curve. ``scenes`` / ``seeds`` replace the
+    mode's (indices of ``evaluation_scenes()``)."""
     import torch
     from workers import sd21_base_pipeline_bytes
 
@@ -185,6 +197,7 @@ def run(
 
     name = "defaults_search" if mode == "full" else f"defaults_search-{mode}"
     spec, shared = MODES[mode], None
+    spec = {**spec, **({"scenes": scenes} if scenes else {}), **({"seeds": seeds} if seeds else {})}
     if curve:
         # fidelity's plan for the mode, on this mode's scenes and seeds (which no key holds)
         spec = {**fidelity.MODES[mode], "scenes": spec["scenes"], "seeds": spec["seeds"]}
@@ -210,10 +223,11 @@ def run(
         if shard is not None and number % shard[1] != shard[0]:
             continue
         path = runs_dir / f"{candidate}-scene{index}-seed{seed}.json"
-        key = fidelity.run_key(spec, configs[candidate], index, seed, curve, weights)
+        draws_curve = curve and seed in spec["curve_seeds"]
+        key = fidelity.run_key(spec, configs[candidate], index, seed, draws_curve, weights)
         train = functools.partial(
             fidelity.run_one, candidate, configs[candidate], all_scenes[index], index, seed, spec,
-            evaluator, curve,
+            evaluator, draws_curve,
         )  # fmt: skip
         row, reused = fidelity.saved_or_new(path, key, fresh, train, also=shared)
         resumed += reused
@@ -239,6 +253,12 @@ def run(
                 column: paired_difference(rows, candidate, column)
                 for column in ("identity", "prompt_accuracy")
             },
+            "vs_ours": {
+                column: paired_difference(rows, candidate, column, reference="ours")
+                for column in ("identity", "prompt_accuracy")
+            }
+            if "ours" in configs and candidate not in ("ours", REFERENCE)
+            else None,
             "sd_rank": SD_RANK_FACTOR * config.lora_rank if size is not None else None,
             "sd_bundle_bytes": size,
             "bundle_vs_pipeline": None if size is None else size / pipeline_bytes,
@@ -253,6 +273,7 @@ def run(
             "guidance": fidelity.GUIDANCE,
             "sd_rank_factor": SD_RANK_FACTOR,
             "curve_every": spec["curve_every"] if curve else None,
+            "curve_seeds": spec["curve_seeds"] if curve else None,
             "sd21_pipeline_bytes_fp32": pipeline_bytes,
         },
         "config": base.to_dict(),
@@ -378,8 +399,9 @@ def markdown(report: dict[str, Any]) -> str:
         " (one core per run).",
         "",
         "| candidate | change | identity | prompt acc. | identity - paper's | prompt acc. - "
-        "paper's | IoU | SD rank | bundle at SD2.1 | bundle / pipeline | front |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "paper's | identity - ours' | prompt acc. - ours' | IoU | SD rank | bundle at SD2.1 | "
+        "bundle / pipeline | front |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def stat(value: dict[str, float]) -> str:
@@ -402,6 +424,8 @@ def markdown(report: dict[str, Any]) -> str:
             stat(value["prompt_accuracy"]),
             "-" if name == REFERENCE else paired(value.get("vs_paper", {}).get("identity")),
             "-" if name == REFERENCE else paired(value.get("vs_paper", {}).get("prompt_accuracy")),
+            paired((value.get("vs_ours") or {}).get("identity")),
+            paired((value.get("vs_ours") or {}).get("prompt_accuracy")),
             stat(value["iou"]),
             "-" if value["sd_rank"] is None else str(value["sd_rank"]),
             "full weights" if size is None else f"{size / 1e6:.1f} MB",
@@ -414,7 +438,8 @@ def markdown(report: dict[str, Any]) -> str:
         reached = curve["steps_to_paper_final"]
         lines += [
             "",
-            f"One-handle identity during training (every {plan['curve_every']} steps; mean ± "
+            f"One-handle identity during training (every {plan['curve_every']} steps, seeds "
+            f"{plan.get('curve_seeds') or plan['seeds']}; mean ± "
             f"spread over runs). First step at which a candidate's mean reaches paper's final "
             f"identity ({curve['paper_final_identity']:.3f}): "
             + "; ".join(f"{v} {'never' if s is None else s}" for v, s in reached.items())
@@ -435,8 +460,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{_short(report['config']['lambda_attention'])}.",
         "",
         "Identity and prompt accuracy: mean ± spread over runs of each run's mean of its one- and "
-        "two-handle means. The paper columns: the candidate's score minus the paper recipe's on "
-        "the same scene and seed, mean ± standard error (the fair test of a small difference).",
+        "two-handle means. The paper (ours) columns: the candidate's score minus the paper "
+        "recipe's (ours') on the same scene and seed, mean ± standard error over scenes, a "
+        "scene's seeds averaged first (the fair test of a small difference).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -499,6 +525,28 @@ def tradeoff_picture(results: dict[str, dict[str, Any]], size: tuple[int, int] =
     return canvas
 
 
+SCENE_COUNT = 12  # len(evaluation_scenes()); checked by the tests
+
+
+def _int_list(
+    parser: argparse.ArgumentParser, flag: str, text: str | None, upper: int | None = None
+) -> list[int] | None:
+    """``--scenes`` / ``--seeds`` as a list (``None`` when not given; ``all`` for ``--scenes``
+    is ``0 .. upper - 1``); a bad value is a parser error naming the flag."""
+    if text is None:
+        return None
+    if upper is not None and text.strip() == "all":
+        return list(range(upper))
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 or (upper is not None and v >= upper) for v in values):
+        limit = f" between 0 and {upper - 1}" if upper is not None else ""
+        parser.error(f"{flag} {text}: give comma-separated integers{limit}, e.g. {flag} 0,1")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
@@ -516,6 +564,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also draw every run's identity curve (on the fidelity benchmark's plan, reusing "
         "its saved runs); the picture is then the curves",
     )
+    parser.add_argument(
+        "--scenes",
+        default=None,
+        help="comma-separated scene indices (0-11) or 'all', instead of the mode's",
+    )
+    parser.add_argument(
+        "--seeds", default=None, help="comma-separated seeds instead of the mode's, e.g. 0,1,2"
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore the saved runs")
     parser.add_argument(
         "--shard", default=None, metavar="K/N", help="only every N-th run from the K-th"
@@ -526,8 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         parser.error(f"--candidates {args.candidates}: choose from {', '.join(CANDIDATES)}")
     shard = fidelity.parse_shard(parser, args.shard)
+    scenes = _int_list(parser, "--scenes", args.scenes, upper=SCENE_COUNT)
+    seeds = _int_list(parser, "--seeds", args.seeds)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    report = run(mode, args.out, names, args.fresh, shard, args.curve)
+    report = run(mode, args.out, names, args.fresh, shard, args.curve, scenes, seeds)
     if report is not None:
         print(markdown(report))
     return 0

@@ -3,8 +3,10 @@
 Where the defaults come from ("paper" = arXiv 2305.16311, "reference" = google/break-a-scene
 ``train.py``, "ours" = a choice of this library):
 
-- Two phases of 400 steps each; phase 1 trains the handle embeddings only at 5e-4
-  (paper, reference).
+- Two phases of 400 steps each (paper, reference); phase 1 trains the handle embeddings only at
+  1e-3 (ours, chosen by measurement: on the toy world's 12 scenes x 3 seeds it reaches the paper
+  recipe's final identity by step 350 instead of 800, with final identity and prompt accuracy
+  level with 5e-4, the paper's rate).
 - Phase 2: the paper and the reference fine-tune the whole UNet at 2e-6 (``phase2="full"``,
   ``phase2_full_learning_rate``). Our default is a PEFT LoRA (``phase2="lora"``) at 1e-4, the
   usual LoRA rate (ours), rank 16 on the attention projections (ours, chosen by measurement in
@@ -150,7 +152,9 @@ class BreakASceneConfig:
     phase2_steps: int = _f(
         400, "Optimizer steps of phase 2 (handles + LoRA, or the full UNet). 0 skips it."
     )
-    phase1_learning_rate: float = _f(5e-4, "Learning rate of the handles in phase 1 (paper).")
+    phase1_learning_rate: float = _f(
+        1e-3, "Learning rate of the handles in phase 1 (the paper's is 5e-4)."
+    )
     phase2_learning_rate: float = _f(
         1e-4, "Learning rate of the LoRA weights in phase 2 (typical LoRA rate)."
     )

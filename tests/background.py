@@ -68,9 +68,10 @@ def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
         "defaults_search": ("test_defaults_search", [str(BENCH / "defaults_search.py"), "--smoke",
                             "--candidates", "ours,rank_1,kv_only", *out("defaults_search")]),
         # after "fidelity" and in its folder: it reuses the fidelity smoke run's ours and paper
+        # (seed 0, with curves); seed 1 is not a curve seed: plain runs
         "defaults_search_curve": ("test_defaults_search", [str(BENCH / "defaults_search.py"),
                                   "--smoke", "--curve", "--candidates", "ours,fast_phase1",
-                                  *out("fidelity")]),
+                                  "--seeds", "0,1", *out("fidelity")]),
     }  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from diffusers_breakscene.errors import InvalidConfigError, MissingFileError
     [
         ("phase1_steps", 400),  # paper / reference
         ("phase2_steps", 400),
-        ("phase1_learning_rate", 5e-4),
+        ("phase1_learning_rate", 1e-3),
         ("phase2_learning_rate", 1e-4),
         ("phase2_handle_learning_rate", 2e-6),
         ("phase2_full_learning_rate", 2e-6),

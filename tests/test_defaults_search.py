@@ -3,6 +3,7 @@ by background.py) and its choice rule."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -53,17 +54,26 @@ def test_curve_run_reuses_the_fidelity_runs_and_times_each_candidate():
     report = json.loads((folder / "defaults_search-smoke-curve.json").read_text())
     # ours and paper were trained by the fidelity smoke run (same plan, configuration, scene,
     # seed and weights): reused, copied into this search's folder, not trained again
-    assert report["resumed_runs"] == 2 and len(report["rows"]) == 3
+    assert report["resumed_runs"] == 2 and len(report["rows"]) == 6
+    assert report["plan"]["seeds"] == [0, 1] and report["plan"]["curve_seeds"] == [0]
+    # only seed 0 draws the curve (as in the fidelity run, whose seed-1 runs it can then reuse)
+    assert {r["seed"] for r in report["rows"] if "curve" in r} == {0}
+    assert sum("curve" in r for r in report["rows"]) == 3
     fidelity_rows = json.loads((folder / "fidelity-smoke.json").read_text())["rows"]
     for variant in ("ours", "paper"):
-        (mine,) = [r for r in report["rows"] if r["variant"] == variant]
+        (mine,) = [r for r in report["rows"] if r["variant"] == variant and r["seed"] == 0]
         (theirs,) = [r for r in fidelity_rows if r["variant"] == variant and r["seed"] == 0]
         assert mine["identity_1"] == theirs["identity_1"] and mine["curve"] == theirs["curve"]
         assert (
             folder / "defaults_search-smoke-curve-runs" / f"{variant}-scene0-seed0.json"
         ).exists()
+    # the change of the default is judged against ours, on the same scenes and seeds
+    vs_ours = report["results"]["fast_phase1"]["vs_ours"]
+    assert set(vs_ours) == {"identity", "prompt_accuracy"} and vs_ours["identity"]["n"] == 2
+    assert report["results"]["ours"]["vs_ours"] is None
+    assert report["results"]["paper"]["vs_ours"] is None
     changes = report["results"]["fast_phase1"]["changes"]
-    assert changes == {"phase1_learning_rate": 1e-3, "phase1_steps": 1, "phase2_steps": 3}
+    assert changes == {"phase1_learning_rate": 2e-3, "phase1_steps": 1, "phase2_steps": 3}
     curve = report["curve"]
     assert curve["variants"] == ["ours", "fast_phase1", "paper"]
     assert curve["fast_phase1"]["steps"] == [2, 4] and curve["fast_phase1"]["runs"] == 1
@@ -72,6 +82,7 @@ def test_curve_run_reuses_the_fidelity_runs_and_times_each_candidate():
         assert reached is None or reached in (2, 4)
     text = (folder / "defaults_search-smoke-curve.md").read_text()
     assert "| step | ours | fast_phase1 | paper |" in text and "paper's final identity" in text
+    assert "identity - ours' |" in text and "seeds [0]" in text
     assert Image.open(folder / "defaults_search-smoke-curve.png").size == (640, 420)
 
 
@@ -197,3 +208,17 @@ def test_unknown_candidate_is_named(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="rank_99"):
         defaults_search.candidate_configs(None, ["rank_99"])
+
+
+def test_scenes_and_seeds_replace_the_modes_lists(capsys):
+    from diffusers_breakscene.toy.world import evaluation_scenes
+
+    assert len(evaluation_scenes()) == defaults_search.SCENE_COUNT
+    parser = argparse.ArgumentParser()
+    assert defaults_search._int_list(parser, "--scenes", "all", upper=12) == list(range(12))
+    assert defaults_search._int_list(parser, "--seeds", "0, 2") == [0, 2]
+    assert defaults_search._int_list(parser, "--seeds", None) is None
+    for flag, text in (("--scenes", "12"), ("--scenes", "1,x"), ("--seeds", "-1"), ("--seeds", "")):
+        with pytest.raises(SystemExit):
+            defaults_search.main(["--smoke", flag, text, "--out", "/nonexistent/never-written"])
+        assert f"{flag} {text}: give comma-separated integers" in capsys.readouterr().err
