@@ -109,3 +109,17 @@ def test_run_one_section_only():
     assert data["fresh_vs_cycled_base_inference"] > 0
     assert data["targets_met"]["fused_inference_vs_base"] in (True, False)
     assert data["targets_met"]["lora_vs_full_step_time"] is None
+
+
+def test_sdxl_sized_models_are_built_where_they_are_measured():
+    # On CUDA the step worker builds SDXL's 3.3 G parameters on the GPU (seconds, not minutes on
+    # one CPU thread); the "meta" device checks the same path here without the memory.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import workers
+
+    parts = workers.components("sdxl", 64, device="meta")
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        assert {p.device.type for p in parts[name].parameters()} == {"meta"}, name
+    assert sum(p.numel() for p in parts["unet"].parameters()) == workers.sdxl_unet_params()
+    assert parts["text_encoder_2"].config.hidden_size == 1280
+    assert parts["vae"].device.type == "cpu"  # the tiny VAE: latents are drawn, not encoded
