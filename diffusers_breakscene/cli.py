@@ -86,7 +86,8 @@ def _say(args: argparse.Namespace, text: str = "") -> None:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import save_tiny_pipeline
 
-    path = save_tiny_pipeline(args.directory, args.family, seed=args.seed)
+    directory = args.directory if args.directory is not None else args.output
+    path = save_tiny_pipeline(directory, args.family, seed=args.seed)
     _say(args, f"Saved a tiny {args.family} pipeline (random weights) to {path}")
     return 0
 
@@ -1152,7 +1153,9 @@ def build_parser() -> argparse.ArgumentParser:
         "save an offline tiny SD-family pipeline (random weights)",
         "breakscene tiny-model ./tiny-sd1",
     )
-    tiny.add_argument("directory", help="folder to write the pipeline into")
+    where = tiny.add_mutually_exclusive_group(required=True)
+    where.add_argument("directory", nargs="?", help="folder to write the pipeline into")
+    where.add_argument("--output", help="the same folder, as the other commands name it")
     tiny.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_tiny_model)

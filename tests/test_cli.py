@@ -25,6 +25,17 @@ def test_tiny_model_saves_a_loadable_pipeline(tmp_path, capsys):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
+def test_tiny_model_takes_output_like_the_other_commands(tmp_path, capsys):
+    assert main(["tiny-model", "--output", str(tmp_path / "tiny"), "--family", "sdxl"]) == 0
+    assert (tmp_path / "tiny" / "text_encoder_2").is_dir()
+    for argv in (["tiny-model"], ["tiny-model", str(tmp_path / "a"), "--output", str(tmp_path)]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert "directory" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.slow
 def test_errors_are_one_line_and_exit_non_zero(tmp_path):
     blocker = tmp_path / "file"
