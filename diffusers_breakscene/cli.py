@@ -1156,8 +1156,13 @@ def build_parser() -> argparse.ArgumentParser:
     where = tiny.add_mutually_exclusive_group(required=True)
     where.add_argument("directory", nargs="?", help="folder to write the pipeline into")
     where.add_argument("--output", help="the same folder, as the other commands name it")
-    tiny.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--family",
+        choices=("sd1", "sd2", "sdxl"),
+        default="sd1",
+        help="layout: sd1 (epsilon prediction), sd2 (v-prediction), sdxl (two text encoders)",
+    )
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(func=_cmd_tiny_model)
     return parser
 
