@@ -476,11 +476,18 @@ def report(results: dict[str, Any]) -> str:
     if "sdxl_full_fine_tuning" in results:
         full = results["sdxl_full_fine_tuning"]
         lines += ["", f"SDXL full fine-tuning {full['why']}."]
-    lines += ["", "| step configuration | s/step | peak GB | step GB |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| step configuration | s/step (median) | s/step, min - max | peak GB | step GB |",
+        "|---|---|---|---|---|",
+    ]
     for name, d in results["details"].get("steps", {}).items():
+        # The spread of the timed steps says how far a ratio of two medians can be trusted
+        # (on a GPU single steps of one row varied by up to 30%).
+        times = d.get("step_times_s") or [d["step_time_s"]]
         lines.append(
-            f"| {name} | {d['step_time_s']:.3f} | {d['peak_bytes'] / 1e9:.2f} | "
-            f"{d['step_bytes'] / 1e9:.2f} |"
+            f"| {name} | {d['step_time_s']:.3f} | {min(times):.3f} - {max(times):.3f} | "
+            f"{d['peak_bytes'] / 1e9:.2f} | {d['step_bytes'] / 1e9:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -51,6 +51,10 @@ def test_smoke_run_writes_json_and_markdown():
     assert steps["sdxl_lora_ours_64px_fp32"]["spec"]["gradient_checkpointing"] is False
     assert data["sdxl_gc_lora_step_time_s"] > 0
     assert "| sdxl_gc_lora_ours_64px_fp32 |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| sdxl_lora_ours_64px"))
+    low, high = (float(x) for x in row.split("|")[3].split(" - "))
+    times = steps["sdxl_lora_ours_64px_fp32"]["step_times_s"]
+    assert (low, high) == (round(min(times), 3), round(max(times), 3))
 
 
 def test_sdxl_gpu_mode_refuses_the_cpu_before_measuring(tmp_path):
