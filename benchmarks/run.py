@@ -51,6 +51,8 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("sdxl_bas_vs_plain_lora_step_time", "<= 1.10", lambda v: v <= 1.10),
     ("sdxl_reference_capture_vs_ours_step_time", "(report; target is SD1.5 at 512 px)", None),
     ("sdxl_reference_capture_vs_ours_step_memory", "(report; target is SD1.5 at 512 px)", None),
+    ("sdxl_lora_vs_full_step_time", "(report; where full fine-tuning fits)", None),
+    ("sdxl_lora_vs_full_peak_memory", "(report; where full fine-tuning fits)", None),
 ]
 
 #: Phase-two kinds of the step rows and the captures each one runs (interleaved, one process).
@@ -72,6 +74,7 @@ MODES: dict[str, dict[str, Any]] = {
             "repeats": (1, 1),
             "dtypes": ["bf16"],
             "checkpointing": [False, True],
+            "full": (1, 1),  # full fine-tuning rows where they fit (warm-up, timed)
         },
     },
     "quick": {
@@ -120,6 +123,7 @@ MODES: dict[str, dict[str, Any]] = {
             "repeats": (2, 5),
             "dtypes": ["bf16", "fp16"],
             "checkpointing": [False, True],
+            "full": (1, 3),  # bf16, where FULL_FIT_FACTOR x 41 GB fits (an 80 GB card does)
         },
     },
     # The reference-capture comparison where its targets are stated: SD1.5 size, 512 px, fp32.
@@ -305,18 +309,28 @@ def memory_bytes(device: str) -> int:
     return kib * 1024
 
 
-def sdxl_full_fine_tuning(device: str) -> dict[str, Any]:
-    """Why the SDXL rows have no full fine-tuning: its fp32 + AdamW footprint, computed.
+#: Full fine-tuning's weights, gradients and AdamW moments (16 bytes per UNet parameter) times
+#: this must fit the device for the row to run: room for autocast's weight copies, the
+#: activations at 1024 px and the text encoders (about 60 GB in all for SDXL, estimated).
+FULL_FIT_FACTOR = 1.6
+
+
+def sdxl_full_fine_tuning(device: str, model: str = "sdxl") -> dict[str, Any]:
+    """Whether full fine-tuning of ``model``'s UNet fits ``device``: its fp32 + AdamW footprint.
 
     Full fine-tuning in fp32 holds, per UNet parameter, the weight, its gradient and AdamW's
-    two moments: 16 bytes. The count is SDXL-base's UNet built on the ``meta`` device.
+    two moments: 16 bytes. The count is the UNet built on the ``meta`` device (SDXL-base's, or
+    the tiny SDXL layout's for ``model="tiny-sdxl"``). ``fits``: the device has
+    :data:`FULL_FIT_FACTOR` times that.
     """
-    from workers import sdxl_unet_params
+    from workers import sdxl_unet_params, tiny_unet_params
 
-    params = sdxl_unet_params()
+    params = sdxl_unet_params() if model == "sdxl" else tiny_unet_params("sdxl")
     need, have = 16 * params, memory_bytes(device)
+    fits = have >= FULL_FIT_FACTOR * need
     return {
         "run": False,
+        "fits": fits,
         "unet_params": params,
         "bytes_per_param": 16,
         "bytes_needed": need,
@@ -326,9 +340,10 @@ def sdxl_full_fine_tuning(device: str) -> dict[str, Any]:
             f"weight, gradient and two AdamW moments) = {need / 1e9:.1f} GB before activations "
             f"and the text encoders, "
             + (
-                f"more than this machine's {have / 1e9:.1f} GB"
-                if need > have
-                else f"within this device's {have / 1e9:.1f} GB, but this mode runs LoRA rows only"
+                f"within this device's {have / 1e9:.1f} GB, but this mode runs LoRA rows only"
+                if fits
+                else f"too much for this device's {have / 1e9:.1f} GB (the row runs from "
+                f"{FULL_FIT_FACTOR} times that)"
             )
         ),
     }
@@ -353,7 +368,6 @@ def sdxl_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> 
         results["details"].setdefault("steps", {}).update(details)
     details = results["details"]["steps"]
     dtype = dtypes[0]
-    results.update(step_ratios(details, "sdxl_", cfg["res"], dtype))
     ours = details[f"sdxl_lora_ours_{cfg['res']}px_{dtype}"]
     results["sdxl_lora_step_time_s"] = ours["step_time_s"]
     results["sdxl_lora_peak_bytes"] = ours["peak_bytes"]
@@ -361,7 +375,23 @@ def sdxl_section(mode: dict[str, Any], device: str, results: dict[str, Any]) -> 
     if checkpointed is not None:
         results["sdxl_gc_lora_step_time_s"] = checkpointed["step_time_s"]
         results["sdxl_gc_lora_peak_bytes"] = checkpointed["peak_bytes"]
-    results["sdxl_full_fine_tuning"] = sdxl_full_fine_tuning(device)
+    full = sdxl_full_fine_tuning(device, cfg["model"])
+    if cfg.get("full") and full["fits"]:
+        # Full fine-tuning in mixed precision (fp32 weights and AdamW state, the step under
+        # autocast), the first precision only; a run out of memory is reported, not fatal.
+        try:
+            rows = step_rows(
+                cfg["model"], [cfg["res"]], [dtype], {"full": ALL_PHASES["full"]},
+                {"full": cfg["full"]}, device, "sdxl_",
+            )  # fmt: skip
+        except RuntimeError as err:
+            full["why"] = f"tried and failed: {str(err).strip().splitlines()[-1][:300]}"
+        else:
+            details.update(rows)
+            full["run"] = True
+            full["why"] = f"run in {dtype} (fp32 weights and AdamW state): the sdxl_full_* row"
+    results.update(step_ratios(details, "sdxl_", cfg["res"], dtype))
+    results["sdxl_full_fine_tuning"] = full
     results["sdxl_measured_at"] = f"{cfg['model']} UNet, {cfg['res']} px, {dtype}, batch 1"
     log(f"  SDXL full fine-tuning {results['sdxl_full_fine_tuning']['why']}")
 

@@ -146,6 +146,13 @@ def sdxl_unet_params() -> int:
     return sum(p.numel() for p in unet.parameters())
 
 
+def tiny_unet_params(family: str = "sdxl") -> int:
+    """Parameter count of the tiny pipeline's UNet of ``family`` (tiny.py's; built in a blink)."""
+    from diffusers_breakscene.tiny import tiny_components
+
+    return sum(p.numel() for p in tiny_components(family)["unet"].parameters())
+
+
 def sdxl_components(res: int, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """SDXL-base-sized UNet and text encoders (random weights, built from configs).
 

@@ -50,6 +50,12 @@ def test_smoke_run_writes_json_and_markdown():
     assert steps["sdxl_gc_lora_ours_64px_fp32"]["spec"]["gradient_checkpointing"] is True
     assert steps["sdxl_lora_ours_64px_fp32"]["spec"]["gradient_checkpointing"] is False
     assert data["sdxl_gc_lora_step_time_s"] > 0
+    # Full fine-tuning of the tiny SDXL UNet fits this machine: its row ran, with its ratios.
+    full = data["sdxl_full_fine_tuning"]
+    assert full["fits"] and full["run"] and "sdxl_full_ours_64px_fp32" in steps
+    assert full["unet_params"] == steps["sdxl_full_ours_64px_fp32"]["unet_params"]
+    assert 0 < data["sdxl_lora_vs_full_peak_memory"] < 1.5
+    assert "| sdxl_lora_vs_full_peak_memory |" in table
     assert "| sdxl_gc_lora_ours_64px_fp32 |" in table
     row = next(line for line in table.splitlines() if line.startswith("| sdxl_lora_ours_64px"))
     low, high = (float(x) for x in row.split("|")[3].split(" - "))
@@ -127,3 +133,31 @@ def test_sdxl_sized_models_are_built_where_they_are_measured():
     assert sum(p.numel() for p in parts["unet"].parameters()) == workers.sdxl_unet_params()
     assert parts["text_encoder_2"].config.hidden_size == 1280
     assert parts["vae"].device.type == "cpu"  # the tiny VAE: latents are drawn, not encoded
+
+
+def test_sdxl_full_fine_tuning_runs_only_where_it_fits_and_a_failure_is_reported(monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run
+
+    real = run.sdxl_full_fine_tuning("cpu", "sdxl")
+    assert real["unet_params"] == 2_567_463_684 and real["bytes_needed"] == 16 * 2_567_463_684
+    assert real["fits"] == (real["memory_bytes"] >= run.FULL_FIT_FACTOR * real["bytes_needed"])
+
+    def row(seconds):
+        return {"step_time_s": seconds, "peak_bytes": 10, "peak_over_loaded_bytes": 5,
+                "step_bytes": 5}  # fmt: skip
+
+    def fake_step_rows(model, res, dtypes, phases, repeats, device, prefix="", extra=None):
+        if "full" in phases:
+            raise RuntimeError("worker step failed:\ntorch.OutOfMemoryError: CUDA out of memory")
+        return {f"{prefix}lora_{c}_64px_fp32": row(1.0) for c in phases["lora"]}
+
+    monkeypatch.setattr(run, "step_rows", fake_step_rows)
+    results: dict = {"details": {}}
+    mode = {"sdxl": {"model": "tiny-sdxl", "res": 64, "repeats": (1, 1), "full": (1, 1)}}
+    run.sdxl_section(mode, "cpu", results)
+    full = results["sdxl_full_fine_tuning"]
+    assert full["fits"] and not full["run"]
+    assert full["why"] == "tried and failed: torch.OutOfMemoryError: CUDA out of memory"
+    assert "sdxl_lora_vs_full_step_time" not in results  # no full row, no ratio
+    assert results["sdxl_bas_vs_plain_lora_step_time"] == 1.0
