@@ -627,7 +627,7 @@ CLI_CASES = [
      lambda c: ["tiny-model", str(c / "a-file")], 1,
      r"a-file.*is a file, not a folder; choose another location"),
     ("cli-missing-argument", "breakscene tiny-model (no folder)",
-     lambda c: ["tiny-model"], 2, "required: directory"),
+     lambda c: ["tiny-model"], 2, "arguments directory --output is required"),
     ("cli-push-bad-repo-id", "breakscene push BUNDLE 'not a repo'",
      lambda c: ["push", str(c / "b.safetensors"), "not a repo"], 1,
      "'not a repo' is not a Hub repo id"),
