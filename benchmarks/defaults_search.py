@@ -525,28 +525,6 @@ def tradeoff_picture(results: dict[str, dict[str, Any]], size: tuple[int, int] =
     return canvas
 
 
-SCENE_COUNT = 12  # len(evaluation_scenes()); checked by the tests
-
-
-def _int_list(
-    parser: argparse.ArgumentParser, flag: str, text: str | None, upper: int | None = None
-) -> list[int] | None:
-    """``--scenes`` / ``--seeds`` as a list (``None`` when not given; ``all`` for ``--scenes``
-    is ``0 .. upper - 1``); a bad value is a parser error naming the flag."""
-    if text is None:
-        return None
-    if upper is not None and text.strip() == "all":
-        return list(range(upper))
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 0 or (upper is not None and v >= upper) for v in values):
-        limit = f" between 0 and {upper - 1}" if upper is not None else ""
-        parser.error(f"{flag} {text}: give comma-separated integers{limit}, e.g. {flag} 0,1")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
@@ -582,8 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         parser.error(f"--candidates {args.candidates}: choose from {', '.join(CANDIDATES)}")
     shard = fidelity.parse_shard(parser, args.shard)
-    scenes = _int_list(parser, "--scenes", args.scenes, upper=SCENE_COUNT)
-    seeds = _int_list(parser, "--seeds", args.seeds)
+    scenes = None
+    if args.scenes is not None:
+        from diffusers_breakscene.toy.world import evaluation_scenes
+
+        scenes = reports.int_list(parser, "--scenes", args.scenes, upper=len(evaluation_scenes()))
+    seeds = reports.int_list(parser, "--seeds", args.seeds)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     report = run(mode, args.out, names, args.fresh, shard, args.curve, scenes, seeds)
     if report is not None:

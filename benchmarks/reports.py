@@ -1,5 +1,6 @@
 """What the benchmark scripts share when they write their results: the report header, summary
-statistics, and the JSON + markdown pair under ``benchmarks/results``.
+statistics, and the JSON + markdown pair under ``benchmarks/results``; and the parsing of their
+``--seeds`` / ``--scenes`` lists.
 
 Scripts run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`` and they
 ``import reports``.
@@ -7,6 +8,7 @@ Scripts run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import math
@@ -84,3 +86,28 @@ def write(out: Path, name: str, report: dict[str, Any], markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown)
+
+
+def int_list(
+    parser: argparse.ArgumentParser, flag: str, text: str | None, upper: int | None = None
+) -> list[int] | None:
+    """``--seeds`` / ``--scenes`` as a list of non-negative integers (``None`` when not given;
+    ``all`` is ``0 .. upper - 1`` where an ``upper`` bound is given); a bad value is a parser
+    error naming the flag.
+
+    Example:
+        >>> int_list(argparse.ArgumentParser(), "--seeds", "0, 2")
+        [0, 2]
+    """
+    if text is None:
+        return None
+    if upper is not None and text.strip() == "all":
+        return list(range(upper))
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 or (upper is not None and v >= upper) for v in values):
+        limit = f" between 0 and {upper - 1}" if upper is not None else ""
+        parser.error(f"{flag} {text}: give comma-separated integers{limit}, e.g. {flag} 0,1")
+    return values

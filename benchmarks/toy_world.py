@@ -154,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", default=None, help="comma-separated seeds instead of the mode's (e.g. 0,1)"
     )
     args = parser.parse_args(argv)
-    seeds = None
-    if args.seeds is not None:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")]
-        except ValueError:
-            parser.error(f"--seeds {args.seeds}: give comma-separated integers, e.g. --seeds 0,1")
+    seeds = reports.int_list(parser, "--seeds", args.seeds)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     report = run(mode, args.out, seeds)
     print(markdown(report))

@@ -17,6 +17,7 @@ from PIL import Image
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import defaults_search  # noqa: E402
+import reports  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -213,12 +214,27 @@ def test_unknown_candidate_is_named(tmp_path):
 def test_scenes_and_seeds_replace_the_modes_lists(capsys):
     from diffusers_breakscene.toy.world import evaluation_scenes
 
-    assert len(evaluation_scenes()) == defaults_search.SCENE_COUNT
     parser = argparse.ArgumentParser()
-    assert defaults_search._int_list(parser, "--scenes", "all", upper=12) == list(range(12))
-    assert defaults_search._int_list(parser, "--seeds", "0, 2") == [0, 2]
-    assert defaults_search._int_list(parser, "--seeds", None) is None
+    assert reports.int_list(parser, "--scenes", "all", upper=12) == list(range(12))
+    assert reports.int_list(parser, "--seeds", "0, 2") == [0, 2]
+    assert reports.int_list(parser, "--seeds", None) is None
     for flag, text in (("--scenes", "12"), ("--scenes", "1,x"), ("--seeds", "-1"), ("--seeds", "")):
         with pytest.raises(SystemExit):
             defaults_search.main(["--smoke", flag, text, "--out", "/nonexistent/never-written"])
         assert f"{flag} {text}: give comma-separated integers" in capsys.readouterr().err
+    # --scenes is bounded by the toy world's evaluation scenes, counted, not written down
+    last = len(evaluation_scenes()) - 1
+    with pytest.raises(SystemExit):
+        defaults_search.main(["--smoke", "--scenes", str(last + 1)])
+    assert f"between 0 and {last}" in capsys.readouterr().err
+
+
+def test_toy_world_reads_its_seeds_with_the_same_parser(capsys):
+    import toy_world
+
+    for text in ("0,x", "-1", "0,,1"):
+        with pytest.raises(SystemExit):
+            toy_world.main(["--smoke", "--seeds", text, "--out", "/nonexistent/never-written"])
+        assert f"--seeds {text}: give comma-separated integers, e.g. --seeds 0,1" in (
+            capsys.readouterr().err
+        )
