@@ -318,7 +318,8 @@ def run(
 
 
 def model_digest(folder: Path) -> str:
-    """SHA-256 over the safetensors files of a pipeline folder: which weights a run used.
+    """SHA-256 over the safetensors files of a pipeline folder (the toy evaluator's included):
+    which weights a run used, and the evaluator's rule for objects read in two regions.
 
     Example:
         >>> from diffusers_breakscene.toy.model import toy_model_path
@@ -329,6 +330,13 @@ def model_digest(folder: Path) -> str:
     for path in sorted(folder.glob("*/*.safetensors")):
         digest.update(path.relative_to(folder).as_posix().encode())
         digest.update(path.read_bytes())
+    evaluator_config = folder / "evaluator" / "config.json"
+    if evaluator_config.is_file():
+        # A scoring rule added after the first runs ("merge") counts only when set, so that
+        # the runs saved before it keep their keys.
+        merge = json.loads(evaluator_config.read_text()).get("merge")
+        if merge is not None:
+            digest.update(f"merge={merge}".encode())
     return digest.hexdigest()
 
 
