@@ -18,6 +18,10 @@ Issue 11's quality targets for the toy model (``--model``, default the shipped `
   shape word, latent/4 map, rendered scenes noised at t = 300/500/700, threshold 0.5 x max) on
   training-split scenes and on scenes of held-out objects. Target: IoU >= 0.5.
 
+``--evaluator FOLDER`` scores with another saved evaluator than the shipped one;
+``--compare-evaluator FOLDER`` also scores the same images with a second one and reports both
+and how often their checks disagree (how much a change of evaluator moves the toy numbers).
+
 Writes ``<out>/toy_model[-quick|-smoke].json`` and ``.md`` (default out: benchmarks/results) and
 a picture of the first generations with their prompts.
 """
@@ -44,21 +48,33 @@ MODES: dict[str, dict[str, int]] = {
 }
 
 
-def run(mode: str, out: Path, model: str, guidance: float, seed: int) -> dict[str, Any]:
+def run(
+    mode: str,
+    out: Path,
+    model: str,
+    guidance: float,
+    seed: int,
+    evaluator: str | None = None,
+    compare: str | None = None,
+) -> dict[str, Any]:
     import numpy as np
     import torch
 
     from diffusers_breakscene.base_pipeline import load_pipeline
     from diffusers_breakscene.toy.attention_check import attention_iou
+    from diffusers_breakscene.toy.evaluator import ToyEvaluator
     from diffusers_breakscene.toy.prompt_check import generation_accuracy, unseen_prompts
 
     spec = MODES[mode]
     torch.set_num_threads(1)  # the toy model is so small that one thread is fastest
     started = time.perf_counter()
+    ev = ToyEvaluator.load(evaluator)  # None: the shipped one
+    other = ToyEvaluator.load(compare) if compare is not None else None
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     prompts = unseen_prompts(spec["one"], spec["two"], seed)
     generation: dict[str, Any] = {}
+    compared: dict[str, Any] = {}
     images: list[Any] = []
     readings: list[Any] = []
     for name, part in (
@@ -66,11 +82,13 @@ def run(mode: str, out: Path, model: str, guidance: float, seed: int) -> dict[st
         ("two_objects", prompts[spec["one"] :]),
     ):
         rates, part_images, scores = generation_accuracy(
-            pipe, part, num_inference_steps=spec["steps"], guidance_scale=guidance, seed=seed
+            pipe, part, ev, num_inference_steps=spec["steps"], guidance_scale=guidance, seed=seed
         )
         generation[name] = {"prompts": len(part), **rates}
         images += part_images
         readings += [s.reading for s in scores]
+        if other is not None:
+            compared[name] = _compare(other, part_images, part, scores)
     gen_s = time.perf_counter() - started
     attention = {}
     for split in ("train", "heldout"):
@@ -84,6 +102,7 @@ def run(mode: str, out: Path, model: str, guidance: float, seed: int) -> dict[st
     report = {
         "mode": mode,
         "model": model,
+        "evaluator": evaluator or "shipped",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "sampler": {
@@ -96,6 +115,7 @@ def run(mode: str, out: Path, model: str, guidance: float, seed: int) -> dict[st
         "generation_seconds": round(gen_s, 1),
         "seconds": round(time.perf_counter() - started, 1),
         "generation": generation,
+        **({"compare_evaluator": {"path": compare, **compared}} if other is not None else {}),
         "attention": attention,
         "examples": [
             {"prompt": p, "read": [o.words for o in r.objects], "setting": r.setting}
@@ -108,6 +128,27 @@ def run(mode: str, out: Path, model: str, guidance: float, seed: int) -> dict[st
     (out / f"{name}.md").write_text(markdown(report))
     _picture(images, prompts, spec["one"]).save(out / f"{name}.png")
     return report
+
+
+def _compare(other: Any, images: list[Any], prompts: list[str], scores: list[Any]) -> dict:
+    """The same images scored by ``other``: its rates, and the share of the checks (colour,
+    shape, pattern of every object; setting) on which it disagrees with ``scores``."""
+    import numpy as np
+
+    theirs = [other.prompt_accuracy(im, p) for im, p in zip(images, prompts, strict=True)]
+    rates = {
+        a: float(np.mean([bool(getattr(o, f"{a}_ok")) for s in theirs for o in s.objects]))
+        for a in ("colour", "shape", "pattern")
+    }
+    rates["setting"] = float(np.mean([bool(s.setting_ok) for s in theirs]))
+    rates["all_right"] = float(np.mean([s.all_ok for s in theirs]))
+    pairs = [
+        (a, b)
+        for s, t in zip(scores, theirs, strict=True)
+        for a, b in zip(s.checks, t.checks, strict=True)
+    ]
+    rates["checks_differing"] = float(np.mean([bool(a) != bool(b) for a, b in pairs]))
+    return rates
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -128,6 +169,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {label} | {v['prompts']} | {v['colour']:.2f} | {v['shape']:.2f} | "
             f"{v['setting']:.2f} | {v['pattern']:.2f} | {v['all_right']:.2f} |"
         )
+    if "compare_evaluator" in report:
+        c = report["compare_evaluator"]
+        lines += [
+            "",
+            f"The same images scored by the evaluator in `{c['path']}` (checks differing: share "
+            f"of colour/shape/pattern/setting checks that the two evaluators decide differently):",
+            "",
+            "| prompts | colour | shape | setting | pattern | all right | checks differing |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, label in (("one_object", "one object"), ("two_objects", "two objects")):
+            v = c[name]
+            lines.append(
+                f"| {label} | {v['colour']:.2f} | {v['shape']:.2f} | {v['setting']:.2f} | "
+                f"{v['pattern']:.2f} | {v['all_right']:.2f} | {v['checks_differing']:.3f} |"
+            )
     lines += [
         "",
         "| attention/mask IoU (shape word, latent/4) | objects | mean IoU | share >= 0.5 |",
@@ -167,9 +224,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--evaluator", default=None, help="evaluator folder (default: shipped)")
+    parser.add_argument(
+        "--compare-evaluator",
+        default=None,
+        help="a second evaluator folder that also scores the same images",
+    )
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    report = run(mode, args.out, args.model, args.guidance, args.seed)
+    report = run(
+        mode, args.out, args.model, args.guidance, args.seed, args.evaluator,
+        args.compare_evaluator,
+    )  # fmt: skip
     print(markdown(report))
     return report
 

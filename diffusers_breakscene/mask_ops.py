@@ -1,4 +1,4 @@
-"""Small numpy operations on bool masks: connected regions and erosion.
+"""Small numpy operations on bool masks: connected regions, erosion and dilation.
 
 Hand-written because no dependency of this package labels regions (scipy and scikit-image are
 not dependencies); the masks they see are small (at most a few hundred pixels on a side).
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["erode", "regions"]
+__all__ = ["dilate", "erode", "regions"]
 
 
 def regions(mask: np.ndarray, connectivity: int = 4) -> list[np.ndarray]:
@@ -54,4 +54,22 @@ def erode(mask: np.ndarray) -> np.ndarray:
     out[:-1] &= mask[1:]
     out[:, 1:] &= mask[:, :-1]
     out[:, :-1] &= mask[:, 1:]
+    return out
+
+
+def dilate(mask: np.ndarray) -> np.ndarray:
+    """``mask`` grown by one pixel: its pixels and their four neighbours (the inverse of
+    :func:`erode`).
+
+    Example:
+        >>> m = np.zeros((3, 3), bool); m[1, 1] = True
+        >>> int(dilate(m).sum()), bool(np.array_equal(erode(dilate(m)), m))
+        (5, True)
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
     return out

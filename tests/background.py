@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES, BENCH = REPO / "examples", REPO / "benchmarks"
+EVALUATOR = REPO / "diffusers_breakscene" / "assets" / "toy" / "evaluator"
 
 
 def _free_port() -> int:
@@ -60,7 +61,7 @@ def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
         "toy_world": ("test_toy_demo", [str(BENCH / "toy_world.py"), "--smoke", "--seeds",
                       "3", *out("toy_world")]),
         "toy_model": ("test_toy_model", [str(BENCH / "toy_model.py"), "--smoke",
-                      *out("toy_model")]),
+                      "--compare-evaluator", str(EVALUATOR), *out("toy_model")]),
         "studio_browser": ("test_studio", [str(REPO / "tests" / "studio_browser.py"),
                            *out("studio_browser")]),
         "fidelity": ("test_fidelity,test_defaults_search", [str(BENCH / "fidelity.py"),

@@ -45,8 +45,8 @@ def fresh_scores(ev):
 
 
 def test_shipped_evaluator_reads_fresh_scenes(fresh_scores):
-    # What the shipped evaluator reaches (docs/toy-evaluator.md: 97.2% of 1,000 test scenes
-    # fully right, 95% of these 100; every one-object scene; setting 100%).
+    # What the shipped evaluator reaches (docs/toy-evaluator.md: 98.3% of 1,000 test scenes
+    # fully right, 98% of these 100; every one-object scene; setting 100%).
     right = [score.all_ok for score in fresh_scores]
     assert np.mean(right) >= 0.85, f"only {np.mean(right):.2f} of 100 fresh scenes read right"
     single = [score.all_ok for score in fresh_scores if len(score.objects) == 1]
@@ -54,15 +54,15 @@ def test_shipped_evaluator_reads_fresh_scenes(fresh_scores):
     assert all(score.setting_ok for score in fresh_scores)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 target not met: the shipped evaluator reads 97.2% of rendered test scenes "
-    "fully right, the target is >= 98%; most misses are touching objects of one colour in "
-    "3-object scenes (docs/toy-evaluator.md, 'Not reached yet')",
-)
-def test_shipped_evaluator_reaches_the_issue_target(fresh_scores):
-    right = [score.all_ok for score in fresh_scores]
-    assert np.mean(right) >= 0.98, f"only {np.mean(right):.2f} of 100 fresh scenes read right"
+def test_shipped_evaluator_reaches_the_issue_target(ev):
+    # Issue 11: right on >= 98% of rendered test images, on the documented 1,000 test scenes
+    # (seeds 10,000,000-10,000,999; docs/toy-evaluator.md: 98.3%, 17 misses).
+    from diffusers_breakscene.toy.train_evaluator import evaluate
+
+    metrics = evaluate(ev, 1000, identity_trials=0, rerender_trials=0, log=lambda *a: None)
+    assert metrics["image_accuracy"] >= 0.98, metrics["image_accuracy"]
+    assert metrics["image_accuracy_by_objects"]["1"] == 1.0
+    assert metrics["setting_accuracy"] == 1.0
 
 
 def test_prompt_accuracy_flags_wrong_colour_shape_and_setting(ev):
@@ -147,7 +147,7 @@ def test_tiny_training_run_writes_loadable_weights(tmp_path):
     assert "image_accuracy" in config["metrics"]
     assert "--crop-multi-share 0.5" in config["training"]["command"]
     loaded = ToyEvaluator.load(out)
-    assert config["version"] == 2 and "crop_reader" in config
+    assert config["version"] == 3 and "crop_reader" in config
     reading = loaded.read_image(sample_scene(SEED).image)
     assert reading.objects  # after 3 steps the crop reader may still name many pairs
 
@@ -215,6 +215,10 @@ def test_evaluator_of_an_older_version_is_refused(tmp_path):
     (tmp_path / "ev" / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(InvalidArgumentError, match="retrain"):
         ToyEvaluator.load(tmp_path / "ev")
+    config["crop_reader"], config["version"] = {"widths": [32, 64, 96], "hidden": 128}, 99
+    (tmp_path / "ev" / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(InvalidArgumentError, match="upgrade"):
+        ToyEvaluator.load(tmp_path / "ev")
 
 
 def test_colour_regions_and_the_crop_reader_split_touching_objects_of_one_colour(ev):
@@ -234,3 +238,81 @@ def test_colour_regions_and_the_crop_reader_split_touching_objects_of_one_colour
         ["green", "square"],
         ["green", "striped", "triangle"],
     ]
+
+
+def test_an_object_cut_in_two_is_one_object_and_two_apart_are_two(tmp_path):
+    import json
+    import shutil
+
+    from diffusers_breakscene.toy.evaluator import CONFIG_NAME, DEFAULT_EVALUATOR_PATH
+
+    shutil.copytree(DEFAULT_EVALUATOR_PATH, tmp_path / "ev")
+    config = json.loads((tmp_path / "ev" / CONFIG_NAME).read_text())
+    config["merge"] = "connected"
+    (tmp_path / "ev" / CONFIG_NAME).write_text(json.dumps(config))
+    ev = ToyEvaluator.load(tmp_path / "ev")
+    square = ToyObject("square", "red", "plain", 0.3, (0.25, 0.5))
+    apart = render_scene([square, ToyObject("square", "red", "plain", 0.3, (0.75, 0.5))], "gray")
+    assert [o.words for o in ev.read_image(apart.image).objects] == [["red", "square"]] * 2
+    ev.config["merge"] = "always"  # the rule of the evaluators before it: identities count once
+    assert [o.words for o in ev.read_image(apart.image).objects] == [["red", "square"]]
+    # a red circle cut in two by a band of two blue squares: two red regions joined through the
+    # blue pixels are one group (one object), the two squares apart are two groups
+    from diffusers_breakscene.toy.evaluator import _object_groups, colour_regions
+
+    band = [ToyObject("square", "blue", "plain", 0.42, (0.5, y)) for y in (0.36, 0.64)]
+    cut = render_scene([ToyObject("circle", "red", "plain", 0.5, (0.5, 0.5)), *band], "gray")
+    regions = colour_regions(cut.image, "gray")
+    assert sorted(k for _, k in regions).count(0) == 2  # the circle's two halves (red = 0)
+    assert len(set(_object_groups([m for m, _ in regions]))) == 1
+    assert len(set(_object_groups([m for m, _ in colour_regions(apart.image, "gray")]))) == 2
+
+
+def test_touching_scenes_put_two_objects_of_one_colour_together():
+    from diffusers_breakscene.toy.evaluator import colour_regions
+    from diffusers_breakscene.toy.train_evaluator import TOUCHING_SEED_BASE, touching_scene
+    from diffusers_breakscene.toy.world import object_mask
+
+    merged = 0
+    for i in range(30):
+        s = touching_scene(TOUCHING_SEED_BASE + i)
+        assert s.caption == touching_scene(TOUCHING_SEED_BASE + i).caption  # deterministic
+        colours = [o.colour for o in s.objects]
+        assert any(colours.count(c) >= 2 for c in colours), colours
+        for obj, mask in zip(s.objects, s.masks, strict=True):
+            assert mask.sum() >= 0.4 * object_mask(obj).sum()
+        merged += len(colour_regions(s.image, s.setting)) < len(s.objects)
+    assert merged >= 15  # most make one region of two objects: the case they are there for
+
+
+@pytest.mark.slow
+def test_training_can_continue_a_saved_evaluator(tmp_path):
+    from safetensors.torch import load_file
+
+    from diffusers_breakscene.toy.evaluator import DEFAULT_EVALUATOR_PATH, WEIGHTS_NAME
+    from diffusers_breakscene.toy.train_evaluator import main
+
+    out = tmp_path / "ev"
+    args = ["--output", str(out), "--init-from", str(DEFAULT_EVALUATOR_PATH), "--steps", "0"]
+    args += ["--embed-steps", "0", "--num-scenes", "24", "--touching-scenes", "24"]
+    args += ["--crop-steps", "2", "--crop-batch-size", "8", "--test-scenes", "8"]
+    config = main([*args, "--identity-trials", "20", "--rerender-trials", "2"])
+    before = load_file(str(DEFAULT_EVALUATOR_PATH / WEIGHTS_NAME))
+    after = load_file(str(out / WEIGHTS_NAME))
+    for name, tensor in before.items():  # the reader and embedder are kept, the crop reader moves
+        same = bool((after[name] == tensor).all())
+        assert same == (not name.startswith("crop_reader.")) or "running" in name or "num_b" in name
+    assert any(not (after[n] == t).all() for n, t in before.items() if n.startswith("crop_reader."))
+    assert config["merge"] == "connected" and "--init-from" in config["training"]["command"]
+    assert "--crop-context" not in config["training"]["command"]  # a false switch is left out
+    assert config["training"]["init_from"]["metrics"]["image_accuracy"] > 0.9
+
+
+def test_training_refuses_an_init_folder_without_an_evaluator(tmp_path):
+    from diffusers_breakscene.toy.train_evaluator import parse_args
+
+    with pytest.raises(InvalidArgumentError, match="--init-from"):
+        parse_args(["--output", str(tmp_path / "out"), "--init-from", str(tmp_path)])
+    with pytest.raises(InvalidArgumentError, match="--steps must be >= 1"):
+        parse_args(["--output", str(tmp_path / "out"), "--steps", "0"])
+    assert not list(tmp_path.iterdir())

@@ -243,6 +243,11 @@ def test_toy_model_benchmark_smoke():
     assert set(report["attention"]) == {"train", "heldout"}
     assert "| one object | 4 |" in (tmp_path / "toy_model-smoke.md").read_text()
     assert (tmp_path / "toy_model-smoke.png").is_file()
+    # compared with the shipped evaluator itself: the same images, the same checks
+    compared = report["compare_evaluator"]
+    for part in ("one_object", "two_objects"):
+        assert compared[part]["checks_differing"] == 0.0
+        assert compared[part]["colour"] == report["generation"][part]["colour"]
 
 
 def test_unseen_prompts_are_not_training_captions():

@@ -12,7 +12,7 @@ In the toy world both are read by three small CNNs trained on rendered scenes
 * the **crop reader** reads the objects: :func:`colour_regions` cuts the image into one-colour
   regions (exact on rendered images: an object, touching objects of one colour, or a piece of
   an object cut in two), and the crop reader gives every (shape, pattern) pair present in each
-  region's crop (see :class:`ImageReading`);
+  region's crop, surroundings included in version 3 (see :class:`ImageReading`);
 * the **embedder** maps an object crop (background blacked out, cropped to the mask's bounding
   square, resized to 32x32, the mask as a 4th channel) to a unit vector. It is trained as a
   cosine classifier over the 6 x 8 x 4 = 192 identities (shape, colour, pattern), so two crops
@@ -54,7 +54,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import InvalidArgumentError, MissingFileError, fail
-from ..mask_ops import erode
+from ..mask_ops import dilate, erode
 from ..mask_ops import regions as connected_regions
 from .world import (
     COLOURS,
@@ -107,8 +107,9 @@ DEFAULT_EVALUATOR_PATH = Path(__file__).resolve().parent.parent / "assets" / "to
 WEIGHTS_NAME = "evaluator.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "diffusers-breakscene-toy-evaluator"
-#: Version 2: objects read per one-colour region by :class:`CropReader`.
-VERSION = 2
+#: Version 2: objects read per one-colour region by :class:`CropReader`. Version 3 adds the
+#: config keys ``merge`` and ``crop_context``/``crop_margin`` (absent: version 2's behaviour).
+VERSION = 3
 
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 SETTING_NAMES: tuple[str, ...] = tuple(SETTINGS)
@@ -434,10 +435,14 @@ def _to_mask(mask: Any, shape: tuple[int, int], name: str = "mask") -> np.ndarra
     return m
 
 
-def crop_object(image: Any, mask: Any, size: int = CROP_SIZE) -> torch.Tensor:
+def crop_object(
+    image: Any, mask: Any, size: int = CROP_SIZE, context: bool = False, margin: int = 1
+) -> torch.Tensor:
     """The embedder's input for one object: ``(4, size, size)`` float, RGB in [0, 1] with the
     pixels outside ``mask`` set to 0, then the mask; cropped to the mask's bounding square (plus
-    1 pixel each side, zero-padded at image borders) and resized (bilinear, antialiased).
+    ``margin`` pixels each side, zero-padded at image borders) and resized (bilinear,
+    antialiased). With ``context`` the pixels outside the mask keep their colour (the crop
+    reader of evaluators saved with ``"crop_context": true`` sees what covers a region's object).
 
     Example:
         >>> from diffusers_breakscene.toy.world import sample_scene
@@ -451,7 +456,7 @@ def crop_object(image: Any, mask: Any, size: int = CROP_SIZE) -> torch.Tensor:
     m = _to_mask(mask, arr.shape[:2])
     ys, xs = np.nonzero(m)
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    side = max(y1 - y0, x1 - x0) + 2
+    side = max(y1 - y0, x1 - x0) + 2 * margin
     top = (y0 + y1 - side) // 2
     left = (x0 + x1 - side) // 2
     canvas = np.zeros((side, side, 4), dtype=np.float32)
@@ -459,8 +464,9 @@ def crop_object(image: Any, mask: Any, size: int = CROP_SIZE) -> torch.Tensor:
     sy0, sy1 = max(top, 0), min(top + side, h)
     sx0, sx1 = max(left, 0), min(left + side, w)
     region = m[sy0:sy1, sx0:sx1]
+    pixels = arr[sy0:sy1, sx0:sx1]
     canvas[sy0 - top : sy1 - top, sx0 - left : sx1 - left, :3] = (
-        arr[sy0:sy1, sx0:sx1] * region[..., None]
+        pixels if context else pixels * region[..., None]
     )
     canvas[sy0 - top : sy1 - top, sx0 - left : sx1 - left, 3] = region
     t = torch.from_numpy(canvas).permute(2, 0, 1)[None]
@@ -622,8 +628,10 @@ class ImageReading:
     * ``objects``: the objects read, most confident first. The image is cut into one-colour
       regions (:func:`colour_regions`, with the predicted setting's background colours); the
       :class:`CropReader` gives every (shape, pattern) pair present in each region (all pairs
-      over 0.5, at least the likeliest); each is an object of the region's colour, and an
-      identity read in several regions (an object cut in two) counts once. ``score``: its
+      over 0.5, at least the likeliest); each is an object of the region's colour. An identity
+      read in several regions counts once when the regions, grown by one pixel, join directly
+      or through other objects (an object cut in two), and once per such group otherwise
+      (evaluators before version 3, without ``"merge": "connected"``: once). ``score``: its
       probability.
     * ``presence``: image-level probability of every label of :data:`LABEL_NAMES`.
     * ``count_probs``: probabilities of 1, 2, 3 objects.
@@ -783,6 +791,19 @@ def colour_regions(image: Any, setting: str, min_area: int = 12) -> list[tuple[n
     return sorted(regions, key=lambda r: -int(r[0].sum()))
 
 
+def _object_groups(masks: list[np.ndarray]) -> list[int]:
+    """For each region, the index of its group: regions grown by one pixel that join, directly
+    or through other regions' pixels, share a group. An identity read in two regions of one group
+    is one object (cut in two by another object); in two groups, two objects."""
+    if len(masks) < 2:
+        return [0] * len(masks)
+    grown = np.zeros_like(masks[0])
+    for m in masks:
+        grown |= dilate(m)
+    components = connected_regions(grown, connectivity=8)
+    return [next(i for i, c in enumerate(components) if c[m].any()) for m in masks]
+
+
 class ToyEvaluator:
     """Reads toy-world images (prompt similarity) and compares objects (identity similarity).
 
@@ -837,6 +858,13 @@ class ToyEvaluator:
                 f"{cfg_file} is not a toy evaluator config of version {VERSION}",
                 "retrain it with python -m diffusers_breakscene.toy.train_evaluator",
             )
+        if int(config.get("version", 1)) > VERSION:
+            fail(
+                InvalidArgumentError,
+                f"{cfg_file} is version {config['version']}, newer than this library reads "
+                f"({VERSION})",
+                "upgrade diffusers-breakscene",
+            )
         nets = {
             "reader": ReaderNet(**config["reader"]),
             "embedder": EmbedNet(**config["embedder"]),
@@ -856,24 +884,31 @@ class ToyEvaluator:
         self, regions: list[list[tuple[np.ndarray, int]]], arrays: list[np.ndarray]
     ) -> list[tuple[ReadObject, ...]]:
         """Objects of each image from its one-colour regions (see :class:`ImageReading`)."""
+        context = bool(self.config.get("crop_context", False))
+        margin = int(self.config.get("crop_margin", 1))
         crops = [
-            crop_object(arr, m) for arr, rs in zip(arrays, regions, strict=True) for m, _ in rs
+            crop_object(arr, m, context=context, margin=margin)
+            for arr, rs in zip(arrays, regions, strict=True)
+            for m, _ in rs
         ]
         if not crops:
             return [() for _ in regions]
         probs = torch.sigmoid(self.crop_reader(torch.stack(crops))).double().numpy()
         threshold = float(self.config.get("crop_threshold", 0.5))
+        connected = self.config.get("merge", "always") == "connected"
         out, row = [], 0
         for rs in regions:
-            found: dict[tuple[str, str, str], float] = {}
-            for _, colour in rs:
+            # (identity, group) -> score; the group tells apart two regions of one identity
+            found: dict[tuple[tuple[str, str, str], int], float] = {}
+            groups = _object_groups([m for m, _ in rs]) if connected else [0] * len(rs)
+            for (_, colour), group in zip(rs, groups, strict=True):
                 p = probs[row]
                 row += 1
                 pairs = np.nonzero(p > threshold)[0]
                 for k in pairs if len(pairs) else [int(p.argmax())]:
-                    key = (SHAPES[k // _NP], COLOUR_NAMES[colour], PATTERNS[k % _NP])
+                    key = ((SHAPES[k // _NP], COLOUR_NAMES[colour], PATTERNS[k % _NP]), group)
                     found[key] = max(found.get(key, 0.0), float(p[k]))
-            objects = [ReadObject(*key, score) for key, score in found.items()]
+            objects = [ReadObject(*ident, score) for (ident, _), score in found.items()]
             out.append(tuple(sorted(objects, key=lambda o: -o.score)))
         return out
 

@@ -1,10 +1,14 @@
 """Train the toy-world evaluator (:mod:`diffusers_breakscene.toy.evaluator`) on rendered scenes.
 
-Command that produced the shipped weights (``diffusers_breakscene/assets/toy/evaluator``)::
+Commands that produced the shipped weights (``diffusers_breakscene/assets/toy/evaluator``,
+version 3; the first one is version 2 from scratch, the second continues its crop reader)::
 
-    python -m diffusers_breakscene.toy.train_evaluator \\
-        --output diffusers_breakscene/assets/toy/evaluator \\
+    python -m diffusers_breakscene.toy.train_evaluator --output EV2 \\
         --num-scenes 60000 --crop-steps 5000 --crop-multi-share 0.33
+    python -m diffusers_breakscene.toy.train_evaluator \\
+        --output diffusers_breakscene/assets/toy/evaluator --init-from EV2 \\
+        --steps 0 --embed-steps 0 --num-scenes 60000 --touching-scenes 30000 \\
+        --crop-steps 4000 --crop-multi-share 0.4 --crop-context --crop-margin 3 --lr 2e-3
 
 1. Render ``--num-scenes`` scenes with ``sample_scene(seed, split="any")`` (all shapes, colours,
    patterns and pairs, held-out ones included), seeds ``0 .. num_scenes - 1``; kept in memory.
@@ -17,9 +21,10 @@ Command that produced the shipped weights (``diffusers_breakscene/assets/toy/eva
    same scenes, cosine classifier over the 192 identities (scale 16, additive margin 0.15),
    flips and, on some crops, blur, colour drift and noise.
 4. Crop reader: every :func:`~diffusers_breakscene.toy.evaluator.colour_regions` region of the
-   same scenes (:func:`region_crops`), binary cross-entropy over the 24 (shape, pattern) pairs it
-   holds, ``--crop-multi-share`` of each batch from regions of several objects; same
-   augmentation.
+   same scenes and of ``--touching-scenes`` scenes of touching same-colour objects
+   (:func:`region_crops`, :func:`touching_scene`), with its surroundings if ``--crop-context``,
+   binary cross-entropy over the 24 (shape, pattern) pairs it holds, ``--crop-multi-share`` of
+   each batch from regions of several objects; same augmentation.
 5. Evaluate the saved evaluator on ``--test-scenes`` fresh scenes (seeds from 10,000,000, never
    used for training) and write the numbers into ``config.json`` (``metrics``).
 
@@ -74,14 +79,28 @@ from .world import (
     SETTINGS,
     SHAPES,
     ToyObject,
+    ToySample,
+    object_mask,
     render_scene,
+    sample_object,
     sample_scene,
 )
 
-__all__ = ["TEST_SEED_BASE", "SceneData", "evaluate", "main", "parse_args", "render_data"]
+__all__ = [
+    "TEST_SEED_BASE",
+    "TOUCHING_SEED_BASE",
+    "SceneData",
+    "evaluate",
+    "main",
+    "parse_args",
+    "render_data",
+    "touching_scene",
+]
 
 #: Seeds of evaluation scenes start here; training scenes use seeds below it.
 TEST_SEED_BASE = 10_000_000
+#: Seeds of the crop reader's extra scenes of touching same-colour objects (``--touching-scenes``).
+TOUCHING_SEED_BASE = 40_000_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,6 +127,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.25,
         help="share of each crop-reader batch drawn from regions of several touching objects",
     )
+    p.add_argument(
+        "--crop-context",
+        action="store_true",
+        help="the crop reader sees a region's surroundings too, not only the region (what covers "
+        "an occluded object)",
+    )
+    p.add_argument("--crop-margin", type=int, default=1, help="pixels around a region's crop")
+    p.add_argument(
+        "--touching-scenes",
+        type=int,
+        default=0,
+        help="extra scenes for the crop reader only, in which two objects of one colour touch "
+        "(touching_scene, seeds from 40,000,000)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from the networks of this saved evaluator folder instead of random weights "
+        "(then --steps 0 / --embed-steps 0 keep its reader / embedder as they are)",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--test-scenes", type=int, default=1000, help="evaluation scenes (0: none)")
     p.add_argument("--identity-trials", type=int, default=5000, help="(same, different) trials")
@@ -117,8 +156,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.num_scenes < TEST_SEED_BASE:
         fail(InvalidArgumentError, f"--num-scenes {args.num_scenes}", "use 1 to 9,999,999")
     for name in ("steps", "embed_steps", "batch_size", "embed_batch_size", "threads"):
-        if getattr(args, name) < 1:
-            fail(InvalidArgumentError, f"--{name.replace('_', '-')} must be >= 1", "raise it")
+        least = 0 if args.init_from is not None and name in ("steps", "embed_steps") else 1
+        if getattr(args, name) < least:
+            fix = "raise it" if least else "raise it (0 keeps the --init-from network)"
+            fail(InvalidArgumentError, f"--{name.replace('_', '-')} must be >= {least}", fix)
+    if args.crop_steps < 0 or args.touching_scenes < 0 or args.crop_margin < 0:
+        fail(
+            InvalidArgumentError,
+            "--crop-steps, --crop-margin and --touching-scenes must be >= 0",
+            "raise it",
+        )
+    if args.init_from is not None and not (Path(args.init_from) / CONFIG_NAME).is_file():
+        fail(
+            InvalidArgumentError,
+            f"--init-from {args.init_from}: no {CONFIG_NAME} there",
+            "give the folder of a saved evaluator, e.g. diffusers_breakscene/assets/toy/evaluator",
+        )
     if not 0 <= args.crop_multi_share < 1:
         fail(
             InvalidArgumentError,
@@ -141,8 +194,10 @@ class SceneData:
     count: np.ndarray
 
 
-def render_data(seeds: range, log: Any = print) -> SceneData:
-    """Render ``sample_scene(seed, split="any")`` for every seed.
+def render_data(
+    seeds: range, log: Any = print, make: Callable[[int], ToySample] | None = None
+) -> SceneData:
+    """Render ``make(seed)`` (default ``sample_scene(seed, split="any")``) for every seed.
 
     Example:
         >>> render_data(range(2), log=lambda *a: None).images.shape
@@ -158,7 +213,7 @@ def render_data(seeds: range, log: Any = print) -> SceneData:
     )
     start = time.time()
     for i, seed in enumerate(seeds):
-        s = sample_scene(seed, split="any")
+        s = make(seed) if make is not None else sample_scene(seed, split="any")
         data.images[i] = np.asarray(s.image)
         for k, (obj, mask) in enumerate(zip(s.objects, s.masks, strict=True)):
             data.owner[i][mask] = k
@@ -168,6 +223,41 @@ def render_data(seeds: range, log: Any = print) -> SceneData:
         if (i + 1) % 4000 == 0 or i + 1 == n:
             log(f"render {i + 1}/{n} scenes  {time.time() - start:.0f}s")
     return data
+
+
+def touching_scene(seed: int) -> ToySample:
+    """A scene in which two objects of one colour touch or overlap (a quarter of the time the
+    same object twice), with a third object of any colour in 3 scenes of 10; every object keeps
+    at least 40% of its area visible. Such objects often make one :func:`colour_regions` region,
+    which the crop reader must read as two objects; in ``sample_scene`` they are rare.
+
+    Example:
+        >>> s = touching_scene(TOUCHING_SEED_BASE)
+        >>> len({o.colour for o in s.objects[:2]}) if len(s.objects) == 2 else 1
+        1
+    """
+    rng = np.random.default_rng(seed)
+    while True:
+        setting = str(rng.choice(list(SETTINGS)))
+        a, b = sample_object(rng, "any"), sample_object(rng, "any")
+        if rng.random() < 0.25:
+            b = replace(b, shape=a.shape, pattern=a.pattern)
+        b = replace(b, colour=a.colour)
+        # centres closer than the sum of the bounding radii: the outlines touch or overlap
+        angle = rng.uniform(0.0, 2 * math.pi)
+        dist = (a.size + b.size) / 2 * rng.uniform(0.5, 0.95)
+        centre = (a.center[0] + dist * math.cos(angle), a.center[1] + dist * math.sin(angle))
+        if not all(b.size * 0.4 <= c <= 1 - b.size * 0.4 for c in centre):
+            continue
+        objects = [a, replace(b, center=(float(centre[0]), float(centre[1])))]
+        if rng.random() < 0.3:
+            objects.insert(int(rng.integers(0, 3)), sample_object(rng, "any"))
+        sample = render_scene(objects, setting, background_seed=int(rng.integers(0, 2**31)))
+        if all(
+            m.sum() >= 0.4 * object_mask(o).sum()
+            for o, m in zip(sample.objects, sample.masks, strict=True)
+        ):
+            return sample
 
 
 def _lr(step: int, total: int, peak: float) -> float:
@@ -258,11 +348,14 @@ def object_crops(data: SceneData) -> tuple[torch.Tensor, torch.Tensor]:
     return stacked, torch.tensor(ids)
 
 
-def region_crops(data: SceneData, log: Any = print) -> tuple[torch.Tensor, torch.Tensor]:
+def region_crops(
+    data: SceneData, log: Any = print, context: bool = False, margin: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The crop reader's training set: every :func:`colour_regions` region of every scene (with
     its true setting), as a uint8 crop ``(M, 4, 32, 32)``, and multi-hot (shape, pattern) labels
     ``(M, 24)``: an object belongs to a region that holds at least 8 of its visible pixels and at
-    least 20% of the region.
+    least 20% of the region. ``context`` and ``margin``: see
+    :func:`~diffusers_breakscene.toy.evaluator.crop_object`.
 
     Example:
         >>> data = render_data(range(4), log=lambda *a: None)
@@ -286,7 +379,7 @@ def region_crops(data: SceneData, log: Any = print) -> tuple[torch.Tensor, torch
                 if inside >= 8 and inside >= 0.2 * area:
                     label[(ident // 32) * 4 + ident % 4] = 1.0
             if label.any():
-                crops.append(crop_object(image, region))
+                crops.append(crop_object(image, region, context=context, margin=margin))
                 labels.append(label)
         if (i + 1) % 5000 == 0 or i + 1 == len(data.images):
             log(f"regions {i + 1}/{len(data.images)} scenes  {time.time() - start:.0f}s")
@@ -294,8 +387,9 @@ def region_crops(data: SceneData, log: Any = print) -> tuple[torch.Tensor, torch
     return stacked, torch.stack(labels)
 
 
-def _augment_crops(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Flips, and on some crops the blur, colour drift and noise of generated images."""
+def _augment_crops(x: torch.Tensor, gen: torch.Generator, context: bool = False) -> torch.Tensor:
+    """Flips, and on some crops the blur, colour drift and noise of generated images (outside
+    the mask too with ``context``; otherwise the outside stays black)."""
     flip = (torch.rand(len(x), generator=gen) < 0.5).view(-1, 1, 1, 1)
     x = torch.where(flip, x.flip(-1), x)
     rgb, mask = x[:, :3], x[:, 3:]
@@ -304,7 +398,8 @@ def _augment_crops(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     drift = (torch.rand(len(x), generator=gen) < 0.5).float().view(-1, 1, 1, 1)
     gain = 1 + drift * 0.08 * torch.randn(len(x), 3, 1, 1, generator=gen)
     noise = drift * 0.03 * torch.randn(rgb.shape, generator=gen)
-    return torch.cat([((rgb * gain + noise) * mask).clamp(0, 1), mask], 1)
+    rgb = rgb * gain + noise
+    return torch.cat([(rgb if context else rgb * mask).clamp(0, 1), mask], 1)
 
 
 def _fit_on_crops(
@@ -318,6 +413,7 @@ def _fit_on_crops(
     loss_and_score: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     args: argparse.Namespace,
     log: Any,
+    context: bool = False,
 ) -> None:
     """The loop both crop networks train with: AdamW, warmup + cosine decay, each step a batch
     of ``draw(gen)`` indices into the uint8 ``crops``, augmented; ``loss_and_score(x, idx)``
@@ -328,7 +424,7 @@ def _fit_on_crops(
     start, hist = time.time(), []
     for step in range(steps):
         idx = draw(gen)
-        x = _augment_crops(crops[idx].float() / 255.0, gen)
+        x = _augment_crops(crops[idx].float() / 255.0, gen, context)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, args.lr)
         loss, score = loss_and_score(x, idx)
@@ -369,7 +465,7 @@ def train_crop_reader(
 
     _fit_on_crops(
         net, "crop reader", "exact", crops, args.crop_steps, args.seed + 3, draw, loss_and_score,
-        args, log,
+        args, log, args.crop_context,
     )  # fmt: skip
 
 
@@ -527,6 +623,14 @@ def evaluate(
     return metrics
 
 
+def _flag(name: str, value: Any) -> str:
+    """``name=value`` as it is typed: ``--crop-context`` for a true switch, nothing for a false
+    one or an unset option, ``--lr 0.002`` otherwise."""
+    if value is None or value is False:
+        return ""
+    return f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+
+
 def _words(index: int) -> tuple[str, str, str]:
     s, rest = divmod(index, len(COLOURS) * len(PATTERNS))
     c, p = divmod(rest, len(PATTERNS))
@@ -565,27 +669,45 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     reader_cfg = {"widths": [32, 48, 96], "hidden": 128}
     embed_cfg = {"widths": [32, 64, 96], "dim": 128}
     crop_cfg = {"widths": [32, 64, 96], "hidden": 128}
-    reader, embedder = ReaderNet(**reader_cfg), EmbedNet(**embed_cfg)
-    crop_reader = CropReader(**crop_cfg)
+    previous = None
+    if args.init_from is not None:
+        start_from = ToyEvaluator.load(args.init_from)
+        previous = start_from.config
+        reader_cfg, embed_cfg = previous["reader"], previous["embedder"]
+        crop_cfg = previous["crop_reader"]
+        reader, embedder = start_from.reader, start_from.embedder
+        crop_reader = start_from.crop_reader
+        log(f"networks from {args.init_from}")
+    else:
+        reader, embedder = ReaderNet(**reader_cfg), EmbedNet(**embed_cfg)
+        crop_reader = CropReader(**crop_cfg)
     times: dict[str, float] = {}
 
     t = time.time()
     data = render_data(range(args.num_scenes), log)
     times["render_s"] = time.time() - t
     t = time.time()
-    train_reader(reader.to(memory_format=torch.channels_last), data, args, log)
+    if args.steps:
+        train_reader(reader.to(memory_format=torch.channels_last), data, args, log)
     times["reader_s"] = time.time() - t
     t = time.time()
-    crops, ids = object_crops(data)
-    log(f"{len(crops)} object crops")
-    train_embedder(embedder, crops, ids, args, log)
+    if args.embed_steps:
+        crops, ids = object_crops(data)
+        log(f"{len(crops)} object crops")
+        train_embedder(embedder, crops, ids, args, log)
     times["embedder_s"] = time.time() - t
     t = time.time()
-    rcrops, rlabels = region_crops(data, log)
-    log(
-        f"{len(rcrops)} region crops, {float(rlabels.sum(1).gt(1).float().mean()):.3f} multi-object"
-    )
-    train_crop_reader(crop_reader, rcrops, rlabels, args, log)
+    if args.crop_steps:
+        view = {"context": args.crop_context, "margin": args.crop_margin}
+        rcrops, rlabels = region_crops(data, log, **view)
+        if args.touching_scenes:
+            touching = range(TOUCHING_SEED_BASE, TOUCHING_SEED_BASE + args.touching_scenes)
+            tdata = render_data(touching, log, touching_scene)
+            tcrops, tlabels = region_crops(tdata, log, **view)
+            rcrops, rlabels = torch.cat([rcrops, tcrops]), torch.cat([rlabels, tlabels])
+        multi_share = float(rlabels.sum(1).gt(1).float().mean())
+        log(f"{len(rcrops)} region crops, {multi_share:.3f} multi-object")
+        train_crop_reader(crop_reader, rcrops, rlabels, args, log)
     times["crop_reader_s"] = time.time() - t
 
     state = {f"reader.{k}": v.contiguous() for k, v in reader.state_dict().items()}
@@ -600,9 +722,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "crop_reader": crop_cfg,
         "min_area": 12,
         "crop_threshold": 0.5,
+        # an identity read in two regions is one object only if the regions join (evaluator.py)
+        "merge": "connected",
+        "crop_context": args.crop_context,
+        "crop_margin": args.crop_margin,
         "training": {
             "command": "python -m diffusers_breakscene.toy.train_evaluator "
-            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())),
+            + " ".join(_flag(k, v) for k, v in sorted(vars(args).items()) if _flag(k, v)),
             "train_seeds": [0, args.num_scenes - 1],
             "split": "any",
             "torch": torch.__version__,
@@ -610,6 +736,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "total_train_s": round(sum(times.values()), 1),
         },
     }
+    if previous is not None:
+        # what the starting networks were trained with, so the whole recipe stays on record
+        config["training"]["init_from"] = {
+            "path": str(args.init_from),
+            "training": previous.get("training"),
+            "metrics": previous.get("metrics"),
+        }
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     log(f"saved {out / WEIGHTS_NAME} ({(out / WEIGHTS_NAME).stat().st_size / 1e6:.2f} MB)")
 
