@@ -151,6 +151,12 @@ def _compare(other: Any, images: list[Any], prompts: list[str], scores: list[Any
     return rates
 
 
+def _rates(v: dict[str, float]) -> str:
+    """Colour, shape, setting, pattern and all-right rates as table cells."""
+    names = ("colour", "shape", "setting", "pattern", "all_right")
+    return " | ".join(f"{v[k]:.2f}" for k in names)
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as two markdown tables."""
     g, a = report["generation"], report["attention"]
@@ -164,11 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, label in (("one_object", "one object"), ("two_objects", "two objects, per object")):
-        v = g[name]
-        lines.append(
-            f"| {label} | {v['prompts']} | {v['colour']:.2f} | {v['shape']:.2f} | "
-            f"{v['setting']:.2f} | {v['pattern']:.2f} | {v['all_right']:.2f} |"
-        )
+        lines.append(f"| {label} | {g[name]['prompts']} | {_rates(g[name])} |")
     if "compare_evaluator" in report:
         c = report["compare_evaluator"]
         lines += [
@@ -180,11 +182,7 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for name, label in (("one_object", "one object"), ("two_objects", "two objects")):
-            v = c[name]
-            lines.append(
-                f"| {label} | {v['colour']:.2f} | {v['shape']:.2f} | {v['setting']:.2f} | "
-                f"{v['pattern']:.2f} | {v['all_right']:.2f} | {v['checks_differing']:.3f} |"
-            )
+            lines.append(f"| {label} | {_rates(c[name])} | {c[name]['checks_differing']:.3f} |")
     lines += [
         "",
         "| attention/mask IoU (shape word, latent/4) | objects | mean IoU | share >= 0.5 |",
