@@ -135,20 +135,17 @@ def _compare(other: Any, images: list[Any], prompts: list[str], scores: list[Any
     shape, pattern of every object; setting) on which it disagrees with ``scores``."""
     import numpy as np
 
-    theirs = [other.prompt_accuracy(im, p) for im, p in zip(images, prompts, strict=True)]
-    rates = {
-        a: float(np.mean([bool(getattr(o, f"{a}_ok")) for s in theirs for o in s.objects]))
-        for a in ("colour", "shape", "pattern")
-    }
-    rates["setting"] = float(np.mean([bool(s.setting_ok) for s in theirs]))
-    rates["all_right"] = float(np.mean([s.all_ok for s in theirs]))
+    from diffusers_breakscene.toy.prompt_check import score_rates
+
+    readings = other.read_images(images)
+    theirs = [other.prompt_accuracy(r, p) for r, p in zip(readings, prompts, strict=True)]
     pairs = [
         (a, b)
         for s, t in zip(scores, theirs, strict=True)
-        for a, b in zip(s.checks, t.checks, strict=True)
+        for a, b in zip(s.checks, t.checks, strict=True)  # same prompt: the same checks
     ]
-    rates["checks_differing"] = float(np.mean([bool(a) != bool(b) for a, b in pairs]))
-    return rates
+    differing = float(np.mean([bool(a) != bool(b) for a, b in pairs]))
+    return {**score_rates(theirs), "checks_differing": differing}
 
 
 def _rates(v: dict[str, float]) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from .world import HELDOUT_PAIRS, SETTINGS, ToyObject, caption_for, sample_object
 
-__all__ = ["SEEN_PATTERNS", "generation_accuracy", "unseen_prompts"]
+__all__ = ["SEEN_PATTERNS", "generation_accuracy", "score_rates", "unseen_prompts"]
 
 #: Patterns of the training split (``checkered`` is held out).
 SEEN_PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted")
@@ -97,12 +97,26 @@ def generation_accuracy(
         ).images
     readings = ev.read_images(images)
     scores = [ev.prompt_accuracy(r, p) for r, p in zip(readings, prompts, strict=True)]
+    return score_rates(scores), images, scores
+
+
+def score_rates(scores: Sequence[Any]) -> dict[str, float]:
+    """The shares of :func:`generation_accuracy`'s ``rates`` from the evaluator's
+    :class:`~diffusers_breakscene.toy.evaluator.PromptScore` list: right ``colour``, ``shape``
+    and ``pattern`` over all prompt objects, right ``setting`` and ``all_right`` over prompts.
+
+    Example:
+        >>> from diffusers_breakscene.toy.evaluator import default_evaluator
+        >>> from diffusers_breakscene.toy.world import sample_scene
+        >>> s = sample_scene(0)
+        >>> score_rates([default_evaluator().prompt_accuracy(s.image, s.caption)])["all_right"]
+        1.0
+    """
     objects = [o for s in scores for o in s.objects]
-    rates = {
+    return {
         "colour": float(np.mean([bool(o.colour_ok) for o in objects])),
         "shape": float(np.mean([o.shape_ok for o in objects])),
         "pattern": float(np.mean([o.pattern_ok for o in objects])),
         "setting": float(np.mean([bool(s.setting_ok) for s in scores])),
         "all_right": float(np.mean([s.all_ok for s in scores])),
     }
-    return rates, images, scores

@@ -74,13 +74,14 @@ from .evaluator import (
 )
 from .world import (
     COLOURS,
+    DEFAULT_SIZE,
     MAX_OBJECTS,
     PATTERNS,
     SETTINGS,
     SHAPES,
     ToyObject,
     ToySample,
-    object_mask,
+    _visible_enough,
     render_scene,
     sample_object,
     sample_scene,
@@ -253,10 +254,7 @@ def touching_scene(seed: int) -> ToySample:
         if rng.random() < 0.3:
             objects.insert(int(rng.integers(0, 3)), sample_object(rng, "any"))
         sample = render_scene(objects, setting, background_seed=int(rng.integers(0, 2**31)))
-        if all(
-            m.sum() >= 0.4 * object_mask(o).sum()
-            for o, m in zip(sample.objects, sample.masks, strict=True)
-        ):
+        if _visible_enough(sample, DEFAULT_SIZE):  # sample_scene's rule
             return sample
 
 
