@@ -164,7 +164,8 @@ def test_training_script_continues_a_saved_pipeline_and_refuses_another_architec
     argv = ["--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
     argv += ["--threads", "1", "--num-images", "8", "--decoder-steps", "0", "--steps", "1"]
     argv += ["--batch", "2", "--warmup", "1", "--lr", "1e-12", "--init-from", str(shipped)]
-    out = main([*argv, "--word-weight", "0.5"])
+    out = main([*argv, "--word-weight", "0.5", "--outline-weight", "3"])
+    assert json.loads((out / "toy_info.json").read_text())["args"]["outline_weight"] == 3
     # One step at a negligible rate: the continued weights are the shipped ones, not random ones.
     ours = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
     theirs = UNet2DConditionModel.from_pretrained(shipped / "unet").state_dict()
@@ -177,6 +178,28 @@ def test_training_script_continues_a_saved_pipeline_and_refuses_another_architec
     assert not (tmp_path / "work2" / "vae").exists()  # refused before any stage ran
     with pytest.raises(SystemExit, match=r"not a saved pipeline folder \(missing vae/config"):
         main([*argv, "--work-dir", str(tmp_path / "work3"), "--init-from", str(tmp_path)])
+
+
+def test_outline_maps_mark_the_visible_outlines_and_nothing_else():
+    from diffusers_breakscene.toy.train_base import outline_maps
+    from diffusers_breakscene.toy.world import ToyObject, render_scene
+
+    square = ToyObject("square", "red", "plain", 0.5, (0.5, 0.5), 0.0)
+    ring = ToyObject("ring", "blue", "plain", 0.3, (0.75, 0.5), 0.0)
+    maps = outline_maps([([square], "gray"), ([square, ring], "beach")], 32)
+    assert maps.shape == (2, 32, 32) and maps.dtype == torch.float16
+    one, two = maps.float()
+    # A square of side ~ 0.5 x 32 / sqrt(2) latent pixels: its outline is marked, its inside and
+    # the background far from it are not.
+    assert one[16, 16] == 0 and one[0, 0] == 0 and one[31, 31] == 0
+    assert one.max() == 1 and 0.05 < (one > 0).float().mean() < 0.3
+    row = one[16]
+    assert row[:16].max() == 1 and row[16:].max() == 1  # left and right edges
+    # The ring drawn over the square adds its own outline (and its hole's) where it covers it.
+    ring_mask = torch.from_numpy(render_scene([square, ring], "beach").masks[1]).float()
+    ring_small = torch.nn.functional.adaptive_avg_pool2d(ring_mask[None, None], 32)[0, 0]
+    assert ((two > 0) & ~(one > 0) & (ring_small > 0)).sum() > 10
+    assert torch.equal(maps[0], outline_maps([([square], "night")], 32)[0])  # setting-free
 
 
 def test_word_identity_loss_is_low_for_distinct_words_and_high_for_collapsed_ones():

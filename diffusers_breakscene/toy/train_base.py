@@ -18,8 +18,9 @@ The later commands resume from ``WORK`` with a later cap, so the cosine learning
 then 38%) and decayed to 10% by the cap. The last run also raised the auxiliary attention weight
 from 0.05 to 0.2. ``toy_info.json`` lists the four commands (``history``). ``--threads 1``
 because the cores were shared: two intra-op threads on a busy 2-core machine ran 3-10x slower
-than one; the default (2) suits an idle machine, where a step of batch 16 took 0.7 s (1.0-1.5 s
-here with one thread and a busy second core). With the ``--max-minutes`` cap the number of steps
+than one; the default (2) suits an idle machine, where a step of batch 16 takes 0.41 s (measured
+2026-11-27; 0.73 s with one thread beside another one-thread job, 1.0-1.5 s on the shipped run's
+busy cores). With the ``--max-minutes`` cap the number of steps
 (and so the weights) depends on the machine's speed.
 
 Three stages, each resumable from ``--work-dir`` (run the same command again after a stop):
@@ -39,7 +40,9 @@ Three stages, each resumable from ``--work-dir`` (run the same command again aft
    ``--max-minutes`` caps the wall time of this stage. ``--word-weight`` adds a word-identity
    loss that keeps the object words apart in the text encoder's output (they collapse without
    it: docs/toy-world.md); ``--init-from`` continues a saved pipeline (its VAE too) instead of
-   starting from random weights.
+   starting from random weights. ``--outline-weight W`` weighs the diffusion loss up by
+   ``1 + W`` on the latent pixels of object outlines (:func:`outline_maps`), where the shape words
+   decide the answer and a plain loss hardly rewards them.
 
 4. The VAE decoder alone, on whole images (encoder frozen: the latent space does not move).
 
@@ -87,9 +90,10 @@ from .world import (
     SETTINGS,
     ToyObject,
     object_words,
+    render_scene,
 )
 
-__all__ = ["caption_tokens", "main", "parse_args"]
+__all__ = ["caption_tokens", "main", "outline_maps", "parse_args"]
 
 PREFIX = ("a", "photo", "of")
 
@@ -150,6 +154,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--setting-dropout", type=float, default=0.15)
     p.add_argument("--attn-weight", type=float, default=0.05)
+    p.add_argument(
+        "--outline-weight",
+        type=float,
+        default=0.0,
+        help="weigh the diffusion loss up by 1 + W on the latent pixels of object outlines, where "
+        "the shape words matter (0: off, the shipped weights' recipe)",
+    )
     p.add_argument(
         "--word-weight",
         type=float,
@@ -217,6 +228,28 @@ def caption_tokens(
     if setting is not None:
         words.extend(SETTINGS[setting].split())
     return words, positions
+
+
+def outline_maps(scenes: list[tuple[list[ToyObject], str]], size: int) -> torch.Tensor:
+    """Where the cached scenes' objects have their outlines, at latent resolution: per scene a
+    ``size x size`` map in [0, 1] (float16), the largest over its objects of a 3x3 dilation minus
+    a 3x3 erosion of the object's visible mask averaged down from the image. Masks depend on the
+    objects only (not on the background), so they are redrawn from the cache's scene list.
+
+    Example:
+        >>> objs = [ToyObject("square", "red", "plain", 0.5, (0.5, 0.5))]
+        >>> m = outline_maps([(objs, "gray")], 32)
+        >>> tuple(m.shape), float(m[0, 16, 16]), float(m[0, 0, 0]), float(m.max())
+        ((1, 32, 32), 0.0, 0.0, 1.0)
+    """
+    maps = torch.zeros(len(scenes), size, size, dtype=torch.float16)
+    for i, (objects, setting) in enumerate(scenes):
+        for mask in render_scene(objects, setting).masks:
+            full = torch.from_numpy(mask.astype(np.float32))[None, None]
+            soft = F.adaptive_avg_pool2d(full, size)
+            edge = F.max_pool2d(soft, 3, 1, 1) + F.max_pool2d(-soft, 3, 1, 1)  # dilate - erode
+            maps[i] = torch.maximum(maps[i], edge[0, 0].half())
+    return maps
 
 
 # -- stage 3: UNet + text encoder -------------------------------------------------------------
@@ -302,6 +335,10 @@ def train_diffusion(
     weights = (args.snr_gamma / (snr + 1)).clamp(max=1.0) if args.snr_gamma > 0 else None
     scale = float(vae.config.scaling_factor)
     latents_all, masks_all, scenes = cache["latents"], cache["masks"], cache["scenes"]
+    outlines = None
+    if args.outline_weight > 0:
+        outlines = outline_maps(scenes, latents_all.shape[-1])
+        log(f"diffusion: outlines cover {float((outlines > 0).float().mean()):.0%} of the latents")
 
     step, elapsed = 0, 0.0
     ckpt = work / "diffusion.safetensors"
@@ -378,7 +415,10 @@ def train_diffusion(
             g["lr"] = _lr_at(step, args, elapsed + (time.time() - start) / 60)
         hidden = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-        per_sample = F.mse_loss(pred, goal, reduction="none").mean(dim=(1, 2, 3))
+        err = F.mse_loss(pred, goal, reduction="none")
+        if outlines is not None:
+            err = err * (1 + args.outline_weight * outlines[idx].float()[:, None])
+        per_sample = err.mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean() if weights is not None else per_sample.mean()
         if triples:  # (batch index, token position, object index) of every object word
             b_i, p_i, j_i = (torch.tensor(v) for v in zip(*triples, strict=True))
