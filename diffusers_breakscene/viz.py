@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_write
+from .mask_ops import erode
 
 __all__ = [
     "attention_overlay",
@@ -171,8 +172,7 @@ def _mask_tile(image: Image.Image, mask: Any, color: tuple[int, int, int]) -> Im
     inside = arr > 0.5 * float(arr.max() or 1.0)
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     out = base * np.where(inside, 1.0, 0.25)[..., None]
-    padded = np.pad(inside, 1, mode="edge")
-    edge = inside & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    edge = inside & ~erode(inside)
     out[edge] = color
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), "RGB")
 

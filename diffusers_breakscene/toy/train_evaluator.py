@@ -726,7 +726,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "crop_margin": args.crop_margin,
         "training": {
             "command": "python -m diffusers_breakscene.toy.train_evaluator "
-            + " ".join(_flag(k, v) for k, v in sorted(vars(args).items()) if _flag(k, v)),
+            + " ".join(filter(None, (_flag(k, v) for k, v in sorted(vars(args).items())))),
             "train_seeds": [0, args.num_scenes - 1],
             "split": "any",
             "torch": torch.__version__,
