@@ -228,6 +228,9 @@ def test_training_script_reads_unet_shapes_and_names_a_bad_one(capsys):
         with pytest.raises(SystemExit):
             parse_args(["--output", "x", "--unet-layers", bad])
         assert "--unet-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--output", "x", "--outline-weight", "-1"])
+    assert "--outline-weight -1.0: give 0 (off) or more" in capsys.readouterr().err
 
 
 def test_build_unet_names_a_bad_architecture():

@@ -202,7 +202,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("attn_weight", "word_weight", "outline_weight"):
+        if getattr(args, name) < 0:  # a negative weight would reward the error it measures
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 (off) or more")
+    return args
 
 
 def caption_tokens(
