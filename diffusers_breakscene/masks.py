@@ -372,7 +372,8 @@ def masks_from_sam(
 
     Args:
         image: the photo.
-        points, boxes: one per object (give one of the two).
+        points: one ``(x, y)`` per object (give ``points`` or ``boxes``).
+        boxes: one ``(x0, y0, x1, y1)`` per object.
         labels: one name per object (default ``object0``, ...); they become the preview's
             legend and the initializer words of :meth:`MaskProposal.save_scene_dir`.
         model: a SAM checkpoint: Hub id or local folder (``SamModel.from_pretrained``).

@@ -125,8 +125,10 @@ class BreakASceneTrainer:
         config: hyperparameters; ``BreakASceneConfig()`` (the paper's) when omitted. A
             ``resolution`` of ``None`` becomes the model's own size (:attr:`config` holds it).
         accelerator: an ``accelerate.Accelerator`` to use instead of a new one.
-        revision, variant, cache_dir: passed to ``from_pretrained`` when ``pipeline_or_path``
-            is a Hub id or folder (as in diffusers' training scripts).
+        revision: passed to ``from_pretrained`` when ``pipeline_or_path`` is a Hub id or folder
+            (as in diffusers' training scripts).
+        variant: likewise (e.g. ``"fp16"``).
+        cache_dir: likewise.
         vae: a VAE to use instead of the pipeline's: an ``AutoencoderKL``, a folder or a Hub id
             (``--pretrained_vae_model_name_or_path`` in diffusers' scripts), e.g.
             ``"madebyollin/sdxl-vae-fp16-fix"``. It replaces the pipeline's VAE (it encodes

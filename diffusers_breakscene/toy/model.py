@@ -1,8 +1,8 @@
 """The toy Stable Diffusion pipeline: its architecture, and the weights shipped with the package.
 
 A real ``StableDiffusionPipeline`` (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel``,
-``CLIPTokenizer``, ``DDIMScheduler``) small enough to train from scratch on 2 CPU cores in about an
-hour (see :mod:`diffusers_breakscene.toy.train_base`), trained on the toy world
+``CLIPTokenizer``, ``DDIMScheduler``) small enough to train from scratch on 2 CPU cores in 80
+minutes (see :mod:`diffusers_breakscene.toy.train_base`), trained on the toy world
 (:mod:`diffusers_breakscene.toy.world`):
 
 * 64x64 px images; the VAE downsamples by 2, so the latent is 32x32x4;

@@ -1,27 +1,19 @@
 """Train the toy Stable Diffusion pipeline from scratch on the toy world (2 CPU cores).
 
-Commands that produced the shipped weights (``diffusers_breakscene/assets/toy``), on 2 CPU cores
-shared with other training jobs (VAE 7 min, cache 8, UNet + text encoder 160, decoder 7; about
-182 minutes in all, twice issue 11's 90-minute budget)::
+The command that produced the shipped weights (``diffusers_breakscene/assets/toy``), from random
+weights, on 2 idle CPU cores, 79 minutes in all (VAE 1.2, latent cache 1.5, UNet + text encoder
+75 with 9,256 steps of batch 16, decoder 1.2); its defaults are that recipe::
 
     python -m diffusers_breakscene.toy.train_base --output OUT --work-dir WORK \
-        --threads 1 --steps 6000 --max-minutes 68      # stopped by the cap at step 3,059
-    python -m diffusers_breakscene.toy.train_base --output OUT --work-dir WORK \
-        --threads 1 --steps 8000 --max-minutes 120     # resumed; interrupted after step 3,600
-    python -m diffusers_breakscene.toy.train_base --output OUT --work-dir WORK \
-        --threads 1 --steps 8000 --max-minutes 100     # resumed at 3,600; cap at step 4,799
-    python -m diffusers_breakscene.toy.train_base --output OUT --work-dir WORK \
-        --threads 2 --steps 12000 --max-minutes 160 --attn-weight 0.2  # 4,799 -> 8,539
+        --threads 2 --steps 13000 --max-minutes 75 --attn-weight 0.2 --outline-weight 4 \
+        --word-weight 0.05 --log-every 50
 
-The later commands resume from ``WORK`` with a later cap, so the cosine learning-rate schedule
-(which follows ``max(steps, minutes)`` progress) rose again from 10% of its peak (to 45%, 18%,
-then 38%) and decayed to 10% by the cap. The last run also raised the auxiliary attention weight
-from 0.05 to 0.2. ``toy_info.json`` lists the four commands (``history``). ``--threads 1``
-because the cores were shared: two intra-op threads on a busy 2-core machine ran 3-10x slower
-than one; the default (2) suits an idle machine, where a step of batch 16 takes 0.41 s (measured
-2026-11-27; 0.73 s with one thread beside another one-thread job, 1.0-1.5 s on the shipped run's
-busy cores). With the ``--max-minutes`` cap the number of steps
-(and so the weights) depends on the machine's speed.
+``toy_info.json`` records the command, the steps and the stage times. The weights shipped before
+2026-11-27 (8,539 steps, no outline or word loss) took about 182 minutes on shared cores in four
+resumed runs; docs/toy-world.md compares the two. ``--threads 2`` suits an idle machine, where a
+step of batch 16 takes 0.41-0.49 s; on cores shared with another job one thread each runs
+faster than two (two intra-op threads on a busy 2-core machine ran 3-10x slower). With the
+``--max-minutes`` cap the number of steps (and so the weights) depends on the machine's speed.
 
 Three stages, each resumable from ``--work-dir`` (run the same command again after a stop):
 
@@ -118,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     Example:
         >>> parse_args(["--output", "x"]).steps
-        4000
+        13000
     """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="folder for the trained pipeline")
@@ -146,27 +138,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=UNET_LAYERS,
         help="UNet layers per level (one number for all, or three comma-separated; default: 1)",
     )
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=13000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: no EMA)")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--setting-dropout", type=float, default=0.15)
-    p.add_argument("--attn-weight", type=float, default=0.05)
+    p.add_argument("--attn-weight", type=float, default=0.2)
     p.add_argument(
         "--outline-weight",
         type=float,
-        default=0.0,
+        default=4.0,
         help="weigh the diffusion loss up by 1 + W on the latent pixels of object outlines, where "
-        "the shape words matter (0: off, the shipped weights' recipe)",
+        "the shape words matter (0: off)",
     )
     p.add_argument(
         "--word-weight",
         type=float,
-        default=0.0,
+        default=0.05,
         help="weight of the word-identity loss: each object word's final text-encoder state must "
-        "pick out its own word among the vocabulary's input embeddings (0: off)",
+        "pick out its own word among the vocabulary's input embeddings (0: off; without it the "
+        "shape words collapse onto one vector early in training)",
     )
     p.add_argument(
         "--init-from",
@@ -197,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-minutes",
         type=float,
-        default=63.0,
+        default=75.0,
         help="wall-time cap of the diffusion stage (the LR schedule ends by then too)",
     )
     p.add_argument("--log-every", type=int, default=10)
