@@ -28,6 +28,21 @@ def test_shipped_weights_are_small_safetensors():
     assert info["heldout"]["shapes"] == ["heart"]
 
 
+def test_training_script_defaults_are_the_shipped_weights_recipe():
+    from diffusers_breakscene.toy.train_base import parse_args
+
+    recorded = json.loads((toy_model_path() / "toy_info.json").read_text())["args"]
+    defaults = vars(parse_args(["--output", "x"]))
+    where_and_logging = {"output", "work_dir", "log_every"}  # not part of the recipe
+    differs = {
+        k: (defaults[k], v)
+        for k, v in recorded.items()
+        if k not in where_and_logging and json.loads(json.dumps(defaults[k])) != v
+    }
+    assert not differs  # `train_base --output DIR` trains the shipped weights' recipe
+    assert recorded["word_weight"] > 0 and recorded["outline_weight"] > 0
+
+
 def test_loads_through_from_pretrained(one_torch_thread):
     from diffusers import StableDiffusionPipeline
 
