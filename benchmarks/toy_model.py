@@ -19,6 +19,7 @@ Issue 11's quality targets for the toy model (``--model``, default the shipped `
   training-split scenes and on scenes of held-out objects. Target: IoU >= 0.5.
 
 ``--evaluator FOLDER`` scores with another saved evaluator than the shipped one;
+``--device cuda`` generates on a GPU (the evaluator reads the images on the CPU either way);
 ``--compare-evaluator FOLDER`` also scores the same images with a second one and reports both
 and how often their checks disagree (how much a change of evaluator moves the toy numbers).
 
@@ -56,6 +57,7 @@ def run(
     seed: int,
     evaluator: str | None = None,
     compare: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -70,7 +72,7 @@ def run(
     started = time.perf_counter()
     ev = ToyEvaluator.load(evaluator)  # None: the shipped one
     other = ToyEvaluator.load(compare) if compare is not None else None
-    pipe = load_pipeline(model)
+    pipe = load_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
     prompts = unseen_prompts(spec["one"], spec["two"], seed)
     generation: dict[str, Any] = {}
@@ -104,7 +106,7 @@ def run(
         "model": model,
         "evaluator": evaluator or "shipped",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": device},
         "sampler": {
             "scheduler": type(pipe.scheduler).__name__,
             "prediction_type": pipe.scheduler.config.prediction_type,
@@ -219,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--device", default="cpu", help="where the pipeline generates (e.g. cuda; default: cpu)"
+    )
     parser.add_argument("--evaluator", default=None, help="evaluator folder (default: shipped)")
     parser.add_argument(
         "--compare-evaluator",
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     report = run(
         mode, args.out, args.model, args.guidance, args.seed, args.evaluator,
-        args.compare_evaluator,
+        args.compare_evaluator, args.device,
     )  # fmt: skip
     print(markdown(report))
     return report

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,12 +135,17 @@ def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
         "1",
         "--save-every",
         "1",
+        "--band-share",
+        "0.5",
+        "--device",
+        "cpu",
     ]
     out = main(argv)
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
-    assert pipe.unet.config.sample_size == 32
+    assert pipe.unet.config.sample_size == 32 and pipe.unet.device.type == "cpu"
     info = json.loads((out / "toy_info.json").read_text())
     assert info["diffusion_steps"] == 2
+    assert info["args"]["band_share"] == 0.5 and info["args"]["timestep_band"] == [500, 950]
     # Resume: one more step on top of the checkpoint.
     argv[argv.index("--steps") + 1] = "3"
     main(argv)
@@ -248,6 +255,44 @@ def test_training_script_reads_unet_shapes_and_names_a_bad_one(capsys):
     assert "--outline-weight -1.0: give 0 (off) or more" in capsys.readouterr().err
 
 
+def test_sample_timesteps_draws_its_share_from_the_band():
+    from diffusers_breakscene.toy.train_base import sample_timesteps
+
+    uniform = sample_timesteps(4000, torch.Generator().manual_seed(3))
+    # share 0 is the plain uniform draw, number for number (the recipe without the option)
+    assert torch.equal(
+        uniform, torch.randint(0, 1000, (4000,), generator=torch.Generator().manual_seed(3))
+    )
+    half = sample_timesteps(4000, torch.Generator().manual_seed(3), (600, 900), 0.5)
+    in_band = ((half >= 600) & (half < 900)).float().mean().item()
+    assert 0.6 < in_band < 0.7  # 0.5 from the band + 0.5 x 0.3 of the uniform half
+    assert half.min() >= 0 and half.max() < 1000
+    every = sample_timesteps(500, torch.Generator().manual_seed(3), (600, 900), 1.0)
+    assert every.min() >= 600 and every.max() < 900
+
+
+def test_training_script_names_a_bad_band_share_or_device(capsys):
+    from diffusers_breakscene.toy.train_base import parse_args
+
+    args = parse_args(["--output", "x", "--timestep-band", "400", "800", "--band-share", "0.3"])
+    assert tuple(args.timestep_band) == (400, 800) and args.band_share == 0.3
+    for bad, message in (
+        (["--timestep-band", "800", "400"], "--timestep-band 800 400: give 0 <= LO < HI <= 1000"),
+        (["--timestep-band", "0", "1001"], "--timestep-band 0 1001"),
+        (["--band-share", "1.5"], "--band-share 1.5: give a share between 0 and 1"),
+        (["--device", "gpu0"], "--device 'gpu0'"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--output", "x", *bad])
+        assert message in capsys.readouterr().err
+    if torch.cuda.is_available():
+        assert parse_args(["--output", "x", "--device", "cuda"]).device == "cuda"
+    else:
+        with pytest.raises(SystemExit):
+            parse_args(["--output", "x", "--device", "cuda"])
+        assert "CUDA is not available here" in capsys.readouterr().err
+
+
 def test_build_unet_names_a_bad_architecture():
     from diffusers_breakscene.toy.model import build_unet
 
@@ -319,3 +364,38 @@ def test_shipped_model_follows_settings_and_colours_of_unseen_prompts(toy):
     assert len(images) == 8
     assert rates["setting"] >= 7 / 8, rates
     assert rates["colour"] >= 3 / 8, rates
+
+
+@pytest.mark.slow
+def test_recipe_sweep_trains_each_variant_from_one_autoencoder_and_scores_it():
+    from background import BACKGROUND
+
+    BACKGROUND.stdout("toy_recipe_sweep")
+    folder = BACKGROUND.root / "toy_recipe_sweep"
+    data = json.loads((folder / "toy_recipe_sweep-smoke.json").read_text())
+    assert list(data["variants"]) == ["control", "outline10"]
+    for name, row in data["variants"].items():
+        assert "failed" not in row, row
+        assert row["steps"] == 2
+        assert 0.0 <= row["generation"]["one_object"]["shape"] <= 1.0
+        assert 0.0 <= row["attention_iou"]["heldout"] <= 1.0
+        info = json.loads((folder / "work" / name / "out" / "toy_info.json").read_text())
+        assert info["args"]["outline_weight"] == (10.0 if name == "outline10" else 4.0)
+    # every variant starts from the one cache: hard links to the base run's file
+    cache = folder / "work" / "control" / "cache.safetensors"
+    assert cache.stat().st_ino == (folder / "work" / "base" / "cache.safetensors").stat().st_ino
+    assert (
+        "| outline10 | `--outline-weight 10` | 2 |"
+        in (folder / "toy_recipe_sweep-smoke.md").read_text()
+    )
+
+
+def test_recipe_sweep_reads_variants_and_names_a_bad_list():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import toy_recipe_sweep
+
+    parsed = toy_recipe_sweep._variants("a=--outline-weight 10; b=")
+    assert parsed == {"a": "--outline-weight 10", "b": ""}
+    assert toy_recipe_sweep._variants(None) == toy_recipe_sweep.VARIANTS
+    with pytest.raises(SystemExit, match="NAME=FLAGS pairs"):
+        toy_recipe_sweep._variants("just-flags")

@@ -34,7 +34,9 @@ Three stages, each resumable from ``--work-dir`` (run the same command again aft
    it: docs/toy-world.md); ``--init-from`` continues a saved pipeline (its VAE too) instead of
    starting from random weights. ``--outline-weight W`` weighs the diffusion loss up by
    ``1 + W`` on the latent pixels of object outlines (:func:`outline_maps`), where the shape words
-   decide the answer and a plain loss hardly rewards them.
+   decide the answer and a plain loss hardly rewards them. ``--band-share P`` draws that share
+   of the timesteps from ``--timestep-band LO HI`` (:func:`sample_timesteps`). ``--device cuda``
+   trains this stage on a GPU (the random numbers stay on the CPU: the same data on any device).
 
 4. The VAE decoder alone, on whole images (encoder frozen: the latent space does not move).
 
@@ -85,7 +87,7 @@ from .world import (
     render_scene,
 )
 
-__all__ = ["caption_tokens", "main", "outline_maps", "parse_args"]
+__all__ = ["caption_tokens", "main", "outline_maps", "parse_args", "sample_timesteps"]
 
 PREFIX = ("a", "photo", "of")
 
@@ -188,6 +190,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="down-weight easy low-noise steps: loss weight min(1, gamma / (SNR + 1)) (0: off)",
     )
     p.add_argument(
+        "--timestep-band",
+        type=int,
+        nargs=2,
+        default=(500, 950),
+        metavar=("LO", "HI"),
+        help="timesteps [LO, HI) that --band-share draws from (default: 500 950, where the noise "
+        "leaves only an object's rough outline and its shape word decides it)",
+    )
+    p.add_argument(
+        "--band-share",
+        type=float,
+        default=0.0,
+        help="share of each batch's timesteps drawn from --timestep-band instead of uniformly "
+        "from [0, 1000) (0: uniform sampling)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the UNet and text encoder train (e.g. cuda); the autoencoder stages and the "
+        "random numbers stay on the CPU, so a run's data do not depend on the device",
+    )
+    p.add_argument(
         "--max-minutes",
         type=float,
         default=75.0,
@@ -199,6 +223,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("attn_weight", "word_weight", "outline_weight"):
         if getattr(args, name) < 0:  # a negative weight would reward the error it measures
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: give 0 (off) or more")
+    lo, hi = args.timestep_band
+    if not 0 <= lo < hi <= 1000:
+        p.error(f"--timestep-band {lo} {hi}: give 0 <= LO < HI <= 1000")
+    if not 0 <= args.band_share <= 1:
+        p.error(f"--band-share {args.band_share}: give a share between 0 and 1")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        p.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here; leave --device out (cpu)")
     return args
 
 
@@ -271,6 +306,25 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, groups: dic
     opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
 
 
+def sample_timesteps(
+    n: int, generator: torch.Generator, band: tuple[int, int] = (500, 950), share: float = 0.0
+) -> torch.Tensor:
+    """``n`` training timesteps: uniform on [0, 1000), except that each one is drawn from
+    ``band`` = [lo, hi) with probability ``share`` (``--band-share``).
+
+    Example:
+        >>> t = sample_timesteps(1000, torch.Generator().manual_seed(0), (500, 950), 1.0)
+        >>> int(t.min()) >= 500 and int(t.max()) < 950
+        True
+    """
+    t = torch.randint(0, 1000, (n,), generator=generator)
+    if share <= 0:  # the generator's stream is then exactly the uniform recipe's
+        return t
+    in_band = torch.randint(band[0], band[1], (n,), generator=generator)
+    pick = torch.rand(n, generator=generator) < share
+    return torch.where(pick, in_band, t)
+
+
 def _lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
     """Warmup, then cosine decay to 10% by ``--steps`` or ``--max-minutes``, whichever is first."""
     if step < args.warmup:
@@ -309,11 +363,14 @@ def train_diffusion(
     from ..attention import AttentionStore
 
     tokenizer = toy_tokenizer()
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
     unet = build_unet(args.unet_channels, args.unet_layers)
     text_encoder = build_text_encoder(len(tokenizer))
     if args.init_from is not None:
         _init_from_pipeline(Path(args.init_from), unet, text_encoder)
+    unet.to(device)
+    text_encoder.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
@@ -325,7 +382,7 @@ def train_diffusion(
         rescale_betas_zero_snr=args.zero_snr,
         prediction_type=args.prediction_type,
     )
-    alphas = noise_scheduler.alphas_cumprod.float()
+    alphas = noise_scheduler.alphas_cumprod.float().to(device)
     # min(1, gamma / (SNR + 1)): Min-SNR weighting (Hang et al. 2023) for a v-prediction loss,
     # floored so that the zero-SNR step (the one that sets the background) keeps full weight.
     snr = alphas / (1 - alphas).clamp_min(1e-8)
@@ -353,10 +410,10 @@ def train_diffusion(
         log(f"diffusion: resuming at step {step}")
 
     def save_checkpoint() -> None:
-        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(params)}
-        tensors.update({f"ema.{i}": e.contiguous() for i, e in enumerate(ema)})
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+        tensors.update({f"ema.{i}": e.cpu().contiguous() for i, e in enumerate(ema)})
         opt_tensors, groups = _flat_optimizer_state(opt)
-        tensors.update({f"opt.{k}": v for k, v in opt_tensors.items()})
+        tensors.update({f"opt.{k}": v.cpu() for k, v in opt_tensors.items()})
         save_file(tensors, work / "diffusion.tmp")
         minutes = elapsed + (time.time() - start) / 60
         (work / "diffusion.json").write_text(
@@ -386,7 +443,7 @@ def train_diffusion(
             log(f"diffusion: --max-minutes {args.max_minutes} reached at step {step}")
             break
         idx = rng.integers(0, len(scenes), args.batch)
-        x0 = latents_all[idx].float() * scale
+        x0 = latents_all[idx].float().to(device) * scale
         captions, triples = [], []  # triples: (batch index, token position, object index)
         for b, i in enumerate(idx):
             objects, setting = scenes[int(i)]
@@ -399,9 +456,10 @@ def train_diffusion(
             triples += [(b, pos, j) for j, ps in enumerate(positions) for pos in ps]
         ids = tokenizer(
             captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        ).input_ids
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        ).input_ids.to(device)
+        # Noise and timesteps come from a CPU generator: the same run on any --device.
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = sample_timesteps(args.batch, gen, args.timestep_band, args.band_share).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         if args.prediction_type == "epsilon":
@@ -414,21 +472,21 @@ def train_diffusion(
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         err = F.mse_loss(pred, goal, reduction="none")
         if outlines is not None:
-            err = err * (1 + args.outline_weight * outlines[idx].float()[:, None])
+            err = err * (1 + args.outline_weight * outlines[idx].float().to(device)[:, None])
         per_sample = err.mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean() if weights is not None else per_sample.mean()
         if triples:  # (batch index, token position, object index) of every object word
-            b_i, p_i, j_i = (torch.tensor(v) for v in zip(*triples, strict=True))
-        word_loss = torch.zeros(())
+            b_i, p_i, j_i = (torch.tensor(v, device=device) for v in zip(*triples, strict=True))
+        word_loss = torch.zeros((), device=device)
         if args.word_weight > 0 and triples:
             word_loss = _word_identity_loss(text_encoder, hidden[b_i, p_i], ids[b_i, p_i])
             loss = loss + args.word_weight * word_loss
-        attn_loss = torch.zeros(())
+        attn_loss = torch.zeros((), device=device)
         if store is not None and triples:
             maps = store.aggregate()  # (B, 8, 8, 77)
             sel = maps[b_i, :, :, p_i]
             sel = sel / sel.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
-            target = masks_all[idx][b_i, j_i].float()
+            target = masks_all[idx][b_i.cpu(), j_i.cpu()].float().to(device)
             attn_loss = F.mse_loss(sel, target)
             loss = loss + args.attn_weight * attn_loss
         opt.zero_grad(set_to_none=True)
@@ -460,8 +518,8 @@ def train_diffusion(
     with torch.no_grad():
         for e, p in zip(ema, params, strict=True):
             p.copy_(e)
-    unet.eval()
-    text_encoder.eval()
+    unet.eval().cpu()  # the pipeline is assembled and saved on the CPU
+    text_encoder.eval().cpu()
     return unet, text_encoder, step
 
 

@@ -1,0 +1,253 @@
+"""Which training recipe of the toy base model draws shapes best: variants side by side.
+
+    python benchmarks/toy_recipe_sweep.py --device cuda --minutes 4.5   # as run on an H200
+    python benchmarks/toy_recipe_sweep.py --smoke                       # seconds, CPU (tests)
+
+The autoencoder stages of :mod:`diffusers_breakscene.toy.train_base` (VAE, latent cache, decoder)
+run once in ``<work>/base`` (``--autoencoder DIR`` takes the ``vae`` and ``vae_decoder`` folders
+of an earlier run's work folder instead of training them). Then every variant (``train_base``
+flags added to its default recipe) trains the UNet and text encoder from random weights, all
+variants at once, each in its own process with one CPU thread, each capped at ``--minutes``
+(its learning-rate schedule ends by then) and ``--steps``. Each saved pipeline is then scored by
+``benchmarks/toy_model.py`` (full: 200 unseen prompts and 32 attention scenes; ``--smoke``: its
+smoke mode) on the same device.
+
+The variants share the wall time, not the number of steps: a variant with a slower step makes
+fewer. A short run ranks recipes; it does not predict a full run's numbers. Compare the variants
+of one run only: they share the machine, the cache and the prompts.
+
+Writes ``<out>/<name>.json`` and ``.md`` (default out: benchmarks/results; default name
+``toy_recipe_sweep``, ``-smoke`` for ``--smoke``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: name -> train_base flags added to its defaults (the variants of the first H200 run)
+VARIANTS: dict[str, str] = {
+    "control": "",
+    "batch48": "--batch 48",
+    "band50": "--band-share 0.5",
+    "attn1": "--attn-weight 1.0",
+    "outline10": "--outline-weight 10",
+    "gamma0": "--snr-gamma 0",
+    "word02": "--word-weight 0.2",
+}
+#: the autoencoder stages' sizes (full: train_base's defaults) and the toy_model.py mode
+MODES: dict[str, dict[str, Any]] = {
+    "full": {"stages": [], "bench": []},
+    "smoke": {
+        "stages": ["--num-images", "16", "--vae-steps", "2", "--vae-batch", "4",
+                   "--decoder-steps", "2", "--decoder-batch", "2", "--batch", "4",
+                   "--warmup", "1"],
+        "bench": ["--smoke"],
+    },
+}  # fmt: skip
+
+
+def _train_base(work: Path, out: Path, extra: list[str], log: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "diffusers_breakscene.toy.train_base", "--output", str(out)]
+    argv += ["--work-dir", str(work), *extra]
+    return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def _wait(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> dict[str, str]:
+    """Wait for every process; returns the last log lines of those that failed."""
+    failed = {}
+    for name, proc in procs.items():
+        if proc.wait() != 0:
+            failed[name] = "\n".join(logs[name].read_text().splitlines()[-5:])
+    return failed
+
+
+def run(
+    mode: str,
+    out: Path,
+    name: str,
+    variants: dict[str, str],
+    device: str,
+    minutes: float,
+    steps: int,
+    work: Path,
+    autoencoder: Path | None,
+) -> dict[str, Any]:
+    spec = MODES[mode]
+    started = time.perf_counter()
+    base = work / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    if autoencoder is not None:
+        for part in ("vae", "vae_decoder"):
+            if not (autoencoder / part / "config.json").is_file():
+                raise SystemExit(f"--autoencoder {autoencoder}: no {part}/config.json in it")
+            shutil.copytree(autoencoder / part, base / part, dirs_exist_ok=True)
+    threads = ["--threads", str(os.cpu_count() or 1)]
+    log = work / "base.log"
+    proc = _train_base(base, work / "base_out", [*spec["stages"], *threads, "--steps", "0"], log)
+    if _wait({"base": proc}, {"base": log}):
+        raise SystemExit(f"the autoencoder stages failed:\n{log.read_text()[-2000:]}")
+    for leftover in base.glob("diffusion.*"):  # the 0-step checkpoint: each variant starts anew
+        leftover.unlink()
+    base_s = time.perf_counter() - started
+
+    procs, logs = {}, {}
+    for variant, flags in variants.items():
+        folder = work / variant
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(base, folder, copy_function=os.link)  # the cache is read, never written
+        logs[variant] = work / f"{variant}.log"
+        extra = [*spec["stages"], "--threads", "1", "--steps", str(steps)]
+        extra += ["--max-minutes", str(minutes)]
+        extra += ["--device", device, "--log-every", "500", *shlex.split(flags)]
+        procs[variant] = _train_base(folder, folder / "out", extra, logs[variant])
+    failed = _wait(procs, logs)
+    train_s = time.perf_counter() - started - base_s
+
+    benches, blogs = {}, {}
+    for variant in variants:
+        if variant in failed:
+            continue
+        blogs[variant] = work / f"{variant}.bench.log"
+        argv = [sys.executable, str(HERE / "toy_model.py"), *spec["bench"], "--model"]
+        argv += [str(work / variant / "out"), "--out", str(work / variant), "--device", device]
+        benches[variant] = subprocess.Popen(
+            argv, stdout=blogs[variant].open("w"), stderr=subprocess.STDOUT, cwd=REPO
+        )
+    failed.update(_wait(benches, blogs))
+
+    rows: dict[str, Any] = {}
+    for variant, flags in variants.items():
+        if variant in failed:
+            rows[variant] = {"flags": flags, "failed": failed[variant]}
+            continue
+        found = sorted((work / variant).glob("toy_model*.json"))
+        bench = json.loads(found[0].read_text())
+        info = json.loads((work / variant / "out" / "toy_info.json").read_text())
+        rows[variant] = {
+            "flags": flags,
+            "steps": info["diffusion_steps"],
+            "generation": {
+                part: {k: bench["generation"][part][k] for k in ("colour", "shape", "setting")}
+                | {"pattern": bench["generation"][part]["pattern"]}
+                for part in ("one_object", "two_objects")
+            },
+            "attention_iou": {s: v["mean_iou"] for s, v in bench["attention"].items()},
+        }
+    report = {
+        "mode": mode,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "device": _device(device)},
+        "minutes": minutes,
+        "max_steps": steps,
+        "autoencoder": str(autoencoder) if autoencoder else None,
+        "seconds": {"autoencoder": round(base_s), "variants": round(train_s),
+                    "total": round(time.perf_counter() - started)},
+        "variants": rows,
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(report))
+    return report
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table, one row per variant."""
+    lines = [
+        f"Toy base model recipes, mode `{report['mode']}`, {report['machine']['device']}, "
+        f"{report['minutes']} min per variant (all side by side), {report['date'][:10]}.",
+        "",
+        "| variant | train_base flags | steps | shape 1 / 2 | colour 1 / 2 | setting 1 / 2 | "
+        "pattern 1 / 2 | attention IoU train / held-out |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, row in report["variants"].items():
+        flags = f"`{row['flags']}`" if row["flags"] else "(defaults)"
+        if "failed" in row:
+            lines.append(f"| {variant} | {flags} | failed | | | | | |")
+            continue
+        g = row["generation"]
+        cells = [
+            f"{g['one_object'][k]:.2f} / {g['two_objects'][k]:.2f}"
+            for k in ("shape", "colour", "setting", "pattern")
+        ]
+        iou = row["attention_iou"]
+        lines.append(
+            f"| {variant} | {flags} | {row['steps']} | {' | '.join(cells)} | "
+            f"{iou['train']:.2f} / {iou['heldout']:.2f} |"
+        )
+    lines += [
+        "",
+        "1 / 2: one-object prompts / per object in two-object prompts (benchmarks/toy_model.py).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _variants(text: str | None) -> dict[str, str]:
+    """``"a=--x 1;b="`` -> ``{"a": "--x 1", "b": ""}``; None: :data:`VARIANTS`."""
+    if text is None:
+        return dict(VARIANTS)
+    pairs = [item.split("=", 1) for item in text.split(";") if item.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise SystemExit(f"--variants {text!r}: give NAME=FLAGS pairs separated by ';'")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny stages and 2 steps (tests)")
+    parser.add_argument("--device", default="cpu", help="where the variants train and generate")
+    parser.add_argument("--minutes", type=float, default=4.5, help="wall-time cap per variant")
+    parser.add_argument("--steps", type=int, default=9300, help="step cap per variant")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="NAME=FLAGS pairs separated by ';' (train_base flags; default: the first H200 run's)",
+    )
+    parser.add_argument("--autoencoder", type=Path, default=None, help="a train_base work folder")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--name", default=None, help="output file stem")
+    args = parser.parse_args(argv)
+    mode = "smoke" if args.smoke else "full"
+    variants = _variants(args.variants)
+    if args.smoke and args.variants is None:
+        variants = {k: VARIANTS[k] for k in ("control", "outline10")}
+    steps = 2 if args.smoke else args.steps
+    name = args.name or ("toy_recipe_sweep-smoke" if args.smoke else "toy_recipe_sweep")
+    work = args.work or Path(tempfile.mkdtemp(prefix="toy_recipe_sweep-"))
+    report = run(
+        mode, args.out, name, variants, args.device, args.minutes, steps, work, args.autoencoder
+    )
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
