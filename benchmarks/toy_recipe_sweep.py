@@ -23,10 +23,8 @@ Writes ``<out>/<name>.json`` and ``.md`` (default out: benchmarks/results; defau
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -38,6 +36,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import reports  # noqa: E402  (benchmarks/reports.py: the report header and writer)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 #: name -> train_base flags added to its defaults (the variants of the first H200 run)
@@ -149,11 +150,10 @@ def run(
             },
             "attention_iou": {s: v["mean_iou"] for s, v in bench["attention"].items()},
         }
+    head = reports.header(mode)
     report = {
-        "mode": mode,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "device": _device(device)},
+        **head,
+        "machine": {**head["machine"], "device": _device(device)},
         "minutes": minutes,
         "max_steps": steps,
         "autoencoder": str(autoencoder) if autoencoder else None,
@@ -161,9 +161,7 @@ def run(
                     "total": round(time.perf_counter() - started)},
         "variants": rows,
     }  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(report))
+    reports.write(out, name, report, markdown(report))
     return report
 
 
