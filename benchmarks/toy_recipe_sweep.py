@@ -51,6 +51,8 @@ VARIANTS: dict[str, str] = {
     "gamma0": "--snr-gamma 0",
     "word02": "--word-weight 0.2",
 }
+#: the toy_model.py rates kept per variant
+RATES = ("colour", "shape", "setting", "pattern")
 #: the autoencoder stages' sizes (full: train_base's defaults) and the toy_model.py mode
 MODES: dict[str, dict[str, Any]] = {
     "full": {"stages": [], "bench": []},
@@ -137,15 +139,14 @@ def run(
         if variant in failed:
             rows[variant] = {"flags": flags, "failed": failed[variant]}
             continue
-        found = sorted((work / variant).glob("toy_model*.json"))
-        bench = json.loads(found[0].read_text())
+        stem = "toy_model" if mode == "full" else f"toy_model-{mode}"  # toy_model.py's name
+        bench = json.loads((work / variant / f"{stem}.json").read_text())
         info = json.loads((work / variant / "out" / "toy_info.json").read_text())
         rows[variant] = {
             "flags": flags,
             "steps": info["diffusion_steps"],
             "generation": {
-                part: {k: bench["generation"][part][k] for k in ("colour", "shape", "setting")}
-                | {"pattern": bench["generation"][part]["pattern"]}
+                part: {k: bench["generation"][part][k] for k in RATES}
                 for part in ("one_object", "two_objects")
             },
             "attention_iou": {s: v["mean_iou"] for s, v in bench["attention"].items()},

@@ -486,7 +486,7 @@ def train_diffusion(
             maps = store.aggregate()  # (B, 8, 8, 77)
             sel = maps[b_i, :, :, p_i]
             sel = sel / sel.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
-            target = masks_all[idx][b_i.cpu(), j_i.cpu()].float().to(device)
+            target = masks_all[idx].float().to(device)[b_i, j_i]
             attn_loss = F.mse_loss(sel, target)
             loss = loss + args.attn_weight * attn_loss
         opt.zero_grad(set_to_none=True)
