@@ -95,10 +95,8 @@ def run(
     started = time.perf_counter()
     base = work / "base"
     base.mkdir(parents=True, exist_ok=True)
-    if autoencoder is not None:
+    if autoencoder is not None:  # checked by main() before any folder was made
         for part in ("vae", "vae_decoder"):
-            if not (autoencoder / part / "config.json").is_file():
-                raise SystemExit(f"--autoencoder {autoencoder}: no {part}/config.json in it")
             shutil.copytree(autoencoder / part, base / part, dirs_exist_ok=True)
     threads = ["--threads", str(os.cpu_count() or 1)]
     log = work / "base.log"
@@ -232,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default=None, help="output file stem")
     args = parser.parse_args(argv)
+    for part in ("vae", "vae_decoder") if args.autoencoder is not None else ():
+        if not (args.autoencoder / part / "config.json").is_file():
+            parser.error(f"--autoencoder {args.autoencoder}: no {part}/config.json in it")
     mode = "smoke" if args.smoke else "full"
     variants = _variants(args.variants)
     if args.smoke and args.variants is None:

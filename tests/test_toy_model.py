@@ -402,3 +402,17 @@ def test_recipe_sweep_reads_variants_and_names_a_bad_list():
     assert toy_recipe_sweep._variants(None) == toy_recipe_sweep.VARIANTS
     with pytest.raises(SystemExit, match="NAME=FLAGS pairs"):
         toy_recipe_sweep._variants("just-flags")
+
+
+def test_recipe_sweep_refuses_an_autoencoder_folder_without_a_vae_before_making_anything(
+    tmp_path, capsys
+):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import toy_recipe_sweep
+
+    (tmp_path / "ae" / "vae").mkdir(parents=True)  # no config.json, no vae_decoder
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit):
+        toy_recipe_sweep.main(["--autoencoder", str(tmp_path / "ae"), "--work", str(work)])
+    assert "no vae/config.json" in capsys.readouterr().err
+    assert not work.exists()
