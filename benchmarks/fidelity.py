@@ -352,6 +352,12 @@ def run_key(
     per_run = {k: v for k, v in spec.items() if k not in ("scenes", "seeds")}
     plan = {"spec": per_run, "config": settings, "scene": scene, "seed": seed, "curve": curve}
     plan["weights"], plan["guidance"] = weights, GUIDANCE
+    # The words the handles start from (toy.world.to_scene's default) count only when they are
+    # not the shape word, the default the first runs were saved with, so those keep their keys.
+    from diffusers_breakscene.toy import world
+
+    if world.DEFAULT_INITIALIZER != "shape":
+        plan["initializer"] = world.DEFAULT_INITIALIZER
     return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -417,6 +423,7 @@ def run_one(
     from diffusers_breakscene.attention import AttentionStore
     from diffusers_breakscene.handles import token_ids
     from diffusers_breakscene.metrics import attention_mask_iou, evaluate_alignment
+    from diffusers_breakscene.toy import world
     from diffusers_breakscene.toy.experiment import (
         ONE_HANDLE_PROMPTS,
         TWO_HANDLE_PROMPTS,
@@ -429,7 +436,7 @@ def run_one(
 
     pipe = toy_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    scene = to_scene(sample)
+    scene = to_scene(sample, initializer=world.DEFAULT_INITIALIZER)  # what run_key records
     n = len(sample.objects)
     one, two = ONE_HANDLE_PROMPTS[: spec["templates"]], TWO_HANDLE_PROMPTS[: spec["templates"]]
     jobs = [(t, [i]) for t in one for i in range(n)]

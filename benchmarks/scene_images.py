@@ -86,7 +86,7 @@ def run(mode: str, out: Path) -> dict[str, Any]:
     from diffusers_breakscene.toy.evaluator import default_evaluator
     from diffusers_breakscene.toy.experiment import ONE_HANDLE_PROMPTS, fill, toy_config
     from diffusers_breakscene.toy.model import toy_pipeline
-    from diffusers_breakscene.toy.world import evaluation_scenes
+    from diffusers_breakscene.toy.world import evaluation_scenes, to_scene
 
     spec = MODES[mode]
     torch.set_num_threads(1)  # the toy model is fastest on one thread (see toy_world.py)
@@ -103,7 +103,7 @@ def run(mode: str, out: Path) -> dict[str, Any]:
             scene = bas.Scene.from_images(
                 [r.image for r in used],
                 [[m.astype(np.uint8) * 255 for m in r.masks] for r in used],
-                initializer_tokens=[o.shape for o in sample.objects],
+                initializer_tokens=to_scene(sample).initializer_tokens,  # the toy default
             )
             pipe = toy_pipeline()
             t0 = time.perf_counter()

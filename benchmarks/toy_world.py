@@ -4,6 +4,7 @@
     python benchmarks/toy_world.py --quick    # 3 scenes, 1 seed
     python benchmarks/toy_world.py --smoke    # 1 scene, 1 seed, 2 + 2 steps (the tests run this)
     python benchmarks/toy_world.py --seeds 0  # all 12 scenes, seed 0 only (half the full time)
+    python benchmarks/toy_world.py --initializer shape  # handles start at their shape word
 
 For every evaluation scene of the toy world (2-3 objects the base model never saw drawn), three
 variants are measured in the same run, with the same prompts and seeds
@@ -14,8 +15,9 @@ variants are measured in the same run, with the same prompts and seeds
 * ``phase1``: handles only (phase 1 alone, the paper's TI-m);
 * ``base``: no training; the base model prompted with the objects' own words.
 
-Writes ``<out>/toy_world[-quick|-smoke].json`` and ``.md`` (default out: benchmarks/results)
-and a picture of the first scene's generations per variant.
+Writes ``<out>/toy_world[-quick|-smoke][-init-WORD].json`` and ``.md`` (default out:
+benchmarks/results; ``-init-WORD`` when ``--initializer`` is not the default) and a picture of the
+first scene's generations per variant.
 """
 
 from __future__ import annotations
@@ -41,12 +43,17 @@ MODES: dict[str, dict[str, Any]] = {
 VARIANTS = ("ours", "phase1", "base")
 
 
-def run(mode: str, out: Path, seeds: list[int] | None = None) -> dict[str, Any]:
-    """Train and score every variant on the mode's scenes; ``seeds`` replaces the mode's."""
+def run(
+    mode: str, out: Path, seeds: list[int] | None = None, initializer: str | None = None
+) -> dict[str, Any]:
+    """Train and score every variant on the mode's scenes; ``seeds`` replaces the mode's and
+    ``initializer`` (a :func:`~diffusers_breakscene.toy.world.to_scene` choice) the default."""
     import torch
 
     from diffusers_breakscene.toy.experiment import run_variant, toy_config
-    from diffusers_breakscene.toy.world import evaluation_scenes
+    from diffusers_breakscene.toy.world import DEFAULT_INITIALIZER, evaluation_scenes
+
+    initializer = initializer or DEFAULT_INITIALIZER
 
     spec = {**MODES[mode], **({"seeds": seeds} if seeds else {})}
     # The toy model is so small that one thread is fastest (two threads on a busy 2-core machine
@@ -64,7 +71,7 @@ def run(mode: str, out: Path, seeds: list[int] | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             result = run_variant(
                 variant, sample, index, config=config, seeds=spec["seeds"],
-                inference_steps=spec["inference_steps"],
+                inference_steps=spec["inference_steps"], initializer=initializer,
             )  # fmt: skip
             row = {
                 "scene": index,
@@ -93,6 +100,7 @@ def run(mode: str, out: Path, seeds: list[int] | None = None) -> dict[str, Any]:
     report = {
         **reports.header(mode),
         "config": config.to_dict(),
+        "initializer": initializer,
         "seeds": spec["seeds"],
         "scenes": len(scenes),
         "seconds": round(time.perf_counter() - started, 1),
@@ -100,6 +108,8 @@ def run(mode: str, out: Path, seeds: list[int] | None = None) -> dict[str, Any]:
         "summary": summary,
     }
     name = "toy_world" if mode == "full" else f"toy_world-{mode}"
+    if initializer != DEFAULT_INITIALIZER:
+        name += f"-init-{initializer}"
     reports.write(out, name, report, markdown(report))
     _picture(scenes[0], pictures).save(out / f"{name}.png")
     return report
@@ -109,7 +119,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The report's summary as a markdown table (mean ± spread over scenes)."""
     lines = [
         f"Toy world, mode `{report['mode']}`: {report['scenes']} scenes, seeds "
-        f"{report['seeds']}, {report['seconds']:.0f} s.",
+        f"{report['seeds']}, handle start: {report.get('initializer', 'shape')}, "
+        f"{report['seconds']:.0f} s.",
         "",
         "| variant | identity, 1 handle | prompt acc., 1 handle | identity, 2 handles "
         "| prompt acc., 2 handles |",
@@ -145,6 +156,8 @@ def _picture(sample: Any, pictures: dict[str, list[Any]]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffusers_breakscene.toy.world import DEFAULT_INITIALIZER, INITIALIZERS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="3 scenes, 1 seed")
@@ -153,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", default=None, help="comma-separated seeds instead of the mode's (e.g. 0,1)"
     )
+    parser.add_argument(
+        "--initializer",
+        choices=INITIALIZERS,
+        default=None,
+        help=f"the words each handle starts from (default: {DEFAULT_INITIALIZER})",
+    )
     args = parser.parse_args(argv)
     seeds = reports.int_list(parser, "--seeds", args.seeds)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    report = run(mode, args.out, seeds)
+    report = run(mode, args.out, seeds, args.initializer)
     print(markdown(report))
     return 0
 

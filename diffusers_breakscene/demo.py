@@ -265,7 +265,7 @@ def _run_demo(
     sample = None
     if toy:
         from .toy.experiment import toy_config
-        from .toy.world import evaluation_scenes, object_phrase
+        from .toy.world import evaluation_scenes, object_phrase, to_scene
 
         sample = evaluation_scenes()[TOY_DEMO_SCENE]
         resolution = sample.image.width
@@ -273,7 +273,7 @@ def _run_demo(
             sample.image,
             [Image.fromarray(m.astype("uint8") * 255) for m in sample.masks],
         )
-        initializers = [o.shape for o in sample.objects]
+        initializers = to_scene(sample).initializer_tokens  # the toy scenes' default words
         described = " and ".join(object_phrase(o) for o in sample.objects)
         config = toy_config()
         prompts = TOY_DEMO_PROMPTS

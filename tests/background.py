@@ -59,7 +59,7 @@ def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
                      "--master_port", str(_free_port()), str(EXAMPLES / "multi_gpu_train.py"),
                      "--tiny", "--cpu", "--output", str(root / "torchrun")]),
         "toy_world": ("test_toy_demo", [str(BENCH / "toy_world.py"), "--smoke", "--seeds",
-                      "3", *out("toy_world")]),
+                      "3", "--initializer", "colour", *out("toy_world")]),
         "toy_model": ("test_toy_model", [str(BENCH / "toy_model.py"), "--smoke",
                       "--compare-evaluator", str(EVALUATOR), *out("toy_model")]),
         "toy_recipe_sweep": ("test_toy_model", [str(BENCH / "toy_recipe_sweep.py"), "--smoke",

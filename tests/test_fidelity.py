@@ -196,7 +196,7 @@ def test_bad_flags_are_usage_errors_before_any_work(tmp_path, flags, message):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_saved_run_counts_only_with_the_same_key(tmp_path):
+def test_a_saved_run_counts_only_with_the_same_key(tmp_path, monkeypatch):
     sys.path.insert(0, str(BENCH))
     import fidelity
 
@@ -226,6 +226,15 @@ def test_a_saved_run_counts_only_with_the_same_key(tmp_path):
     assert fidelity.run_key(wider, ours, 0, 0, True, "weights-a") == key
     longer = {**spec, "steps": 3}
     assert fidelity.run_key(longer, ours, 0, 0, True, "weights-a") != key
+    # The words the handles start from count, except the shape word the first runs used.
+    from diffusers_breakscene.toy import world
+
+    saved = [fidelity.run_key(spec, ours, 0, 0, True, "w")]
+    for start in ("shape", "colour"):
+        monkeypatch.setattr(world, "DEFAULT_INITIALIZER", start)
+        saved.append(fidelity.run_key(spec, ours, 0, 0, True, "w"))
+    assert len(set(saved)) == 3
+    monkeypatch.undo()
     path.write_text('{"key": "')
     assert fidelity.load_run(path, key) is None
     assert fidelity.load_run(tmp_path / "missing.json", key) is None

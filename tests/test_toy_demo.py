@@ -73,12 +73,15 @@ def test_toy_world_benchmark_smoke():
 
     BACKGROUND.stdout("toy_world")  # run beside the other tests (background.py)
     tmp_path = BACKGROUND.root / "toy_world"
-    report = json.loads((tmp_path / "toy_world-smoke.json").read_text())
+    name = "toy_world-smoke-init-colour"  # --initializer colour, not the default, is in the name
+    report = json.loads((tmp_path / f"{name}.json").read_text())
     assert {row["variant"] for row in report["rows"]} == {"ours", "phase1", "base"}
-    assert "| ours |" in (tmp_path / "toy_world-smoke.md").read_text()
-    assert (tmp_path / "toy_world-smoke.png").is_file()
+    table = (tmp_path / f"{name}.md").read_text()
+    assert "| ours |" in table
+    assert (tmp_path / f"{name}.png").is_file()
     assert report["seeds"] == [3]  # --seeds 3 replaced the mode's seed 0
-    assert "seeds [3]" in (tmp_path / "toy_world-smoke.md").read_text()
+    assert "seeds [3]" in table
+    assert report["initializer"] == "colour" and "handle start: colour" in table
 
 
 def test_toy_world_benchmark_names_bad_seeds(tmp_path):

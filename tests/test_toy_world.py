@@ -7,9 +7,11 @@ import pytest
 
 from diffusers_breakscene.toy.world import (
     COLOURS,
+    DEFAULT_INITIALIZER,
     HELDOUT_PAIRS,
     HELDOUT_PATTERNS,
     HELDOUT_SHAPES,
+    INITIALIZERS,
     MAX_OBJECTS,
     PATTERNS,
     SETTINGS,
@@ -21,6 +23,7 @@ from diffusers_breakscene.toy.world import (
     in_split,
     is_heldout,
     object_mask,
+    object_words,
     render_scene,
     sample_scene,
     to_scene,
@@ -186,7 +189,12 @@ def test_to_scene():
     sample = evaluation_scenes()[1]
     scene = to_scene(sample)
     assert scene.num_concepts == len(sample.objects)
-    assert scene.initializer_tokens == [o.shape for o in sample.objects]
+    # the default start is the object's phrase: every word of it, no article
+    assert DEFAULT_INITIALIZER == "phrase"
+    assert scene.initializer_tokens == [" ".join(object_words(o)) for o in sample.objects]
+    assert to_scene(sample, initializer="shape").initializer_tokens == [
+        o.shape for o in sample.objects
+    ]
     for a, b in zip(scene.masks, sample.masks, strict=True):
         np.testing.assert_array_equal(a, b)
     assert to_scene(sample, tokens=["<x>", "<y>", "<z>"], initializer="none").tokens == [
@@ -194,3 +202,24 @@ def test_to_scene():
         "<y>",
         "<z>",
     ]
+    assert to_scene(sample, initializer="colour").initializer_tokens == [
+        o.colour for o in sample.objects
+    ]
+    phrases = scene.initializer_tokens
+    assert all(p.split()[-1] == o.shape for p, o in zip(phrases, sample.objects, strict=True))
+    assert all(p.split()[0] == o.colour for p, o in zip(phrases, sample.objects, strict=True))
+    with pytest.raises(ValueError, match="initializer='words' must be one of 'shape', 'colour'"):
+        to_scene(sample, initializer="words")
+    assert set(INITIALIZERS) == {"shape", "colour", "phrase", "none"}
+
+
+def test_run_variant_refuses_a_bad_initializer_before_loading_a_pipeline():
+    from diffusers_breakscene.toy.experiment import run_variant
+
+    loaded = []
+    with pytest.raises(ValueError, match="initializer='noun'"):
+        run_variant(
+            "ours", evaluation_scenes()[0], initializer="noun",
+            pipeline_factory=lambda: loaded.append(1),
+        )  # fmt: skip
+    assert not loaded

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from ..config import DEFAULT_LORA_RANK, BreakASceneConfig
-from .world import ToySample, object_phrase, to_scene
+from .world import DEFAULT_INITIALIZER, Initializer, ToySample, object_phrase, to_scene
 
 __all__ = [
     "ONE_HANDLE_PROMPTS",
@@ -165,12 +165,14 @@ def run_variant(
     output_dir: str | Path | None = None,
     evaluator: Any = None,
     progress: bool = False,
+    initializer: Initializer = DEFAULT_INITIALIZER,
 ) -> VariantResult:
     """Learn ``sample`` with ``variant`` (see the module docstring), generate every prompt for
     every handle (and every pair of handles) with each seed, and score the images.
 
     ``pipeline_factory`` makes a fresh base pipeline (default: the shipped toy model);
-    ``output_dir`` keeps the bundle (default: a temporary folder).
+    ``output_dir`` keeps the bundle (default: a temporary folder); ``initializer`` picks the
+    words the handles start from (:func:`~diffusers_breakscene.toy.world.to_scene`).
 
     Example:
         >>> from diffusers_breakscene.toy.world import evaluation_scenes
@@ -183,13 +185,13 @@ def run_variant(
     from ..trainer import BreakASceneTrainer
     from .evaluator import default_evaluator
 
+    scene = to_scene(sample, initializer=initializer)  # a bad initializer fails before loading
     evaluator = evaluator or default_evaluator()
     if pipeline_factory is None:
         from .model import toy_pipeline
 
         pipeline_factory = toy_pipeline
     pipe = pipeline_factory()
-    scene = to_scene(sample)
     words = [object_phrase(o) for o in sample.objects]
     result = VariantResult(variant, scene_index, [])
     if variant == "base":
