@@ -336,6 +336,40 @@ def test_toy_model_benchmark_smoke():
         assert compared[part]["colour"] == report["generation"][part]["colour"]
 
 
+@pytest.mark.slow
+def test_toy_autoencoder_benchmark_smoke():
+    from background import BACKGROUND
+
+    BACKGROUND.stdout("toy_autoencoder")  # run beside the other tests (background.py)
+    folder = BACKGROUND.root / "toy_autoencoder"
+    report = json.loads((folder / "toy_autoencoder-smoke.json").read_text())
+    rows = {(r["model"], r["split"]): r for r in report["rows"]}
+    shipped = str(Path(__file__).resolve().parents[1] / "diffusers_breakscene/assets/toy")
+    assert set(rows) == {(m, s) for m in ("rendered", "toy", shipped) for s in ("train", "heldout")}
+    for split in ("train", "heldout"):
+        rendered, by_name = rows["rendered", split], rows["toy", split]
+        by_folder = rows[shipped, split]
+        assert rendered["all_right"] >= 0.75  # the evaluator reads rendered scenes (98% in full)
+        assert "psnr_db" not in rendered and by_name["psnr_db"] > 15
+        # "toy" is the shipped folder: one VAE, the same round trip, the same checks
+        for key in ("colour", "shape", "pattern", "setting", "psnr_db", "shape_by_shape"):
+            assert by_name[key] == by_folder[key]
+    assert rows["rendered", "heldout"]["shape_by_shape"].keys() & {"heart"}  # held-out shape
+    table = (folder / "toy_autoencoder-smoke.md").read_text()
+    assert "| rendered | train |" in table and "| round trip, `toy` | heldout |" in table
+    assert (folder / "toy_autoencoder-smoke.png").is_file()
+
+
+def test_toy_autoencoder_benchmark_refuses_a_folder_without_a_vae(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import toy_autoencoder
+
+    with pytest.raises(SystemExit):
+        toy_autoencoder.main(["--smoke", "--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "no vae/config.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_unseen_prompts_are_not_training_captions():
     from diffusers_breakscene.toy.evaluator import parse_prompt
     from diffusers_breakscene.toy.prompt_check import unseen_prompts
