@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -83,7 +83,7 @@ Split = Literal["train", "heldout", "any"]
 Initializer = Literal["shape", "colour", "phrase", "none"]
 
 #: The words a toy scene's handles can start from (:func:`to_scene`).
-INITIALIZERS: tuple[str, ...] = ("shape", "colour", "phrase", "none")
+INITIALIZERS: tuple[str, ...] = get_args(Initializer)
 
 #: The toy scenes' default: each handle starts at the mean of its object's words
 #: ("orange dotted square"). On the 12 evaluation scenes, two seeds, it raised all four of
