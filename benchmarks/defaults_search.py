@@ -101,6 +101,8 @@ CANDIDATES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "phase2_lr_3x": lambda base: {"phase2_learning_rate": base.phase2_learning_rate * 3},
     "phase1_lr_half": lambda base: {"phase1_learning_rate": base.phase1_learning_rate / 2},
     "phase1_lr_2x": lambda base: {"phase1_learning_rate": base.phase1_learning_rate * 2},
+    # Phase 1 twice as long (the handles start far from the words: docs/toy-world.md).
+    "phase1_steps_2x": lambda base: {"phase1_steps": base.phase1_steps * 2},
     # Phase 1 in half its steps at twice its rate; phase 2 takes the steps left (same total).
     "fast_phase1": lambda base: {
         "phase1_learning_rate": base.phase1_learning_rate * 2,

@@ -85,7 +85,7 @@ def run(mode: str, out: Path) -> dict[str, Any]:
     import diffusers_breakscene as bas
     from diffusers_breakscene.toy.evaluator import default_evaluator
     from diffusers_breakscene.toy.experiment import ONE_HANDLE_PROMPTS, fill, toy_config
-    from diffusers_breakscene.toy.model import toy_pipeline
+    from diffusers_breakscene.toy.model import TOY_GUIDANCE, toy_pipeline
     from diffusers_breakscene.toy.world import evaluation_scenes, to_scene
 
     spec = MODES[mode]
@@ -120,7 +120,7 @@ def run(mode: str, out: Path) -> dict[str, Any]:
                             image = pipe(
                                 fill(template, [token]),
                                 num_inference_steps=spec["inference"],
-                                guidance_scale=7.5,
+                                guidance_scale=TOY_GUIDANCE,
                                 height=64,
                                 width=64,
                                 generator=torch.Generator().manual_seed(seed),

@@ -10,7 +10,8 @@ Issue 11's quality targets for the toy model (``--model``, default the shipped `
   base model's training data never held: one-object prompts of a held-out (shape, colour) pair
   (purple circle, orange square, ...) with a seen pattern (plain, striped, dotted) in one of the
   7 settings, and two-object prompts joining one such object to an object of the training split.
-  One image per prompt (the model's scheduler, 25 steps, guidance ``--guidance``); the toy
+  One image per prompt (the model's scheduler, 25 steps, guidance ``--guidance``, default
+  :data:`~diffusers_breakscene.toy.model.TOY_GUIDANCE`); the toy
   evaluator checks each object's colour, shape and pattern (bound to the same object) and the
   setting. Targets: colour, shape and setting each right in
   >= 90% of one-object prompts and >= 75% per object in two-object prompts.
@@ -86,7 +87,7 @@ def run(
         rates, part_images, scores = generation_accuracy(
             pipe, part, ev, num_inference_steps=spec["steps"], guidance_scale=guidance, seed=seed
         )
-        generation[name] = {"prompts": len(part), **rates}
+        generation[name] = {"prompts": len(part), **rates, "by_shape": by_shape(scores)}
         images += part_images
         readings += [s.reading for s in scores]
         if other is not None:
@@ -100,6 +101,7 @@ def run(
             "mean_iou": result["mean_iou"],
             "share_over_half": float(np.mean([v >= 0.5 for v in ious])),
             "objects": len(ious),
+            "by_shape": _mean_by(ious, result["shapes"]),
         }
     report = {
         "mode": mode,
@@ -130,6 +132,40 @@ def run(
     (out / f"{name}.md").write_text(markdown(report))
     _picture(images, prompts, spec["one"]).save(out / f"{name}.png")
     return report
+
+
+def _mean_by(values: list[float], keys: list[str]) -> dict[str, float]:
+    """The mean of ``values`` per key (``keys[i]`` is the key of ``values[i]``), keys sorted."""
+    groups: dict[str, list[float]] = {}
+    for value, key in zip(values, keys, strict=True):
+        groups.setdefault(key, []).append(value)
+    return {key: sum(v) / len(v) for key, v in sorted(groups.items())}
+
+
+def by_shape(scores: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per prompted shape: its objects, the share drawn as that shape, and what the evaluator
+    read instead (``read``: shape -> count; ``"none"`` when no object was matched to it).
+
+    Example:
+        >>> from diffusers_breakscene.toy.evaluator import default_evaluator
+        >>> from diffusers_breakscene.toy.world import sample_scene
+        >>> s = sample_scene(0, num_objects=1)
+        >>> score = default_evaluator().prompt_accuracy(s.image, s.caption)
+        >>> by_shape([score])[s.objects[0].shape]["shape"]
+        1.0
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for score in scores:
+        for o in score.objects:
+            row = rows.setdefault(o.expected.shape, {"objects": 0, "right": 0, "read": {}})
+            row["objects"] += 1
+            row["right"] += int(o.shape_ok)
+            read = o.matched.shape if o.matched is not None else "none"
+            row["read"][read] = row["read"].get(read, 0) + 1
+    return {
+        shape: {"objects": r["objects"], "shape": r["right"] / r["objects"], "read": r["read"]}
+        for shape, r in sorted(rows.items())
+    }
 
 
 def _compare(other: Any, images: list[Any], prompts: list[str], scores: list[Any]) -> dict:
@@ -182,6 +218,28 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for name, label in (("one_object", "one object"), ("two_objects", "two objects")):
             lines.append(f"| {label} | {_rates(c[name])} | {c[name]['checks_differing']:.3f} |")
+    if all("by_shape" in g[name] for name in g):
+        lines += [
+            "",
+            "Shape right per prompted shape (one object / two objects, per object), and what the "
+            "evaluator read when it was wrong:",
+            "",
+            "| shape | one object | two objects | read instead |",
+            "|---|---|---|---|",
+        ]
+        one, two = g["one_object"]["by_shape"], g["two_objects"]["by_shape"]
+        for shape in sorted(set(one) | set(two)):
+            cells = [
+                f"{part[shape]['shape']:.2f} (n={part[shape]['objects']})" if shape in part else "-"
+                for part in (one, two)
+            ]
+            wrong: dict[str, int] = {}
+            for part in (one, two):
+                for read, n in part.get(shape, {}).get("read", {}).items():
+                    if read != shape:
+                        wrong[read] = wrong.get(read, 0) + n
+            instead = ", ".join(f"{k} {v}" for k, v in sorted(wrong.items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {shape} | {cells[0]} | {cells[1]} | {instead or '-'} |")
     lines += [
         "",
         "| attention/mask IoU (shape word, latent/4) | objects | mean IoU | share >= 0.5 |",
@@ -190,6 +248,19 @@ def markdown(report: dict[str, Any]) -> str:
     for split, v in a.items():
         cells = f"{v['objects']} | {v['mean_iou']:.2f} | {v['share_over_half']:.2f}"
         lines.append(f"| {split} scenes | {cells} |")
+    if all("by_shape" in v for v in a.values()):
+        shapes = sorted({s for v in a.values() for s in v["by_shape"]})
+        lines += [
+            "",
+            "Mean IoU per object shape (the held-out split holds the shape no training image "
+            "drew, whose word never learned where to attend):",
+            "",
+            "| split | " + " | ".join(shapes) + " |",
+            "|---|" + "---|" * len(shapes),
+        ]
+        for split, v in a.items():
+            cells = [f"{v['by_shape'][s]:.2f}" if s in v["by_shape"] else "-" for s in shapes]
+            lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     group.add_argument("--quick", action="store_true", help="25 + 25 prompts")
     group.add_argument("--smoke", action="store_true", help="4 + 4 prompts, 2 steps")
     parser.add_argument("--model", default="toy", help="toy pipeline name or folder")
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="default: the toy model's TOY_GUIDANCE (5)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument(
@@ -232,6 +305,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.guidance is None:
+        from diffusers_breakscene.toy.model import TOY_GUIDANCE
+
+        args.guidance = TOY_GUIDANCE
     report = run(
         mode, args.out, args.model, args.guidance, args.seed, args.evaluator,
         args.compare_evaluator, args.device,

@@ -6,14 +6,16 @@
     python benchmarks/toy_world.py --seeds 0  # all 12 scenes, seed 0 only (half the full time)
     python benchmarks/toy_world.py --initializer shape  # handles start at their shape word
 
-For every evaluation scene of the toy world (2-3 objects the base model never saw drawn), three
+For every evaluation scene of the toy world (2-3 objects the base model never saw drawn), four
 variants are measured in the same run, with the same prompts and seeds
 (:mod:`diffusers_breakscene.toy.experiment`):
 
 * ``ours``: the default configuration (scaled to the toy model: 64 px, LoRA rank 2 on the
   attention projections);
 * ``phase1``: handles only (phase 1 alone, the paper's TI-m);
-* ``base``: no training; the base model prompted with the objects' own words.
+* ``base``: no training; the base model prompted with the objects' own words;
+* ``init``: no training; the handles at their start (the mean embedding of their initializer
+  words): what training adds to where the handles begin.
 
 Writes ``<out>/toy_world[-quick|-smoke][-init-WORD].json`` and ``.md`` (default out:
 benchmarks/results; ``-init-WORD`` when ``--initializer`` is not the default) and a picture of the
@@ -40,7 +42,7 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": {"scenes": 3, "seeds": [0], "steps": None, "inference_steps": 25},
     "smoke": {"scenes": 1, "seeds": [0], "steps": 2, "inference_steps": 2},
 }
-VARIANTS = ("ours", "phase1", "base")
+VARIANTS = ("ours", "phase1", "base", "init")
 
 
 def run(

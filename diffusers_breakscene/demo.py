@@ -275,8 +275,11 @@ def _run_demo(
         )
         initializers = to_scene(sample).initializer_tokens  # the toy scenes' default words
         described = " and ".join(object_phrase(o) for o in sample.objects)
+        from .toy.model import TOY_GUIDANCE
+
         config = toy_config()
         prompts = TOY_DEMO_PROMPTS
+        guidance = TOY_GUIDANCE  # measured best for the toy model (its docstring)
     else:
         resolution = resolution or (256 if tiny else 512)
         image, masks = draw_demo_scene(resolution)
@@ -286,6 +289,7 @@ def _run_demo(
         if tiny:
             config = config.replace(phase1_steps=TINY_DEMO_STEPS, phase2_steps=TINY_DEMO_STEPS)
         prompts = DEMO_PROMPTS
+        guidance = 7.5  # Stable Diffusion's usual scale
     if steps is not None:
         config = config.replace(phase1_steps=steps, phase2_steps=steps)
     config = config.replace(validate_phase_ends=False)  # the demo draws its own pictures
@@ -313,11 +317,11 @@ def _run_demo(
     say(f"Loaded the bundle into a fresh pipeline; tokens {tokens}")
     first, picture = attention_picture(
         pipe, prompts[0], tokens, scene.masks, scene.image, steps=inference_steps,
-        height=resolution, width=resolution, progress=progress,
+        guidance=guidance, height=resolution, width=resolution, progress=progress,
     )  # fmt: skip
     rest = generate_images(
-        pipe, prompts[1:], steps=inference_steps, seed=1, height=resolution, width=resolution,
-        progress=progress,
+        pipe, prompts[1:], steps=inference_steps, guidance=guidance, seed=1, height=resolution,
+        width=resolution, progress=progress,
     )  # fmt: skip
     images = [first, *rest]
     image_paths = []

@@ -108,6 +108,11 @@ def test_the_former_default_is_over_the_size_limit():
     from diffusers_breakscene.toy.experiment import TOY_RANK_DIVISOR, toy_config
 
     assert defaults_search.SD_RANK_FACTOR == TOY_RANK_DIVISOR  # sizes scale back as toy_config did
+    from diffusers_breakscene.toy.model import TOY_GUIDANCE
+
+    assert defaults_search.fidelity.GUIDANCE == TOY_GUIDANCE  # the toy model's measured scale
+    longer = defaults_search.candidate_configs(toy_config(), ["phase1_steps_2x"])["phase1_steps_2x"]
+    assert (longer.phase1_steps, longer.phase2_steps) == (800, 400)
 
     configs = defaults_search.candidate_configs(toy_config(), ["ours", "former_default"])
     former = defaults_search.sd_bundle_bytes(configs["former_default"])

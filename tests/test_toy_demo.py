@@ -54,6 +54,32 @@ def test_experiment_scores_every_prompt_of_every_variant(tmp_path):
         run_variant("other", sample)
 
 
+def test_init_variant_prompts_untrained_handles_at_their_initializer_words():
+    import torch
+
+    from diffusers_breakscene.toy.model import toy_pipeline
+    from diffusers_breakscene.toy.world import to_scene
+
+    sample = evaluation_scenes()[0]
+    pipes = []
+
+    def factory():
+        pipes.append(toy_pipeline())
+        return pipes[-1]
+
+    result = run_variant("init", sample, seeds=[0], inference_steps=2, pipeline_factory=factory)
+    assert result.train_seconds == 0.0 and result.bundle is None  # nothing was trained
+    assert result.generations[0].prompt.count("<asset") == 1
+    # each handle's row is the mean of its initializer words' rows
+    pipe, scene = pipes[0], to_scene(sample)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    for token, words in zip(scene.tokens, scene.initializer_tokens, strict=True):
+        handle = pipe.tokenizer.convert_tokens_to_ids(token)
+        ids = pipe.tokenizer(words, add_special_tokens=False).input_ids
+        assert len(ids) == len(words.split()) > 1  # the phrase start: several words
+        torch.testing.assert_close(table[handle], table[ids].mean(0))
+
+
 @pytest.mark.slow
 def test_default_demo_learns_a_toy_scene_and_scores_it(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -75,7 +101,8 @@ def test_toy_world_benchmark_smoke():
     tmp_path = BACKGROUND.root / "toy_world"
     name = "toy_world-smoke-init-colour"  # --initializer colour, not the default, is in the name
     report = json.loads((tmp_path / f"{name}.json").read_text())
-    assert {row["variant"] for row in report["rows"]} == {"ours", "phase1", "base"}
+    assert {row["variant"] for row in report["rows"]} == {"ours", "phase1", "base", "init"}
+    assert "| init |" in (tmp_path / f"{name}.md").read_text()
     table = (tmp_path / f"{name}.md").read_text()
     assert "| ours |" in table
     assert (tmp_path / f"{name}.png").is_file()

@@ -98,10 +98,14 @@ def test_colour_words_change_the_colour(toy):
 
 def test_attention_check_runs(toy):
     from diffusers_breakscene.toy.attention_check import attention_iou
+    from diffusers_breakscene.toy.world import sample_scene
 
     result = attention_iou(toy, num_samples=2, timesteps=(500,))
     assert result["num_objects"] >= 2
     assert 0.0 <= result["mean_iou"] <= 1.0
+    # one shape per IoU, in the scenes' object order
+    expected = [o.shape for i in range(2) for o in sample_scene(i, "train", size=64).objects]
+    assert result["shapes"] == expected and len(result["ious"]) == len(expected)
 
 
 @pytest.mark.slow
@@ -329,6 +333,17 @@ def test_toy_model_benchmark_smoke():
     assert set(report["attention"]) == {"train", "heldout"}
     assert "| one object | 4 |" in (tmp_path / "toy_model-smoke.md").read_text()
     assert (tmp_path / "toy_model-smoke.png").is_file()
+    # the per-shape breakdown accounts for every prompted object, right or read as another shape
+    for part, per_prompt in (("one_object", 1), ("two_objects", 2)):
+        rows = report["generation"][part]["by_shape"]
+        assert sum(r["objects"] for r in rows.values()) == 4 * per_prompt
+        for shape, r in rows.items():
+            assert sum(r["read"].values()) == r["objects"]
+            assert r["shape"] == r["read"].get(shape, 0) / r["objects"]
+    assert (
+        "| shape | one object | two objects | read instead |"
+        in (tmp_path / "toy_model-smoke.md").read_text()
+    )
     # compared with the shipped evaluator itself: the same images, the same checks
     compared = report["compare_evaluator"]
     for part in ("one_object", "two_objects"):
@@ -450,3 +465,21 @@ def test_recipe_sweep_refuses_an_autoencoder_folder_without_a_vae_before_making_
         toy_recipe_sweep.main(["--autoencoder", str(tmp_path / "ae"), "--work", str(work)])
     assert "no vae/config.json" in capsys.readouterr().err
     assert not work.exists()
+
+
+def test_toy_model_by_shape_counts_what_each_prompted_shape_was_read_as():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import toy_model
+
+    from diffusers_breakscene.toy.evaluator import default_evaluator
+    from diffusers_breakscene.toy.world import sample_scene
+
+    ev = default_evaluator()
+    scene = sample_scene(3, num_objects=1)
+    shape = scene.objects[0].shape
+    other = next(s for s in ("circle", "square", "triangle") if s != shape)
+    right = ev.prompt_accuracy(scene.image, scene.caption)
+    wrong = ev.prompt_accuracy(scene.image, scene.caption.replace(shape, other))
+    rows = toy_model.by_shape([right, wrong])
+    assert rows[shape] == {"objects": 1, "shape": 1.0, "read": {shape: 1}}
+    assert rows[other] == {"objects": 1, "shape": 0.0, "read": {shape: 1}}

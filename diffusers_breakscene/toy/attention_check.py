@@ -46,7 +46,8 @@ def attention_iou(
     """Mean IoU between object-word attention maps and object masks (see the module docstring).
 
     Scenes are ``sample_scene(seed + i, split, num_objects=num_objects)``. Returns
-    ``{"mean_iou", "ious" (one per object), "num_objects", "threshold", "words", "timesteps"}``.
+    ``{"mean_iou", "ious" (one per object), "shapes" (each object's shape, in the same order),
+    "num_objects", "threshold", "words", "timesteps"}``.
 
     Example:
         >>> attention_iou(pipe, num_samples=4, threshold="mean")["threshold"]  # doctest: +SKIP
@@ -61,6 +62,7 @@ def attention_iou(
     size = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     alphas = pipe.scheduler.alphas_cumprod.to(torch.float32)
     ious: list[float] = []
+    shapes: list[str] = []
     store = AttentionStore.attach(pipe.unet)
     try:
         for i in range(num_samples):
@@ -83,7 +85,7 @@ def attention_iou(
                 pipe.unet(noisy, torch.tensor([t], device=device), encoder_hidden_states=hidden)
                 maps.append(store.aggregate()[0].float().cpu())
             mean_map = torch.stack(maps).mean(0)  # (h, w, 77)
-            for mask, pos in zip(sample.masks, positions, strict=True):
+            for obj, mask, pos in zip(sample.objects, sample.masks, positions, strict=True):
                 chosen = pos[-1:] if words == "shape" else pos
                 m = mean_map[:, :, chosen].mean(-1)[None, None]
                 m = F.interpolate(m, size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
@@ -91,11 +93,13 @@ def attention_iou(
                 pred = (m > cut).numpy()
                 union = np.logical_or(pred, mask).sum()
                 ious.append(float(np.logical_and(pred, mask).sum() / max(union, 1)))
+                shapes.append(obj.shape)
     finally:
         store.detach()
     return {
         "mean_iou": float(np.mean(ious)) if ious else float("nan"),
         "ious": ious,
+        "shapes": shapes,
         "num_objects": len(ious),
         "threshold": threshold,
         "words": words,

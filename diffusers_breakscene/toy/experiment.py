@@ -3,7 +3,9 @@
 One scene of :func:`~diffusers_breakscene.toy.world.evaluation_scenes` is learned with a
 configuration (``"ours"``: the default, scaled to the toy model by :func:`toy_config`;
 ``"phase1"``: handles only, the paper's TI-m) or not learned at all (``"base"``: the base model
-prompted with the objects' own words, the closest a prompt can get without handles). Then every
+prompted with the objects' own words, the closest a prompt can get without handles; ``"init"``:
+the handles added at their starting point, the mean embedding of their initializer words, and not
+trained: what training adds to the handles' start). Then every
 prompt of :data:`ONE_HANDLE_PROMPTS` (each handle in new settings) and
 :data:`TWO_HANDLE_PROMPTS` (two handles recombined) is generated with a few seeds and scored by
 the toy evaluator:
@@ -36,6 +38,7 @@ import torch
 from PIL import Image
 
 from ..config import DEFAULT_LORA_RANK, BreakASceneConfig
+from .model import TOY_GUIDANCE
 from .world import DEFAULT_INITIALIZER, Initializer, ToySample, object_phrase, to_scene
 
 __all__ = [
@@ -50,7 +53,7 @@ __all__ = [
     "toy_config",
 ]
 
-Variant = Literal["ours", "phase1", "base"]
+Variant = Literal["ours", "phase1", "base", "init"]
 
 #: One handle in a new setting. ``{0}`` is the handle (or the object's words).
 ONE_HANDLE_PROMPTS: tuple[str, ...] = (
@@ -160,7 +163,7 @@ def run_variant(
     config: BreakASceneConfig | None = None,
     seeds: Sequence[int] = (0, 1),
     inference_steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float = TOY_GUIDANCE,
     pipeline_factory: Callable[[], Any] | None = None,
     output_dir: str | Path | None = None,
     evaluator: Any = None,
@@ -182,6 +185,7 @@ def run_variant(
     """
     import time
 
+    from ..handles import add_handles
     from ..trainer import BreakASceneTrainer
     from .evaluator import default_evaluator
 
@@ -196,6 +200,9 @@ def run_variant(
     result = VariantResult(variant, scene_index, [])
     if variant == "base":
         names = words
+    elif variant == "init":
+        names = list(scene.tokens)
+        add_handles(pipe.tokenizer, pipe.text_encoder, names, scene.initializer_tokens)
     elif variant in ("ours", "phase1"):
         cfg = config or toy_config()
         if variant == "phase1":
@@ -207,7 +214,7 @@ def run_variant(
         result.bundle = trainer.train(folder, progress=progress)
         result.train_seconds = time.perf_counter() - started
     else:
-        raise ValueError(f"variant={variant!r} must be 'ours', 'phase1' or 'base'.")
+        raise ValueError(f"variant={variant!r} must be 'ours', 'phase1', 'base' or 'init'.")
 
     pipe.set_progress_bar_config(disable=True)
     n = len(sample.objects)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .model import TOY_GUIDANCE
 from .world import HELDOUT_PAIRS, SETTINGS, ToyObject, caption_for, sample_object
 
 __all__ = ["SEEN_PATTERNS", "generation_accuracy", "score_rates", "unseen_prompts"]
@@ -65,7 +66,7 @@ def generation_accuracy(
     prompts: Sequence[str],
     evaluator: Any = None,
     num_inference_steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = TOY_GUIDANCE,
     seed: int = 0,
     batch_size: int = 25,
 ) -> tuple[dict[str, float], list[Any], list[Any]]:
