@@ -54,6 +54,13 @@ def test_experiment_scores_every_prompt_of_every_variant(tmp_path):
         run_variant("other", sample)
 
 
+def test_run_variant_refuses_an_unknown_variant_before_loading_a_pipeline():
+    loaded = []
+    with pytest.raises(ValueError, match="variant='other' must be 'ours', 'phase1', 'base' or"):
+        run_variant("other", evaluation_scenes()[0], pipeline_factory=lambda: loaded.append(1))
+    assert loaded == []  # nothing was loaded
+
+
 def test_init_variant_prompts_untrained_handles_at_their_initializer_words():
     import torch
 

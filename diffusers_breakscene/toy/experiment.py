@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from PIL import Image
@@ -189,6 +189,8 @@ def run_variant(
     from ..trainer import BreakASceneTrainer
     from .evaluator import default_evaluator
 
+    if variant not in get_args(Variant):
+        raise ValueError(f"variant={variant!r} must be 'ours', 'phase1', 'base' or 'init'.")
     scene = to_scene(sample, initializer=initializer)  # a bad initializer fails before loading
     evaluator = evaluator or default_evaluator()
     if pipeline_factory is None:
@@ -203,7 +205,7 @@ def run_variant(
     elif variant == "init":
         names = list(scene.tokens)
         add_handles(pipe.tokenizer, pipe.text_encoder, names, scene.initializer_tokens)
-    elif variant in ("ours", "phase1"):
+    else:  # "ours" or "phase1"
         cfg = config or toy_config()
         if variant == "phase1":
             cfg = cfg.replace(phase2_steps=0)
@@ -213,8 +215,6 @@ def run_variant(
         trainer = BreakASceneTrainer(pipe, scene, cfg)
         result.bundle = trainer.train(folder, progress=progress)
         result.train_seconds = time.perf_counter() - started
-    else:
-        raise ValueError(f"variant={variant!r} must be 'ours', 'phase1', 'base' or 'init'.")
 
     pipe.set_progress_bar_config(disable=True)
     n = len(sample.objects)
