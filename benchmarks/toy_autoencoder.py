@@ -23,7 +23,6 @@ import argparse
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +60,14 @@ def round_trip(vae: Any, images: list[Any]) -> tuple[list[Any], float]:
 
 def score(evaluator: Any, images: list[Any], samples: list[Any]) -> dict[str, Any]:
     """The evaluator's rates on ``images`` read against ``samples``' captions, and per shape."""
-    import numpy as np
-
-    from diffusers_breakscene.toy.prompt_check import score_rates
+    from diffusers_breakscene.toy.prompt_check import score_rates, shape_rates
 
     readings = evaluator.read_images(images)
     scores = [
         evaluator.prompt_accuracy(r, s.caption) for r, s in zip(readings, samples, strict=True)
     ]
-    per_shape: dict[str, list[bool]] = defaultdict(list)
-    for result, sample in zip(scores, samples, strict=True):
-        for checked, obj in zip(result.objects, sample.objects, strict=True):
-            per_shape[obj.shape].append(bool(checked.shape_ok))
     rates = score_rates(scores)
-    rates["shape_by_shape"] = {k: float(np.mean(v)) for k, v in sorted(per_shape.items())}
+    rates["shape_by_shape"] = {k: v["shape"] for k, v in shape_rates(scores).items()}
     return rates
 
 

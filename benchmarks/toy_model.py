@@ -66,7 +66,11 @@ def run(
     from diffusers_breakscene.base_pipeline import load_pipeline
     from diffusers_breakscene.toy.attention_check import attention_iou
     from diffusers_breakscene.toy.evaluator import ToyEvaluator
-    from diffusers_breakscene.toy.prompt_check import generation_accuracy, unseen_prompts
+    from diffusers_breakscene.toy.prompt_check import (
+        generation_accuracy,
+        shape_rates,
+        unseen_prompts,
+    )
 
     spec = MODES[mode]
     torch.set_num_threads(1)  # the toy model is so small that one thread is fastest
@@ -87,7 +91,7 @@ def run(
         rates, part_images, scores = generation_accuracy(
             pipe, part, ev, num_inference_steps=spec["steps"], guidance_scale=guidance, seed=seed
         )
-        generation[name] = {"prompts": len(part), **rates, "by_shape": by_shape(scores)}
+        generation[name] = {"prompts": len(part), **rates, "by_shape": shape_rates(scores)}
         images += part_images
         readings += [s.reading for s in scores]
         if other is not None:
@@ -140,32 +144,6 @@ def _mean_by(values: list[float], keys: list[str]) -> dict[str, float]:
     for value, key in zip(values, keys, strict=True):
         groups.setdefault(key, []).append(value)
     return {key: sum(v) / len(v) for key, v in sorted(groups.items())}
-
-
-def by_shape(scores: list[Any]) -> dict[str, dict[str, Any]]:
-    """Per prompted shape: its objects, the share drawn as that shape, and what the evaluator
-    read instead (``read``: shape -> count; ``"none"`` when no object was matched to it).
-
-    Example:
-        >>> from diffusers_breakscene.toy.evaluator import default_evaluator
-        >>> from diffusers_breakscene.toy.world import sample_scene
-        >>> s = sample_scene(0, num_objects=1)
-        >>> score = default_evaluator().prompt_accuracy(s.image, s.caption)
-        >>> by_shape([score])[s.objects[0].shape]["shape"]
-        1.0
-    """
-    rows: dict[str, dict[str, Any]] = {}
-    for score in scores:
-        for o in score.objects:
-            row = rows.setdefault(o.expected.shape, {"objects": 0, "right": 0, "read": {}})
-            row["objects"] += 1
-            row["right"] += int(o.shape_ok)
-            read = o.matched.shape if o.matched is not None else "none"
-            row["read"][read] = row["read"].get(read, 0) + 1
-    return {
-        shape: {"objects": r["objects"], "shape": r["right"] / r["objects"], "read": r["read"]}
-        for shape, r in sorted(rows.items())
-    }
 
 
 def _compare(other: Any, images: list[Any], prompts: list[str], scores: list[Any]) -> dict:

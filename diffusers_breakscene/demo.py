@@ -265,6 +265,7 @@ def _run_demo(
     sample = None
     if toy:
         from .toy.experiment import toy_config
+        from .toy.model import TOY_GUIDANCE
         from .toy.world import evaluation_scenes, object_phrase, to_scene
 
         sample = evaluation_scenes()[TOY_DEMO_SCENE]
@@ -275,8 +276,6 @@ def _run_demo(
         )
         initializers = to_scene(sample).initializer_tokens  # the toy scenes' default words
         described = " and ".join(object_phrase(o) for o in sample.objects)
-        from .toy.model import TOY_GUIDANCE
-
         config = toy_config()
         prompts = TOY_DEMO_PROMPTS
         guidance = TOY_GUIDANCE  # measured best for the toy model (its docstring)
@@ -289,7 +288,7 @@ def _run_demo(
         if tiny:
             config = config.replace(phase1_steps=TINY_DEMO_STEPS, phase2_steps=TINY_DEMO_STEPS)
         prompts = DEMO_PROMPTS
-        guidance = 7.5  # Stable Diffusion's usual scale
+        guidance = config.validation_guidance_scale  # the scale training's own pictures use
     if steps is not None:
         config = config.replace(phase1_steps=steps, phase2_steps=steps)
     config = config.replace(validate_phase_ends=False)  # the demo draws its own pictures

@@ -467,11 +467,9 @@ def test_recipe_sweep_refuses_an_autoencoder_folder_without_a_vae_before_making_
     assert not work.exists()
 
 
-def test_toy_model_by_shape_counts_what_each_prompted_shape_was_read_as():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import toy_model
-
+def test_shape_rates_count_what_each_prompted_shape_was_read_as():
     from diffusers_breakscene.toy.evaluator import default_evaluator
+    from diffusers_breakscene.toy.prompt_check import shape_rates
     from diffusers_breakscene.toy.world import sample_scene
 
     ev = default_evaluator()
@@ -480,6 +478,6 @@ def test_toy_model_by_shape_counts_what_each_prompted_shape_was_read_as():
     other = next(s for s in ("circle", "square", "triangle") if s != shape)
     right = ev.prompt_accuracy(scene.image, scene.caption)
     wrong = ev.prompt_accuracy(scene.image, scene.caption.replace(shape, other))
-    rows = toy_model.by_shape([right, wrong])
+    rows = shape_rates([right, wrong])
     assert rows[shape] == {"objects": 1, "shape": 1.0, "read": {shape: 1}}
     assert rows[other] == {"objects": 1, "shape": 0.0, "read": {shape: 1}}

@@ -24,7 +24,7 @@ import torch
 from .model import TOY_GUIDANCE
 from .world import HELDOUT_PAIRS, SETTINGS, ToyObject, caption_for, sample_object
 
-__all__ = ["SEEN_PATTERNS", "generation_accuracy", "score_rates", "unseen_prompts"]
+__all__ = ["SEEN_PATTERNS", "generation_accuracy", "score_rates", "shape_rates", "unseen_prompts"]
 
 #: Patterns of the training split (``checkered`` is held out).
 SEEN_PATTERNS: tuple[str, ...] = ("plain", "striped", "dotted")
@@ -120,4 +120,32 @@ def score_rates(scores: Sequence[Any]) -> dict[str, float]:
         "pattern": float(np.mean([o.pattern_ok for o in objects])),
         "setting": float(np.mean([bool(s.setting_ok) for s in scores])),
         "all_right": float(np.mean([s.all_ok for s in scores])),
+    }
+
+
+def shape_rates(scores: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Per prompted shape, from the evaluator's
+    :class:`~diffusers_breakscene.toy.evaluator.PromptScore` list: its ``objects``, the share
+    drawn as that shape (``shape``), and what the evaluator read (``read``: shape -> count;
+    ``"none"`` when no object was matched to it). Shapes sorted.
+
+    Example:
+        >>> from diffusers_breakscene.toy.evaluator import default_evaluator
+        >>> from diffusers_breakscene.toy.world import sample_scene
+        >>> s = sample_scene(0, num_objects=1)
+        >>> score = default_evaluator().prompt_accuracy(s.image, s.caption)
+        >>> shape_rates([score])[s.objects[0].shape]["shape"]
+        1.0
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    for score in scores:
+        for o in score.objects:
+            row = rows.setdefault(o.expected.shape, {"objects": 0, "right": 0, "read": {}})
+            row["objects"] += 1
+            row["right"] += int(o.shape_ok)
+            read = o.matched.shape if o.matched is not None else "none"
+            row["read"][read] = row["read"].get(read, 0) + 1
+    return {
+        shape: {"objects": r["objects"], "shape": r["right"] / r["objects"], "read": r["read"]}
+        for shape, r in sorted(rows.items())
     }
