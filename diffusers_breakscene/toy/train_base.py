@@ -9,7 +9,8 @@ with 9,917 steps of batch 16, decoder 1.2); its defaults are that recipe::
         --word-weight 0.05 --vae-steps 2500 --log-every 50
 
 (The weights shipped from 2026-11-27 to 2026-11-28 were the same recipe with a 500-step VAE: its
-round trip kept the shape of 0.81 of rendered objects, the 2,500-step one 0.96; docs/toy-world.md.)
+round trip kept the shape of 0.82 of rendered training-split objects, the 2,500-step one 0.97;
+``benchmarks/toy_autoencoder.py``, docs/toy-world.md.)
 
 ``toy_info.json`` records the command, the steps and the stage times. The weights shipped before
 2026-11-27 (8,539 steps, no outline or word loss) took about 182 minutes on shared cores in four
