@@ -5,6 +5,9 @@
     python benchmarks/toy_world.py --smoke    # 1 scene, 1 seed, 2 + 2 steps (the tests run this)
     python benchmarks/toy_world.py --seeds 0  # all 12 scenes, seed 0 only (half the full time)
     python benchmarks/toy_world.py --initializer shape  # handles start at their shape word
+    python benchmarks/toy_world.py --vectors-per-handle 3 --phase1-steps 100  # another recipe
+    python benchmarks/toy_world.py --variants ours,base  # only some variants
+    python benchmarks/toy_world.py --tuning --seeds 0  # the 4 tuning scenes, not the 12
 
 For every evaluation scene of the toy world (2-3 objects the base model never saw drawn), four
 variants are measured in the same run, with the same prompts and seeds
@@ -17,9 +20,15 @@ variants are measured in the same run, with the same prompts and seeds
 * ``init``: no training; the handles at their start (the mean embedding of their initializer
   words): what training adds to where the handles begin.
 
-Writes ``<out>/toy_world[-quick|-smoke][-init-WORD].json`` and ``.md`` (default out:
-benchmarks/results; ``-init-WORD`` when ``--initializer`` is not the default) and a picture of the
-first scene's generations per variant.
+``--vectors-per-handle K`` and ``--phase1-steps N`` change the trained variants' configuration
+(and ``init``'s start: K vectors); the base model's words stay the same-run baseline.
+``--tuning`` runs on the 4 scenes of :data:`~diffusers_breakscene.toy.world.TUNING_SEEDS`
+instead: settings are chosen there, so that the 12 evaluation scenes do not choose them.
+
+Writes ``<out>/toy_world[-quick|-smoke][-tuning][-init-WORD][-vectorsK][-phase1-N].json`` and
+``.md``
+(default out: benchmarks/results; each suffix only when its option is not the default) and a
+picture of the first scene's generations per variant.
 """
 
 from __future__ import annotations
@@ -46,14 +55,27 @@ VARIANTS = ("ours", "phase1", "base", "init")
 
 
 def run(
-    mode: str, out: Path, seeds: list[int] | None = None, initializer: str | None = None
+    mode: str,
+    out: Path,
+    seeds: list[int] | None = None,
+    initializer: str | None = None,
+    vectors: int = 1,
+    phase1_steps: int | None = None,
+    variants: tuple[str, ...] = VARIANTS,
+    tuning: bool = False,
 ) -> dict[str, Any]:
-    """Train and score every variant on the mode's scenes; ``seeds`` replaces the mode's and
-    ``initializer`` (a :func:`~diffusers_breakscene.toy.world.to_scene` choice) the default."""
+    """Train and score ``variants`` on the mode's scenes; ``seeds`` replaces the mode's,
+    ``initializer`` (a :func:`~diffusers_breakscene.toy.world.to_scene` choice) the default,
+    ``vectors`` and ``phase1_steps`` the configuration's ``vectors_per_handle`` and
+    ``phase1_steps``; ``tuning`` takes the tuning scenes instead of the evaluation scenes."""
     import torch
 
     from diffusers_breakscene.toy.experiment import run_variant, toy_config
-    from diffusers_breakscene.toy.world import DEFAULT_INITIALIZER, evaluation_scenes
+    from diffusers_breakscene.toy.world import (
+        DEFAULT_INITIALIZER,
+        TUNING_SEEDS,
+        evaluation_scenes,
+    )
 
     initializer = initializer or DEFAULT_INITIALIZER
 
@@ -61,15 +83,17 @@ def run(
     # The toy model is so small that one thread is fastest (two threads on a busy 2-core machine
     # measured 50x slower); the demo makes the same choice.
     torch.set_num_threads(1)
-    scenes = evaluation_scenes()[: spec["scenes"]]
-    config = toy_config()
+    scenes = evaluation_scenes(seeds=TUNING_SEEDS if tuning else None)[: spec["scenes"]]
+    config = toy_config(vectors_per_handle=vectors)
+    if phase1_steps is not None:
+        config = config.replace(phase1_steps=phase1_steps)
     if spec["steps"] is not None:
         config = config.replace(phase1_steps=spec["steps"], phase2_steps=spec["steps"])
     rows: list[dict[str, Any]] = []
     pictures: dict[str, list[Any]] = {}
     started = time.perf_counter()
     for index, sample in enumerate(scenes):
-        for variant in VARIANTS:
+        for variant in variants:
             t0 = time.perf_counter()
             result = run_variant(
                 variant, sample, index, config=config, seeds=spec["seeds"],
@@ -97,7 +121,7 @@ def run(
             for what in ("identity", "prompt_accuracy")
             for k in (1, 2)
         }
-        for variant in VARIANTS
+        for variant in variants
     }
     report = {
         **reports.header(mode),
@@ -105,13 +129,20 @@ def run(
         "initializer": initializer,
         "seeds": spec["seeds"],
         "scenes": len(scenes),
+        "scene_set": "tuning" if tuning else "evaluation",
         "seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
         "summary": summary,
     }
     name = "toy_world" if mode == "full" else f"toy_world-{mode}"
+    if tuning:
+        name += "-tuning"
     if initializer != DEFAULT_INITIALIZER:
         name += f"-init-{initializer}"
+    if vectors != 1:
+        name += f"-vectors{vectors}"
+    if phase1_steps is not None:
+        name += f"-phase1-{phase1_steps}"
     reports.write(out, name, report, markdown(report))
     _picture(scenes[0], pictures).save(out / f"{name}.png")
     return report
@@ -120,8 +151,11 @@ def run(
 def markdown(report: dict[str, Any]) -> str:
     """The report's summary as a markdown table (mean ± spread over scenes)."""
     lines = [
-        f"Toy world, mode `{report['mode']}`: {report['scenes']} scenes, seeds "
+        f"Toy world, mode `{report['mode']}`: {report['scenes']} "
+        f"{report.get('scene_set', 'evaluation')} scenes, seeds "
         f"{report['seeds']}, handle start: {report.get('initializer', 'shape')}, "
+        f"{report['config'].get('vectors_per_handle', 1)} vector(s) per handle, "
+        f"{report['config']['phase1_steps']} + {report['config']['phase2_steps']} steps, "
         f"{report['seconds']:.0f} s.",
         "",
         "| variant | identity, 1 handle | prompt acc., 1 handle | identity, 2 handles "
@@ -174,10 +208,46 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"the words each handle starts from (default: {DEFAULT_INITIALIZER})",
     )
+    parser.add_argument(
+        "--vectors-per-handle",
+        type=int,
+        default=1,
+        metavar="K",
+        help="embedding rows per handle of the trained variants and init (default 1)",
+    )
+    parser.add_argument(
+        "--phase1-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="phase-1 steps of the trained variants (default: the configuration's, 400)",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated variants to run (default: {','.join(VARIANTS)})",
+    )
+    parser.add_argument(
+        "--tuning",
+        action="store_true",
+        help="run on the 4 tuning scenes (TUNING_SEEDS), where settings are chosen, instead of "
+        "the 12 evaluation scenes",
+    )
     args = parser.parse_args(argv)
     seeds = reports.int_list(parser, "--seeds", args.seeds)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants {args.variants!r}: choose from {','.join(VARIANTS)}")
+    if args.vectors_per_handle < 1:
+        parser.error(f"--vectors-per-handle {args.vectors_per_handle}: give 1 or more")
+    if args.phase1_steps is not None and args.phase1_steps < 0:
+        parser.error(f"--phase1-steps {args.phase1_steps}: give 0 or more")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    report = run(mode, args.out, seeds, args.initializer)
+    report = run(
+        mode, args.out, seeds, args.initializer, args.vectors_per_handle, args.phase1_steps,
+        variants, args.tuning,
+    )  # fmt: skip
     print(markdown(report))
     return 0
 

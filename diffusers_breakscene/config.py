@@ -169,6 +169,13 @@ class BreakASceneConfig:
         'What phase 2 trains besides the handles: "lora" (PEFT LoRA on the UNet) or "full" '
         "(every UNet weight, the paper's setting; large memory and output).",
     )
+    vectors_per_handle: int = _f(
+        1,
+        "Embedding rows per handle (the paper: 1). With k > 1 a handle is k tokens, named as "
+        "diffusers names a multi-vector textual inversion ('<asset0>', '<asset0>_1', ...); "
+        "prompts still say '<asset0>'. Vector j starts at the j-th part of the initializer "
+        "phrase ('red striped star', k=3: one word each).",
+    )
 
     # --- LoRA ------------------------------------------------------------------------------
     lora_rank: int = _f(DEFAULT_LORA_RANK, "Rank r of the UNet LoRA.")
@@ -395,6 +402,7 @@ class BreakASceneConfig:
             "num_class_images",
             "validation_num_inference_steps",
             "lr_num_cycles",
+            "vectors_per_handle",
         ):
             _require(self, name, getattr(self, name) >= 1, "must be >= 1", "use a positive int")
         for name in ("checkpointing_steps", "checkpoints_total_limit", "validation_steps"):

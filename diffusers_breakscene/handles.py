@@ -1,16 +1,23 @@
 """Handle tokens: add them to a tokenizer and text encoder, train only their rows, read them back.
 
-A handle (``"<asset0>"``) is one new token whose embedding row is learned. Training goes through
+A handle (``"<asset0>"``) is one new token whose embedding row is learned, or, with
+``vectors_per_handle=k > 1``, k tokens named as diffusers names a multi-vector textual inversion
+(``"<asset0>"``, ``"<asset0>_1"``, ... ``"<asset0>_{k-1}"``): a prompt that says ``"<asset0>"``
+reads all k (diffusers' pipelines expand it, :func:`expand_handles` does it for training).
+Training goes through
 :class:`HandleEmbedding`, which wraps the text encoder's input embedding and keeps the handle rows
 as a small trainable parameter: the optimizer never sees (or copies) the vocabulary matrix, and
 every other row stays bit-identical by construction, not by restoring it after each step.
 
 Initialisation rule: a handle with an initializer word starts at the MEAN of the embeddings of
 the word's sub-tokens (a word the tokenizer splits into several pieces keeps all of them, unlike
-the reference code, which silently used the first). A handle without one starts at the row of a
-random ordinary vocabulary token drawn from ``generator`` (ours). The reference code instead
-copies fixed rows, ``[-3N:-2N]`` of the embedding matrix for N handles; for one handle that is
-the start-of-text row, a special token no prompt word resembles.
+the reference code, which silently used the first). With k vectors the sub-tokens are split in
+k consecutive groups and vector j starts at the mean of group j, so ``"red striped star"`` with
+k = 3 starts as those three words; with fewer sub-tokens than vectors, sub-tokens repeat
+(``"pink star"``, k = 3: ``pink pink star``). A handle without one starts at the row of a
+random ordinary vocabulary token drawn from ``generator`` (ours; k draws for k vectors). The
+reference code instead copies fixed rows, ``[-3N:-2N]`` of the embedding matrix for N handles;
+for one handle that is the start-of-text row, a special token no prompt word resembles.
 
 Example:
     >>> from diffusers_breakscene.handles import add_handles, get_handle_embeddings
@@ -24,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,12 +45,89 @@ __all__ = [
     "add_handles",
     "check_handle_names",
     "check_not_words",
+    "expand_handles",
     "get_handle_embeddings",
+    "handle_vectors",
     "initial_handle_rows",
     "set_handle_embeddings",
     "token_ids",
+    "vector_names",
+    "vector_tokens",
     "vocabulary_words",
 ]
+
+
+def vector_tokens(token: str, vectors: int = 1) -> list[str]:
+    """The token names of a handle of ``vectors`` rows, diffusers' multi-vector convention.
+
+    Example:
+        >>> vector_tokens("<asset0>", 3)
+        ['<asset0>', '<asset0>_1', '<asset0>_2']
+    """
+    if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 1:
+        raise ValueError(f"vectors={vectors!r} must be an integer >= 1 (rows per handle).")
+    return [token] + [f"{token}_{i}" for i in range(1, vectors)]
+
+
+def vector_names(tokens: Sequence[str], vectors: int = 1) -> list[str]:
+    """All token names of ``tokens`` as handles of ``vectors`` rows, in order; raises
+    :class:`TokenConflictError` when one handle's vector is another handle's name.
+
+    Example:
+        >>> vector_names(["<a>", "<b>"], 2)
+        ['<a>', '<a>_1', '<b>', '<b>_1']
+    """
+    names = [name for token in tokens for name in vector_tokens(token, vectors)]
+    if len(set(names)) != len(names):
+        raise TokenConflictError(
+            f"Handle tokens {list(tokens)} collide with each other's vectors ({names}); rename "
+            "them so that none is another's name plus '_1', '_2', ..."
+        )
+    return names
+
+
+def handle_vectors(tokenizer: Any, token: str) -> list[str]:
+    """``token`` and the ``token_1``, ``token_2``, ... the tokenizer holds (as diffusers'
+    ``maybe_convert_prompt`` finds them): the token names of a handle's vectors.
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_tokenizer
+        >>> tokenizer = tiny_tokenizer()
+        >>> _ = tokenizer.add_tokens(vector_tokens("<a>", 3))
+        >>> handle_vectors(tokenizer, "<a>")
+        ['<a>', '<a>_1', '<a>_2']
+    """
+    added = tokenizer.get_added_vocab()
+    names = [token]
+    while f"{token}_{len(names)}" in added:
+        names.append(f"{token}_{len(names)}")
+    return names
+
+
+def expand_handles(prompt: str, tokenizer: Any, tokens: Sequence[str]) -> str:
+    """``prompt`` with each handle of ``tokens`` written as all its vectors
+    (``"<asset0>"`` -> ``"<asset0> <asset0>_1 <asset0>_2"``); handles of one vector, and any
+    other text, stay as they are.
+
+    diffusers' pipelines do this themselves (``maybe_convert_prompt``) for every prompt they
+    encode; this version is for prompts tokenized outside a pipeline (training). Written here
+    because ``maybe_convert_prompt`` replaces substrings, so with ``<asset1>`` and ``<asset10>``
+    both multi-vector it also rewrites the inside of ``<asset10>``; this matches whole handles,
+    longest first, as the tokenizer splits added tokens.
+
+    Example:
+        >>> from diffusers_breakscene.tiny import tiny_tokenizer
+        >>> tokenizer = tiny_tokenizer()
+        >>> _ = tokenizer.add_tokens(vector_tokens("<a>", 2) + ["<b>"])
+        >>> expand_handles("a photo of <a> and <b>", tokenizer, ["<a>", "<b>"])
+        'a photo of <a> <a>_1 and <b>'
+    """
+    names = {t: handle_vectors(tokenizer, t) for t in tokens}
+    names = {t: " ".join(v) for t, v in names.items() if len(v) > 1}
+    if not names:
+        return prompt
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(names, key=len, reverse=True)))
+    return pattern.sub(lambda match: names[match.group(0)], prompt)
 
 
 def token_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
@@ -157,23 +242,28 @@ def initial_handle_rows(
     text_encoder: Any,
     initializer_tokens: Sequence[str | None],
     generator: torch.Generator | None = None,
+    vectors_per_handle: int = 1,
 ) -> torch.Tensor:
-    """``(n, d)`` starting rows for ``n`` handles, by the module's initialisation rule.
+    """``(n * k, d)`` starting rows for ``n`` handles of ``k = vectors_per_handle`` rows each
+    (a handle's rows together), by the module's initialisation rule.
 
     Example:
         >>> from diffusers_breakscene.tiny import tiny_pipeline
         >>> pipe = tiny_pipeline("sd1")
         >>> initial_handle_rows(pipe.tokenizer, pipe.text_encoder, ["dog", None]).shape
         torch.Size([2, 32])
+        >>> initial_handle_rows(pipe.tokenizer, pipe.text_encoder, ["red dog"], None, 2).shape
+        torch.Size([2, 32])
     """
+    k = len(vector_tokens("<check>", vectors_per_handle))  # also validates vectors_per_handle
     weight = text_encoder.get_input_embeddings().weight.detach()
     special = set(tokenizer.all_special_ids)
     ordinary = torch.tensor([i for i in range(weight.shape[0]) if i not in special])
     rows = []
     for position, word in enumerate(initializer_tokens):
         if word is None:
-            pick = torch.randint(len(ordinary), (1,), generator=generator).item()
-            rows.append(weight[ordinary[pick]].float())
+            picks = torch.randint(len(ordinary), (k,), generator=generator)
+            rows += [weight[ordinary[int(pick)]].float() for pick in picks]
             continue
         if not isinstance(word, str) or not word.strip():
             raise InvalidSceneError(
@@ -184,7 +274,11 @@ def initial_handle_rows(
             raise InvalidSceneError(
                 f"initializer_tokens[{position}]={word!r} tokenizes to nothing; use a real word."
             )
-        rows.append(weight[pieces].float().mean(dim=0))
+        m = len(pieces)
+        for j in range(k):  # k consecutive groups of the m pieces (repeating when m < k)
+            start = j * m // k
+            group = pieces[start : max((j + 1) * m // k, start + 1)]
+            rows.append(weight[group].float().mean(dim=0))
     return torch.stack(rows).to(weight.dtype)
 
 
@@ -194,12 +288,15 @@ def add_handles(
     tokens: Sequence[str],
     initializer_tokens: Sequence[str | None] | None = None,
     generator: torch.Generator | None = None,
+    *,
+    vectors_per_handle: int = 1,
 ) -> list[int]:
     """Add ``tokens`` to the tokenizer, grow the embedding matrix, initialise the new rows.
 
+    With ``vectors_per_handle=k > 1`` each handle is k tokens (:func:`vector_tokens`).
     Tokens that already exist, and ordinary vocabulary words such as ``"dog"``, are refused
     (:class:`TokenConflictError`, :func:`check_handle_names`) before anything changes.
-    Returns the new token ids, in order.
+    Returns the new token ids, in order (a handle's k ids together).
 
     Example:
         >>> from diffusers_breakscene.tiny import tiny_pipeline
@@ -217,11 +314,14 @@ def add_handles(
         )
     if len(set(tokens)) != len(tokens):
         raise TokenConflictError(f"Handle tokens {tokens} contain duplicates; make them unique.")
-    check_handle_names(tokenizer, tokens, "Tokens")
-    rows = initial_handle_rows(tokenizer, text_encoder, initializer_tokens, generator)
+    names = vector_names(tokens, vectors_per_handle)
+    check_handle_names(tokenizer, names, "Tokens")
+    rows = initial_handle_rows(
+        tokenizer, text_encoder, initializer_tokens, generator, vectors_per_handle
+    )
 
-    tokenizer.add_tokens(tokens)
-    ids = token_ids(tokenizer, tokens)
+    tokenizer.add_tokens(names)
+    ids = token_ids(tokenizer, names)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         text_encoder.get_input_embeddings().weight[ids] = rows
@@ -231,7 +331,8 @@ def add_handles(
 def get_handle_embeddings(
     tokenizer: Any, text_encoder: Any, tokens: Sequence[str]
 ) -> dict[str, torch.Tensor]:
-    """``{token: (1, d) float32 tensor}`` copies of the current rows of ``tokens``.
+    """``{token: (k, d) float32 tensor}`` copies of the current rows of ``tokens``: k = 1, or
+    the handle's vectors ``token``, ``token_1``, ... that the tokenizer holds.
 
     Example:
         >>> from diffusers_breakscene.tiny import tiny_pipeline
@@ -243,15 +344,18 @@ def get_handle_embeddings(
     embedding = text_encoder.get_input_embeddings()
     if isinstance(embedding, HandleEmbedding):
         return embedding.rows_by_token(tokenizer, tokens)
-    ids = token_ids(tokenizer, tokens)
     weight = embedding.weight.detach()
-    return {t: weight[i : i + 1].float().cpu().clone() for t, i in zip(tokens, ids, strict=True)}
+    return {
+        t: weight[token_ids(tokenizer, handle_vectors(tokenizer, t))].float().cpu().clone()
+        for t in tokens
+    }
 
 
 def set_handle_embeddings(
     tokenizer: Any, text_encoder: Any, rows: Mapping[str, torch.Tensor]
 ) -> None:
-    """Write ``{token: (1, d) tensor}`` rows into the embedding matrix (tokens must exist).
+    """Write ``{token: (k, d) tensor}`` rows into the embedding matrix: the handle's k vectors
+    (``token``, ``token_1``, ...) must exist in the tokenizer; a ``(d,)`` row is ``(1, d)``.
 
     Example:
         >>> import torch
@@ -260,16 +364,20 @@ def set_handle_embeddings(
         >>> _ = add_handles(pipe.tokenizer, pipe.text_encoder, ["<a>"])
         >>> set_handle_embeddings(pipe.tokenizer, pipe.text_encoder, {"<a>": torch.ones(1, 32)})
     """
-    ids = token_ids(tokenizer, list(rows))
     weight = text_encoder.get_input_embeddings().weight
+    ids = {}
     for token, row in rows.items():
-        if tuple(row.shape) not in ((weight.shape[1],), (1, weight.shape[1])):
+        names = handle_vectors(tokenizer, token)
+        ids[token] = token_ids(tokenizer, names)
+        expected = (len(names), weight.shape[1])
+        if tuple(row.reshape(-1, row.shape[-1]).shape) != expected or row.dim() > 2:
             raise ValueError(
-                f"Row for {token!r} has shape {tuple(row.shape)}; expected (1, {weight.shape[1]})."
+                f"Rows for {token!r} have shape {tuple(row.shape)}; expected {expected} (the "
+                f"tokenizer holds {len(names)} vector(s) of it)."
             )
     with torch.no_grad():
-        for row, index in zip(rows.values(), ids, strict=True):
-            weight[index] = row.reshape(-1).to(weight.device, weight.dtype)
+        for token, row in rows.items():
+            weight[ids[token]] = row.reshape(len(ids[token]), -1).to(weight.device, weight.dtype)
 
 
 class HandleEmbedding(nn.Module):
@@ -335,15 +443,17 @@ class HandleEmbedding(nn.Module):
             )
 
     def rows_by_token(self, tokenizer: Any, tokens: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{token: (1, d) float32}`` copies of the learned rows of ``tokens``."""
+        """``{token: (k, d) float32}`` copies of the learned rows of ``tokens`` (k vectors)."""
         position = {int(i): k for k, i in enumerate(self.handle_ids.tolist())}
         rows = {}
-        for token, index in zip(tokens, token_ids(tokenizer, tokens), strict=True):
-            if index in position:
-                row = self.handle_weight[position[index]]
-            else:
-                row = self.base.weight[index]
-            rows[token] = row.detach().float().cpu().clone().reshape(1, -1)
+        for token in tokens:
+            vectors = []
+            for index in token_ids(tokenizer, handle_vectors(tokenizer, token)):
+                if index in position:
+                    vectors.append(self.handle_weight[position[index]])
+                else:
+                    vectors.append(self.base.weight[index])
+            rows[token] = torch.stack(vectors).detach().float().cpu().clone()
         return rows
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

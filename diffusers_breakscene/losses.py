@@ -201,7 +201,7 @@ def _example_masks(mask: torch.Tensor, b: int) -> torch.Tensor:
 def cross_attention_loss(
     attention_maps: torch.Tensor,
     masks: Sequence[torch.Tensor],
-    token_positions: Sequence[Sequence[int]],
+    token_positions: Sequence[Sequence[int | Sequence[int]]],
 ) -> torch.Tensor:
     """Cross-attention loss: each handle token must attend to its concept's mask.
 
@@ -211,7 +211,9 @@ def cross_attention_loss(
     ``token_positions[b]`` lists the ``k_b`` text positions of the sampled handles in the same
     order. Per token ``A_i = maps[b, :, :, pos_i] / max(maps[b, :, :, pos_i])`` and
     ``loss_b = sum_i mean((m_i - A_i)**2)``; the result is the mean of ``loss_b`` over the batch.
-    Examples may have different ``k_b`` (``k_b = 0`` contributes 0).
+    Examples may have different ``k_b`` (``k_b = 0`` contributes 0). A handle of several
+    vectors gives a group of positions instead of one (``[[3, 4]]``): its map is the sum of
+    theirs (the same, once divided by its max, as their mean).
 
     Example:
         >>> import torch
@@ -239,25 +241,37 @@ def cross_attention_loss(
     total = maps32.new_zeros(())
     for b in range(batch):
         example_masks = _example_masks(masks[b], b)
-        positions = [int(p) for p in token_positions[b]]
-        if len(positions) != example_masks.shape[0]:
+        groups = [_group(p) for p in token_positions[b]]
+        if len(groups) != example_masks.shape[0]:
             raise ValueError(
-                f"example {b}: {example_masks.shape[0]} masks but {len(positions)} token "
-                "positions; give one position per mask, in prompt order"
+                f"example {b}: {example_masks.shape[0]} masks but {len(groups)} token "
+                "positions; give one position (or group) per mask, in prompt order"
             )
-        bad = [p for p in positions if not 0 <= p < seq_len]
+        bad = [p for group in groups for p in group if not 0 <= p < seq_len]
         if bad:
             raise ValueError(
                 f"example {b}: token positions {bad} out of range for sequence length {seq_len}"
             )
-        if not positions:
+        if not groups:
             continue
         m = resize_masks(example_masks, (h, w)).to(device=maps32.device, dtype=torch.float32)
-        attn = maps32[b][..., positions].permute(2, 0, 1)  # (k, h, w)
+        attn = torch.stack([maps32[b][..., group].sum(dim=-1) for group in groups])  # (k, h, w)
         peak = attn.amax(dim=(1, 2), keepdim=True).clamp_min(_MAX_EPS)
         normalized = attn / peak
         total = total + ((m - normalized) ** 2).mean(dim=(1, 2)).sum()
     return total / batch
+
+
+def _group(position: int | Sequence[int]) -> list[int]:
+    """One handle's text positions: an int, or the positions of its vectors."""
+    if not isinstance(position, Sequence | torch.Tensor) or (
+        isinstance(position, torch.Tensor) and position.dim() == 0
+    ):
+        return [int(position)]
+    group = [int(p) for p in position]
+    if not group:
+        raise ValueError("a handle's group of token positions is empty; give at least one")
+    return group
 
 
 def prior_preservation_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

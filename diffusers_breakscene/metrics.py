@@ -21,7 +21,7 @@ import torch
 
 from .attention import AttentionStore
 from .config import BreakASceneConfig
-from .handles import token_ids
+from .handles import handle_vectors, token_ids
 from .losses import resize_masks
 from .scene import Scene
 from .step import SamplingSettings, encode_scene, sample_batch, training_step
@@ -68,7 +68,8 @@ def evaluate_alignment(
         >>> len(evaluate_alignment(pipe, scene, 64, draws=1).iou)
         2
     """
-    ids = token_ids(pipe.tokenizer, scene.tokens)
+    # Each handle's vectors (one id, or several for a multi-vector handle).
+    ids = [token_ids(pipe.tokenizer, handle_vectors(pipe.tokenizer, t)) for t in scene.tokens]
     encoded = encode_scene(pipe.vae, scene, resolution)
     from diffusers import DDPMScheduler
 
@@ -91,6 +92,7 @@ def evaluate_alignment(
             )
             losses.append(logs["loss_rec"])
             maps = store.aggregate()[0]
-            for i, position in enumerate(batch.token_positions[0]):
-                per_handle[i].append(attention_mask_iou(maps[..., position], batch.masks[0][i]))
+            for i, group in enumerate(batch.token_positions[0]):  # a handle's vectors
+                heat = maps[..., group].sum(dim=-1)
+                per_handle[i].append(attention_mask_iou(heat, batch.masks[0][i]))
     return AlignmentReport(statistics.mean(losses), [statistics.mean(v) for v in per_handle])

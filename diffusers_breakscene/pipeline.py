@@ -32,16 +32,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .adapters import FuseBackups, activate, active_adapters, adapter_names, merged_adapters
 from .errors import (
     IncompatibleBaseError,
     InvalidArgumentError,
-    InvalidBundleError,
     TokenConflictError,
 )
-from .handles import check_not_words
+from .handles import check_not_words, handle_vectors, vector_tokens
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -117,7 +114,10 @@ def _check_can_load(
         )
     bundle.check_compatible(pipe)
     vocab = pipe.tokenizer.get_vocab()
-    clash = [t for t in tokens if t in vocab and t not in replacing]
+    # A handle of k rows takes k token names ("<a>", "<a>_1", ...): none may be taken.
+    rows = [int(bundle.handles[t].shape[0]) for t in bundle.tokens]
+    names = {v: t for t, k in zip(tokens, rows, strict=True) for v in vector_tokens(t, k)}
+    clash = list(dict.fromkeys(t for v, t in names.items() if v in vocab and t not in replacing))
     if clash:
         owner = [n for n, info in _break_a_scene(pipe).loaded.items() if set(clash) & set(
             info.tokens)]  # fmt: skip
@@ -138,29 +138,23 @@ def _check_can_load(
         check_not_words(pipe.tokenizer_2, tokens, "The bundle's handles", fix)
 
 
-def _check_one_row(bundle: Bundle) -> None:
-    if any(rows.shape[0] != 1 for rows in bundle.handles.values()):
-        raise InvalidBundleError(
-            "Each handle must be one embedding row (k=1) to load with load_textual_inversion."
-        )
-
-
 def _load_handles(pipe, bundle: Bundle, tokens: list[str]) -> None:
-    _check_one_row(bundle)
-    rows = torch.cat([bundle.handles[t].reshape(-1, bundle.handles[t].shape[-1]) for t in
-                      bundle.tokens])  # fmt: skip
+    # One (k, d) tensor per handle: diffusers adds a handle of k > 1 rows as its multi-vector
+    # tokens ("<a>", "<a>_1", ...) and expands "<a>" in every prompt it encodes.
+    rows = [bundle.handles[t].reshape(-1, bundle.handles[t].shape[-1]) for t in bundle.tokens]
     encoder = pipe.text_encoder
     pipe.load_textual_inversion(
-        rows.to(encoder.dtype), token=tokens, tokenizer=pipe.tokenizer, text_encoder=encoder
-    )
+        [r.to(encoder.dtype) for r in rows], token=tokens, tokenizer=pipe.tokenizer,
+        text_encoder=encoder,
+    )  # fmt: skip
     if bundle.handles_2:  # SDXL: the same tokens get their rows in the second encoder too
-        rows_2 = torch.cat([bundle.handles_2[t].reshape(-1, bundle.handles_2[t].shape[-1])
-                            for t in bundle.tokens])  # fmt: skip
+        rows_2 = [bundle.handles_2[t].reshape(-1, bundle.handles_2[t].shape[-1])
+                  for t in bundle.tokens]  # fmt: skip
         encoder_2 = pipe.text_encoder_2
         try:
             pipe.load_textual_inversion(
-                rows_2.to(encoder_2.dtype), token=tokens, tokenizer=pipe.tokenizer_2,
-                text_encoder=encoder_2,
+                [r.to(encoder_2.dtype) for r in rows_2], token=tokens,
+                tokenizer=pipe.tokenizer_2, text_encoder=encoder_2,
             )  # fmt: skip
         except Exception:
             _remove_tokens(pipe, tokens)  # never half-loaded: the first encoder's rows go too
@@ -228,7 +222,7 @@ def _remove_tokens(pipe, tokens: list[str]) -> None:
         if tokenizer is None:
             continue
         vocab = tokenizer.get_vocab()
-        present = [t for t in tokens if t in vocab]
+        present = [v for t in tokens if t in vocab for v in handle_vectors(tokenizer, t)]
         if present:
             pipe.unload_textual_inversion(
                 tokens=present, tokenizer=tokenizer, text_encoder=getattr(pipe, encoder_name)
@@ -391,7 +385,6 @@ def _hotswap(
             "fuse=True, or unload and load instead."
         )
     _check_can_load(pipe, bundle, tokens, name, scale, replacing=old.tokens)
-    _check_one_row(bundle)
     active = active_adapters(pipe)
     if components:
         _load_lora(pipe, bundle, name, hotswap=True)  # diffusers checks the layout first

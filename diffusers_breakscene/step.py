@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 
 from .conditioning import crop_time_ids, encode_text, time_ids, tokenize
 from .config import BreakASceneConfig
+from .handles import expand_handles
 from .losses import (
     cross_attention_loss,
     diffusion_target,
@@ -162,7 +164,8 @@ class Batch:
     input_ids: torch.Tensor  # (B [+ P], L)
     masks: list[torch.Tensor]  # B entries of (k_b, H, W): sampled concepts, in prompt order
     union_masks: torch.Tensor  # (B, 1, H, W)
-    token_positions: list[list[int]]  # B entries of k_b text positions
+    # B entries of k_b groups, in prompt order: the text positions of one handle's vectors
+    token_positions: list[list[list[int]]]
     prompts: list[str]
     num_prior: int = 0
     input_ids_2: torch.Tensor | None = None  # SDXL: the second tokenizer's ids
@@ -173,7 +176,7 @@ def sample_batch(
     scene: Scene,
     encoded: EncodedImages,
     tokenizer: Any,
-    handle_ids: list[int],
+    handle_ids: Sequence[int | Sequence[int]],
     generator: torch.Generator,
     settings: SamplingSettings | None = None,
     *,
@@ -184,11 +187,15 @@ def sample_batch(
     """Draw one batch; each example gets its own image (scenes of several images), concept
     subset, flip and latent noise draw.
 
+    ``handle_ids`` holds each concept's token id, or the ids of its vectors for handles of
+    several (:func:`~diffusers_breakscene.handles.vector_tokens`): prompts then name every
+    vector, and ``token_positions`` holds each handle's group of positions.
     ``settings`` default to :meth:`SamplingSettings.from_config` of the default config;
     ``scaling_factor`` is the VAE's (``vae.config.scaling_factor``). With ``tokenizer_2``
     (SDXL) the batch also holds the second tokenizer's ids and the pictures' time ids.
     """
     settings = settings or SamplingSettings.from_config()
+    groups = [[int(i)] if isinstance(i, int) else [int(j) for j in i] for i in handle_ids]
     batch_size = settings.train_batch_size
     latents, masks, prompts, sampled, pictures = [], [], [], [], []
     assert encoded.masks is not None
@@ -200,14 +207,15 @@ def sample_batch(
         pictures.append(picture)
         latents.append(encoded.sample(picture, generator, scaling_factor))
         masks.append(encoded.masks[picture][indices])
-        prompts.append(
-            scene.prompt(indices, template=settings.prompt_template, joiner=settings.token_joiner)
+        prompt = scene.prompt(
+            indices, template=settings.prompt_template, joiner=settings.token_joiner
         )
+        prompts.append(expand_handles(prompt, tokenizer, scene.tokens))
     input_ids = tokenize(tokenizer, prompts)
-    # The prompt names the sampled concepts in sampling order, one handle token each.
+    # The prompt names the sampled concepts in sampling order, each by all its vectors.
     positions = [
-        [row.index(handle_ids[i]) for i in indices]
-        for row, indices in zip(input_ids.tolist(), sampled, strict=True)
+        [[_position(row, token, prompt) for token in groups[i]] for i in indices]
+        for row, indices, prompt in zip(input_ids.tolist(), sampled, prompts, strict=True)
     ]
     union = torch.stack([m.amax(dim=0, keepdim=True) for m in masks])
     time_rows = [encoded.time_ids[i] for i in pictures] if encoded.time_ids is not None else []
@@ -239,13 +247,24 @@ def sample_batch(
     )
 
 
+def _position(row: list[int], token: int, prompt: str) -> int:
+    if token not in row:  # the tokenizer cut the prompt before this handle
+        raise ValueError(
+            f"The training prompt {prompt!r} is longer than the tokenizer's maximum length, so "
+            "a handle was cut off; use a shorter prompt_template, fewer concepts or fewer "
+            "vectors_per_handle."
+        )
+    return row.index(token)
+
+
 def _check_same_positions(
     tokenizer: Any, tokenizer_2: Any, ids: torch.Tensor, ids_2: torch.Tensor, positions: list
 ) -> None:
     """The attention loss reads each handle's map at its position in the first tokenizer's
     ids; SDXL's second tokenizer must hold the same token there (both are CLIP BPE tokenizers,
     so it does when both were given the same handle tokens)."""
-    for row, row_2, where in zip(ids.tolist(), ids_2.tolist(), positions, strict=False):
+    for row, row_2, groups in zip(ids.tolist(), ids_2.tolist(), positions, strict=False):
+        where = [p for group in groups for p in group]
         first = tokenizer.convert_ids_to_tokens([row[i] for i in where])
         second = tokenizer_2.convert_ids_to_tokens([row_2[i] for i in where])
         if first != second:

@@ -48,7 +48,7 @@ from .errors import (
     UnwritableOutputError,
 )
 from .files import check_output_dir, check_output_file, check_utf8_path
-from .handles import HandleEmbedding, add_handles, check_handle_names
+from .handles import HandleEmbedding, add_handles, check_handle_names, vector_names
 from .interrupt import GracefulInterrupt
 from .lora import add_text_encoder_lora, add_unet_lora
 from .optimizer import adamw_class
@@ -90,6 +90,20 @@ def _log_images(accelerator: Any, step: int, files: list[Path]) -> None:
                 tracker.log_images({key: images}, step)
 
 
+def _check_prompt_fits(tokenizer: Any, scene: Any, config: BreakASceneConfig) -> None:
+    """The training prompt that names every concept, each by all its vectors, must fit the
+    tokenizer's maximum length, or the cut handles would silently get no attention loss."""
+    n, k = scene.num_concepts, config.vectors_per_handle
+    words = config.prompt_template.replace("{}", config.token_joiner.join(["a"] * n))
+    length = len(tokenizer(words).input_ids) + n * (k - 1)  # each "a" stands for one vector
+    if length > tokenizer.model_max_length:
+        raise InvalidConfigError(
+            f"The training prompt of all {n} concepts with vectors_per_handle={k} is {length} "
+            f"tokens, more than the tokenizer's {tokenizer.model_max_length}; use fewer "
+            "vectors_per_handle or a shorter prompt_template."
+        )
+
+
 def _every(period: int | None, step: int) -> bool:
     return bool(period) and step % period == 0
 
@@ -106,7 +120,7 @@ class _Run:
     store: AttentionStore | None
     encoded: EncodedImages
     prior: EncodedImages | None
-    handle_ids: list[int]
+    handle_ids: list[list[int]]  # per concept: the ids of its vectors (first text encoder)
     generator: torch.Generator
     output_dir: Path
     bar: Any
@@ -189,8 +203,10 @@ class BreakASceneTrainer:
         )
         # Handles the tokenizer already holds (added tokens, or ordinary words such as "dog")
         # are refused now, before training touches the tokenizers or the text encoders.
+        names = vector_names(scene.tokens, config.vectors_per_handle)
         for tokenizer in self.text.tokenizers:
-            check_handle_names(tokenizer, scene.tokens, "Scene tokens", "Scene(..., tokens=[...])")
+            check_handle_names(tokenizer, names, "Scene tokens", "Scene(..., tokens=[...])")
+            _check_prompt_fits(tokenizer, scene, config)
         self._accelerator = accelerator
         self.history: list[dict[str, float]] = []
         if new_vae is not None:
@@ -235,9 +251,10 @@ class BreakASceneTrainer:
         prior = self._class_latents(output_dir, accelerator) if cfg.prior_preservation else None
         encoded = encode_scene(vae, self.scene, cfg.resolution)
 
-        # One row per handle in each text encoder (SDXL: both), from the initializer word as
-        # that encoder reads it; each encoder's rows are trained as their own parameter.
+        # vectors_per_handle rows per handle in each text encoder (SDXL: both), from the
+        # initializer as that encoder reads it; each encoder's rows are their own parameter.
         handle_ids, handles = [], []
+        k = cfg.vectors_per_handle
         for tokenizer, encoder in zip(self.text.tokenizers, encoders, strict=True):
             ids = add_handles(
                 tokenizer,
@@ -245,8 +262,9 @@ class BreakASceneTrainer:
                 self.scene.tokens,
                 self.scene.initializer_tokens,
                 generator=torch.Generator().manual_seed(cfg.seed),
+                vectors_per_handle=k,
             )
-            handle_ids.append(ids)
+            handle_ids.append([ids[i : i + k] for i in range(0, len(ids), k)])
             handles.append(HandleEmbedding.install(encoder, ids))
         store = (
             AttentionStore.attach(unet, resolution_divisor=cfg.attention_resolution_divisor)
@@ -575,7 +593,8 @@ class BreakASceneTrainer:
         """The fine-tuned text encoder without the handle rows, so that it loads next to the
         base model's tokenizer like the original and the bundle adds the handles back."""
         text_encoder = self.pipeline.text_encoder
-        rows = text_encoder.get_input_embeddings().weight.shape[0] - len(self.scene.tokens)
+        added = len(self.scene.tokens) * self.config.vectors_per_handle
+        rows = text_encoder.get_input_embeddings().weight.shape[0] - added
         state = {k: v for k, v in text_encoder.state_dict().items()}
         key = next(k for k in state if k.endswith("token_embedding.weight"))
         state[key] = state[key][:rows].clone()

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_write
+from .handles import expand_handles
 from .mask_ops import erode
 
 __all__ = [
@@ -139,17 +140,23 @@ def token_attention_maps(
 
 
 def handle_positions(tokenizer: Any, prompt: str, tokens: Sequence[str]) -> list[list[int]]:
-    """Positions of each handle token's ids in ``tokenizer(prompt)`` (padded to its max length).
+    """Positions of each handle token's ids in ``tokenizer(prompt)`` (padded to its max length);
+    a handle of several vectors (``<a>``, ``<a>_1``) has all of them, as the pipeline expands it.
 
     Example:
         >>> from diffusers_breakscene.tiny import tiny_tokenizer
         >>> handle_positions(tiny_tokenizer(), "a photo of dog", ["dog"])
         [[4]]
     """
-    ids = tokenizer(prompt, padding="max_length", truncation=True).input_ids
+    # A handle of k vectors is k tokens in what the pipeline encoded (it expands the prompt).
+    ids = tokenizer(
+        expand_handles(prompt, tokenizer, tokens), padding="max_length", truncation=True
+    ).input_ids
     out = []
     for token in tokens:
-        token_ids = tokenizer(token, add_special_tokens=False).input_ids
+        token_ids = tokenizer(
+            expand_handles(token, tokenizer, [token]), add_special_tokens=False
+        ).input_ids
         found = [i for i, value in enumerate(ids) if value in token_ids]
         if not found:
             raise ValueError(f"token {token!r} does not occur in the prompt {prompt!r}.")

@@ -27,6 +27,7 @@ from diffusers_breakscene.errors import InvalidConfigError, MissingFileError
         ("phase2_handle_learning_rate", 2e-6),
         ("phase2_full_learning_rate", 2e-6),
         ("phase2", "lora"),
+        ("vectors_per_handle", 1),
         ("lora_rank", 16),
         ("lora_alpha", None),
         ("lora_target_modules", ("to_q", "to_k", "to_v", "to_out.0")),

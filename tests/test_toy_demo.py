@@ -106,9 +106,11 @@ def test_toy_world_benchmark_smoke():
 
     BACKGROUND.stdout("toy_world")  # run beside the other tests (background.py)
     tmp_path = BACKGROUND.root / "toy_world"
-    name = "toy_world-smoke-init-colour"  # --initializer colour, not the default, is in the name
+    # --tuning, --initializer colour and --vectors-per-handle 2 are in the name
+    name = "toy_world-smoke-tuning-init-colour-vectors2"
     report = json.loads((tmp_path / f"{name}.json").read_text())
-    assert {row["variant"] for row in report["rows"]} == {"ours", "phase1", "base", "init"}
+    assert {row["variant"] for row in report["rows"]} == {"ours", "base", "init"}  # --variants
+    assert report["config"]["vectors_per_handle"] == 2
     assert "| init |" in (tmp_path / f"{name}.md").read_text()
     table = (tmp_path / f"{name}.md").read_text()
     assert "| ours |" in table
@@ -116,6 +118,32 @@ def test_toy_world_benchmark_smoke():
     assert report["seeds"] == [3]  # --seeds 3 replaced the mode's seed 0
     assert "seeds [3]" in table
     assert report["initializer"] == "colour" and "handle start: colour" in table
+    assert "2 vector(s) per handle" in table
+    assert report["scene_set"] == "tuning" and "1 tuning scenes" in table
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variants", "ours,nope"], "--variants 'ours,nope': choose from"),
+        (["--vectors-per-handle", "0"], "--vectors-per-handle 0: give 1 or more"),
+        (["--phase1-steps", "-1"], "--phase1-steps -1: give 0 or more"),
+    ],
+)
+def test_toy_world_benchmark_refuses_bad_options(args, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_world.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke", *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert message in run.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_toy_world_benchmark_names_bad_seeds(tmp_path):

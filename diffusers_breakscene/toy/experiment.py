@@ -204,7 +204,11 @@ def run_variant(
         names = words
     elif variant == "init":
         names = list(scene.tokens)
-        add_handles(pipe.tokenizer, pipe.text_encoder, names, scene.initializer_tokens)
+        k = (config or toy_config()).vectors_per_handle
+        add_handles(
+            pipe.tokenizer, pipe.text_encoder, names, scene.initializer_tokens,
+            vectors_per_handle=k,
+        )  # fmt: skip
     else:  # "ours" or "phase1"
         cfg = config or toy_config()
         if variant == "phase1":

@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -60,6 +61,7 @@ __all__ = [
     "PATTERNS",
     "SETTINGS",
     "SHAPES",
+    "TUNING_SEEDS",
     "WORLD_WORDS",
     "Initializer",
     "Split",
@@ -524,21 +526,30 @@ def _visible_enough(sample: ToySample, size: int) -> bool:
 # -- evaluation scenes ------------------------------------------------------------------------
 
 _EVAL_SEEDS = tuple(range(1000, 1012))
+
+#: Seeds of 4 scenes drawn like the evaluation scenes but never reported: settings chosen on
+#: the toy world (e.g. the step curve in docs/toy-world.md) are chosen on these.
+TUNING_SEEDS: tuple[int, ...] = (2000, 2001, 2002, 2003)
 _EVAL_MIN_AREA = 0.06
 
 
-def evaluation_scenes(size: int = DEFAULT_SIZE) -> list[ToySample]:
+def evaluation_scenes(
+    size: int = DEFAULT_SIZE, seeds: Sequence[int] | None = None
+) -> list[ToySample]:
     """12 fixed scenes for Break-A-Scene: 2 or 3 held-out objects each (scenes 0, 2, 4, ... have
     2, the others 3), all different shapes, masks that do not touch (IoU 0) and each cover at
-    least 6% of the image.
+    least 6% of the image. ``seeds`` draws other scenes of the same kind, one per seed (e.g.
+    :data:`TUNING_SEEDS`: scenes to choose settings on, so that the 12 stay unseen by choices).
 
     Example:
         >>> scenes = evaluation_scenes()
         >>> len(scenes), all(in_split(o, "heldout") for s in scenes for o in s.objects)
         (12, True)
+        >>> len(evaluation_scenes(seeds=TUNING_SEEDS))
+        4
     """
     scenes = []
-    for k, seed in enumerate(_EVAL_SEEDS):
+    for k, seed in enumerate(_EVAL_SEEDS if seeds is None else seeds):
         rng = np.random.default_rng(seed)
         n = 2 if k % 2 == 0 else 3
         while True:
