@@ -4,10 +4,10 @@ A handle (``"<asset0>"``) is one new token whose embedding row is learned, or, w
 ``vectors_per_handle=k > 1``, k tokens named as diffusers names a multi-vector textual inversion
 (``"<asset0>"``, ``"<asset0>_1"``, ... ``"<asset0>_{k-1}"``): a prompt that says ``"<asset0>"``
 reads all k (diffusers' pipelines expand it, :func:`expand_handles` does it for training).
-Training goes through
-:class:`HandleEmbedding`, which wraps the text encoder's input embedding and keeps the handle rows
-as a small trainable parameter: the optimizer never sees (or copies) the vocabulary matrix, and
-every other row stays bit-identical by construction, not by restoring it after each step.
+Training goes through :class:`HandleEmbedding`, which wraps the text encoder's input embedding
+and keeps the handle rows as a small trainable parameter: the optimizer never sees (or copies)
+the vocabulary matrix, and every other row stays bit-identical by construction, not by restoring
+it after each step.
 
 Initialisation rule: a handle with an initializer word starts at the MEAN of the embeddings of
 the word's sub-tokens (a word the tokenizer splits into several pieces keeps all of them, unlike
