@@ -64,9 +64,13 @@ def vector_tokens(token: str, vectors: int = 1) -> list[str]:
         >>> vector_tokens("<asset0>", 3)
         ['<asset0>', '<asset0>_1', '<asset0>_2']
     """
+    return [token] + [f"{token}_{i}" for i in range(1, _vector_count(vectors))]
+
+
+def _vector_count(vectors: int) -> int:
     if isinstance(vectors, bool) or not isinstance(vectors, int) or vectors < 1:
         raise ValueError(f"vectors={vectors!r} must be an integer >= 1 (rows per handle).")
-    return [token] + [f"{token}_{i}" for i in range(1, vectors)]
+    return vectors
 
 
 def vector_names(tokens: Sequence[str], vectors: int = 1) -> list[str]:
@@ -255,7 +259,7 @@ def initial_handle_rows(
         >>> initial_handle_rows(pipe.tokenizer, pipe.text_encoder, ["red dog"], None, 2).shape
         torch.Size([2, 32])
     """
-    k = len(vector_tokens("<check>", vectors_per_handle))  # also validates vectors_per_handle
+    k = _vector_count(vectors_per_handle)
     weight = text_encoder.get_input_embeddings().weight.detach()
     special = set(tokenizer.all_special_ids)
     ordinary = torch.tensor([i for i in range(weight.shape[0]) if i not in special])

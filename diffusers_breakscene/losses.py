@@ -31,6 +31,7 @@ __all__ = [
     "cross_attention_loss",
     "diffusion_target",
     "masked_diffusion_loss",
+    "position_group",
     "prior_preservation_loss",
     "resize_masks",
     "union_mask",
@@ -241,7 +242,7 @@ def cross_attention_loss(
     total = maps32.new_zeros(())
     for b in range(batch):
         example_masks = _example_masks(masks[b], b)
-        groups = [_group(p) for p in token_positions[b]]
+        groups = [position_group(p) for p in token_positions[b]]
         if len(groups) != example_masks.shape[0]:
             raise ValueError(
                 f"example {b}: {example_masks.shape[0]} masks but {len(groups)} token "
@@ -262,8 +263,13 @@ def cross_attention_loss(
     return total / batch
 
 
-def _group(position: int | Sequence[int]) -> list[int]:
-    """One handle's text positions: an int, or the positions of its vectors."""
+def position_group(position: int | Sequence[int]) -> list[int]:
+    """One handle's text positions (or token ids) as a list: an int, or those of its vectors.
+
+    Example:
+        >>> position_group(3), position_group([3, 4])
+        ([3], [3, 4])
+    """
     if not isinstance(position, Sequence | torch.Tensor) or (
         isinstance(position, torch.Tensor) and position.dim() == 0
     ):

@@ -35,6 +35,7 @@ from .losses import (
     cross_attention_loss,
     diffusion_target,
     masked_diffusion_loss,
+    position_group,
     prior_preservation_loss,
 )
 from .scene import Scene, hflip
@@ -195,7 +196,7 @@ def sample_batch(
     (SDXL) the batch also holds the second tokenizer's ids and the pictures' time ids.
     """
     settings = settings or SamplingSettings.from_config()
-    groups = [[int(i)] if isinstance(i, int) else [int(j) for j in i] for i in handle_ids]
+    groups = [position_group(i) for i in handle_ids]  # the ids of each handle's vectors
     batch_size = settings.train_batch_size
     latents, masks, prompts, sampled, pictures = [], [], [], [], []
     assert encoded.masks is not None

@@ -19,7 +19,7 @@ from diffusers_breakscene.handles import (
     set_handle_embeddings,
     vector_tokens,
 )
-from diffusers_breakscene.losses import cross_attention_loss
+from diffusers_breakscene.losses import cross_attention_loss, position_group
 from diffusers_breakscene.step import SamplingSettings, encode_scene, sample_batch
 from diffusers_breakscene.tiny import tiny_pipeline
 from diffusers_breakscene.viz import handle_positions
@@ -145,6 +145,9 @@ def test_attention_loss_of_a_group_is_the_loss_of_its_summed_map():
     assert not torch.allclose(grouped, cross_attention_loss(maps, [mask], [[2]]))
     with pytest.raises(ValueError, match="group of token positions is empty"):
         cross_attention_loss(maps, [mask], [[[]]])
+    # one position, a tensor of them, or a 0-d tensor: the same groups
+    assert position_group(2) == position_group(torch.tensor(2)) == [2]
+    assert position_group(torch.tensor([2, 3])) == position_group((2, 3)) == [2, 3]
 
 
 def test_attention_overlay_positions_cover_all_vectors(sd1_pipe):

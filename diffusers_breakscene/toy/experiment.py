@@ -200,17 +200,16 @@ def run_variant(
     pipe = pipeline_factory()
     words = [object_phrase(o) for o in sample.objects]
     result = VariantResult(variant, scene_index, [])
+    cfg = config or toy_config()
     if variant == "base":
         names = words
     elif variant == "init":
         names = list(scene.tokens)
-        k = (config or toy_config()).vectors_per_handle
         add_handles(
             pipe.tokenizer, pipe.text_encoder, names, scene.initializer_tokens,
-            vectors_per_handle=k,
+            vectors_per_handle=cfg.vectors_per_handle,
         )  # fmt: skip
     else:  # "ours" or "phase1"
-        cfg = config or toy_config()
         if variant == "phase1":
             cfg = cfg.replace(phase2_steps=0)
         names = list(scene.tokens)
