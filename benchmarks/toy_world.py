@@ -63,14 +63,22 @@ def run(
     phase1_steps: int | None = None,
     variants: tuple[str, ...] = VARIANTS,
     tuning: bool = False,
+    article: bool = False,
 ) -> dict[str, Any]:
     """Train and score ``variants`` on the mode's scenes; ``seeds`` replaces the mode's,
     ``initializer`` (a :func:`~diffusers_breakscene.toy.world.to_scene` choice) the default,
     ``vectors`` and ``phase1_steps`` the configuration's ``vectors_per_handle`` and
-    ``phase1_steps``; ``tuning`` takes the tuning scenes instead of the evaluation scenes."""
+    ``phase1_steps``; ``tuning`` takes the tuning scenes instead of the evaluation scenes;
+    ``article`` puts "a" before every handle in training and generation prompts
+    (:func:`~diffusers_breakscene.toy.experiment.run_variant`)."""
     import torch
 
-    from diffusers_breakscene.toy.experiment import run_variant, toy_config
+    from diffusers_breakscene.toy.experiment import (
+        ARTICLE_JOINER,
+        ARTICLE_TEMPLATE,
+        run_variant,
+        toy_config,
+    )
     from diffusers_breakscene.toy.world import (
         DEFAULT_INITIALIZER,
         TUNING_SEEDS,
@@ -89,6 +97,8 @@ def run(
         config = config.replace(phase1_steps=phase1_steps)
     if spec["steps"] is not None:
         config = config.replace(phase1_steps=spec["steps"], phase2_steps=spec["steps"])
+    if article:  # recorded as trained (run_variant makes the same replacement)
+        config = config.replace(prompt_template=ARTICLE_TEMPLATE, token_joiner=ARTICLE_JOINER)
     rows: list[dict[str, Any]] = []
     pictures: dict[str, list[Any]] = {}
     started = time.perf_counter()
@@ -98,6 +108,7 @@ def run(
             result = run_variant(
                 variant, sample, index, config=config, seeds=spec["seeds"],
                 inference_steps=spec["inference_steps"], initializer=initializer,
+                article=article,
             )  # fmt: skip
             row = {
                 "scene": index,
@@ -127,6 +138,7 @@ def run(
         **reports.header(mode),
         "config": config.to_dict(),
         "initializer": initializer,
+        "article": article,
         "seeds": spec["seeds"],
         "scenes": len(scenes),
         "scene_set": "tuning" if tuning else "evaluation",
@@ -143,9 +155,14 @@ def run(
         name += f"-vectors{vectors}"
     if phase1_steps is not None:
         name += f"-phase1-{phase1_steps}"
+    if article:
+        name += "-article"
     reports.write(out, name, report, markdown(report))
     _picture(scenes[0], pictures).save(out / f"{name}.png")
     return report
+
+
+ARTICLE_NOTE = 'handles after "a", '
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -156,6 +173,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['seeds']}, handle start: {report.get('initializer', 'shape')}, "
         f"{report['config'].get('vectors_per_handle', 1)} vector(s) per handle, "
         f"{report['config']['phase1_steps']} + {report['config']['phase2_steps']} steps, "
+        f"{ARTICLE_NOTE if report.get('article') else ''}"
         f"{report['seconds']:.0f} s.",
         "",
         "| variant | identity, 1 handle | prompt acc., 1 handle | identity, 2 handles "
@@ -233,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run on the 4 tuning scenes (TUNING_SEEDS), where settings are chosen, instead of "
         "the 12 evaluation scenes",
     )
+    parser.add_argument(
+        "--article",
+        action="store_true",
+        help='put "a" before every handle in training and generation prompts ("a photo of a '
+        "<asset0> in the snow\"), as the toy model's captions always have it",
+    )
     args = parser.parse_args(argv)
     seeds = reports.int_list(parser, "--seeds", args.seeds)
     variants = tuple(v for v in args.variants.split(",") if v)
@@ -246,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     report = run(
         mode, args.out, seeds, args.initializer, args.vectors_per_handle, args.phase1_steps,
-        variants, args.tuning,
+        variants, args.tuning, args.article,
     )  # fmt: skip
     print(markdown(report))
     return 0

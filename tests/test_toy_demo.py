@@ -14,7 +14,13 @@ from diffusers_breakscene.base_pipeline import load_pipeline
 from diffusers_breakscene.cli import main
 from diffusers_breakscene.demo import TOY_DEMO_PROMPTS
 from diffusers_breakscene.tiny import tiny_pipeline
-from diffusers_breakscene.toy.experiment import fill, run_variant, toy_config
+from diffusers_breakscene.toy.experiment import (
+    ARTICLE_JOINER,
+    ARTICLE_TEMPLATE,
+    fill,
+    run_variant,
+    toy_config,
+)
 from diffusers_breakscene.toy.world import evaluation_scenes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +58,27 @@ def test_experiment_scores_every_prompt_of_every_variant(tmp_path):
     assert base.generations[0].prompt == base.generations[0].described
     with pytest.raises(ValueError, match="variant"):
         run_variant("other", sample)
+
+
+@pytest.mark.slow
+def test_article_puts_a_before_every_handle_in_training_and_generation_prompts(tmp_path):
+    sample = evaluation_scenes()[0]
+    cfg = toy_config(phase1_steps=1, phase2_steps=0)
+    result = run_variant("phase1", sample, config=cfg, seeds=[0], inference_steps=1,
+                         output_dir=tmp_path, article=True)  # fmt: skip
+    trained = Bundle.load(result.bundle).metadata["training"]
+    assert (trained["prompt_template"], trained["token_joiner"]) == (
+        ARTICLE_TEMPLATE,
+        ARTICLE_JOINER,
+    )
+    prompts = [g.prompt for g in result.generations]
+    assert prompts[0] == "a photo of a <asset0> in the snow"
+    assert "a photo of a <asset1> and a <asset0> on the beach" in prompts
+    # the scored description is unchanged: the objects' words carry their own article
+    assert result.generations[0].described.startswith("a photo of a") and "a a " not in (
+        " ".join(g.described for g in result.generations)
+    )
+    assert cfg.prompt_template != ARTICLE_TEMPLATE  # the caller's configuration is untouched
 
 
 def test_run_variant_refuses_an_unknown_variant_before_loading_a_pipeline():
@@ -106,8 +133,8 @@ def test_toy_world_benchmark_smoke():
 
     BACKGROUND.stdout("toy_world")  # run beside the other tests (background.py)
     tmp_path = BACKGROUND.root / "toy_world"
-    # --tuning, --initializer colour and --vectors-per-handle 2 are in the name
-    name = "toy_world-smoke-tuning-init-colour-vectors2"
+    # --tuning, --initializer colour, --vectors-per-handle 2 and --article are in the name
+    name = "toy_world-smoke-tuning-init-colour-vectors2-article"
     report = json.loads((tmp_path / f"{name}.json").read_text())
     assert {row["variant"] for row in report["rows"]} == {"ours", "base", "init"}  # --variants
     assert report["config"]["vectors_per_handle"] == 2
@@ -120,6 +147,8 @@ def test_toy_world_benchmark_smoke():
     assert report["initializer"] == "colour" and "handle start: colour" in table
     assert "2 vector(s) per handle" in table
     assert report["scene_set"] == "tuning" and "1 tuning scenes" in table
+    assert report["article"] and 'handles after "a"' in table
+    assert report["config"]["prompt_template"] == ARTICLE_TEMPLATE  # recorded as trained
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,12 @@ the toy evaluator:
   words ("a photo of a red checkered heart in the snow"): the fraction of right attributes
   (shape, colour, pattern of each object, and the setting).
 
+With ``article=True`` every handle takes an article, as the toy model's captions always do:
+training prompts read "a photo of a <asset0> and a <asset1>" (:data:`ARTICLE_TEMPLATE`,
+:data:`ARTICLE_JOINER`) and generation prompts "a photo of a <asset0> in the snow". The default
+(no article) is the paper's prompt form; on the toy model the article alone is worth about 0.13
+identity (docs/toy-world.md).
+
 The demo and ``benchmarks/toy_world.py`` both use :func:`run_variant`.
 
 Example:
@@ -42,6 +48,8 @@ from .model import TOY_GUIDANCE
 from .world import DEFAULT_INITIALIZER, Initializer, ToySample, object_phrase, to_scene
 
 __all__ = [
+    "ARTICLE_JOINER",
+    "ARTICLE_TEMPLATE",
     "ONE_HANDLE_PROMPTS",
     "TOY_RANK_DIVISOR",
     "TWO_HANDLE_PROMPTS",
@@ -66,6 +74,10 @@ TWO_HANDLE_PROMPTS: tuple[str, ...] = (
     "a photo of {1} and {0} on the beach",
     "a photo of {0} and {1} on the grass",
 )
+
+#: Training prompt and joiner of ``run_variant(..., article=True)``: every handle after "a".
+ARTICLE_TEMPLATE = "a photo of a {}"
+ARTICLE_JOINER = " and a "
 
 
 #: A LoRA rank r at Stable Diffusion scale is r / 8 on the toy UNet, whose layers are 10 to 13
@@ -169,13 +181,18 @@ def run_variant(
     evaluator: Any = None,
     progress: bool = False,
     initializer: Initializer = DEFAULT_INITIALIZER,
+    article: bool = False,
 ) -> VariantResult:
     """Learn ``sample`` with ``variant`` (see the module docstring), generate every prompt for
     every handle (and every pair of handles) with each seed, and score the images.
 
     ``pipeline_factory`` makes a fresh base pipeline (default: the shipped toy model);
     ``output_dir`` keeps the bundle (default: a temporary folder); ``initializer`` picks the
-    words the handles start from (:func:`~diffusers_breakscene.toy.world.to_scene`).
+    words the handles start from (:func:`~diffusers_breakscene.toy.world.to_scene`);
+    ``article=True`` puts "a" before every handle, in the training prompts (replacing the
+    configuration's ``prompt_template`` and ``token_joiner`` with :data:`ARTICLE_TEMPLATE` and
+    :data:`ARTICLE_JOINER`) and in the generation prompts. The words of ``"base"`` always
+    carry their article.
 
     Example:
         >>> from diffusers_breakscene.toy.world import evaluation_scenes
@@ -201,6 +218,8 @@ def run_variant(
     words = [object_phrase(o) for o in sample.objects]
     result = VariantResult(variant, scene_index, [])
     cfg = config or toy_config()
+    if article:
+        cfg = cfg.replace(prompt_template=ARTICLE_TEMPLATE, token_joiner=ARTICLE_JOINER)
     if variant == "base":
         names = words
     elif variant == "init":
@@ -219,6 +238,8 @@ def run_variant(
         result.bundle = trainer.train(folder, progress=progress)
         result.train_seconds = time.perf_counter() - started
 
+    if article and variant != "base":
+        names = [f"a {name}" for name in names]
     pipe.set_progress_bar_config(disable=True)
     n = len(sample.objects)
     jobs = [(t, [i]) for t in ONE_HANDLE_PROMPTS for i in range(n)]
