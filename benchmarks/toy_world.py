@@ -73,12 +73,7 @@ def run(
     (:func:`~diffusers_breakscene.toy.experiment.run_variant`)."""
     import torch
 
-    from diffusers_breakscene.toy.experiment import (
-        ARTICLE_JOINER,
-        ARTICLE_TEMPLATE,
-        run_variant,
-        toy_config,
-    )
+    from diffusers_breakscene.toy.experiment import run_variant, toy_config, with_article
     from diffusers_breakscene.toy.world import (
         DEFAULT_INITIALIZER,
         TUNING_SEEDS,
@@ -97,8 +92,8 @@ def run(
         config = config.replace(phase1_steps=phase1_steps)
     if spec["steps"] is not None:
         config = config.replace(phase1_steps=spec["steps"], phase2_steps=spec["steps"])
-    if article:  # recorded as trained (run_variant makes the same replacement)
-        config = config.replace(prompt_template=ARTICLE_TEMPLATE, token_joiner=ARTICLE_JOINER)
+    if article:  # recorded as trained: run_variant(article=True) trains with_article(config)
+        config = with_article(config)
     rows: list[dict[str, Any]] = []
     pictures: dict[str, list[Any]] = {}
     started = time.perf_counter()
@@ -162,19 +157,16 @@ def run(
     return report
 
 
-ARTICLE_NOTE = 'handles after "a", '
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The report's summary as a markdown table (mean ± spread over scenes)."""
+    article = 'handles after "a", ' if report.get("article") else ""
     lines = [
         f"Toy world, mode `{report['mode']}`: {report['scenes']} "
         f"{report.get('scene_set', 'evaluation')} scenes, seeds "
         f"{report['seeds']}, handle start: {report.get('initializer', 'shape')}, "
         f"{report['config'].get('vectors_per_handle', 1)} vector(s) per handle, "
         f"{report['config']['phase1_steps']} + {report['config']['phase2_steps']} steps, "
-        f"{ARTICLE_NOTE if report.get('article') else ''}"
-        f"{report['seconds']:.0f} s.",
+        f"{article}{report['seconds']:.0f} s.",
         "",
         "| variant | identity, 1 handle | prompt acc., 1 handle | identity, 2 handles "
         "| prompt acc., 2 handles |",

@@ -20,6 +20,7 @@ from diffusers_breakscene.toy.experiment import (
     fill,
     run_variant,
     toy_config,
+    with_article,
 )
 from diffusers_breakscene.toy.world import evaluation_scenes
 
@@ -38,6 +39,10 @@ def test_toy_config_scales_only_what_it_must():
     assert (cfg.resolution, cfg.lora_rank) == (64, 2)
     assert cfg.phase1_steps == 400 and cfg.phase2_steps == 400  # the defaults
     assert fill("a photo of {1} and {0}", ["x", "y"]) == "a photo of y and x"
+    article = with_article(cfg)  # only the training prompt changes
+    assert (article.prompt_template, article.token_joiner) == (ARTICLE_TEMPLATE, ARTICLE_JOINER)
+    undone = article.replace(prompt_template=cfg.prompt_template, token_joiner=cfg.token_joiner)
+    assert undone == cfg
 
 
 @pytest.mark.slow

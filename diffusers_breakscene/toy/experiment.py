@@ -59,6 +59,7 @@ __all__ = [
     "run_variant",
     "score_image",
     "toy_config",
+    "with_article",
 ]
 
 Variant = Literal["ours", "phase1", "base", "init"]
@@ -104,6 +105,18 @@ def toy_config(**changes: Any) -> BreakASceneConfig:
         "validate_phase_ends": False,
     }
     return BreakASceneConfig(**{**base, **changes})
+
+
+def with_article(config: BreakASceneConfig) -> BreakASceneConfig:
+    """``config`` training on prompts with "a" before every handle (:data:`ARTICLE_TEMPLATE`,
+    :data:`ARTICLE_JOINER`): the configuration ``run_variant(..., article=True)`` trains with.
+
+    Example:
+        >>> cfg = with_article(toy_config())
+        >>> cfg.prompt_template.replace("{}", cfg.token_joiner.join(["<asset0>", "<asset1>"]))
+        'a photo of a <asset0> and a <asset1>'
+    """
+    return config.replace(prompt_template=ARTICLE_TEMPLATE, token_joiner=ARTICLE_JOINER)
 
 
 def fill(template: str, names: Sequence[str]) -> str:
@@ -190,9 +203,8 @@ def run_variant(
     ``output_dir`` keeps the bundle (default: a temporary folder); ``initializer`` picks the
     words the handles start from (:func:`~diffusers_breakscene.toy.world.to_scene`);
     ``article=True`` puts "a" before every handle, in the training prompts (replacing the
-    configuration's ``prompt_template`` and ``token_joiner`` with :data:`ARTICLE_TEMPLATE` and
-    :data:`ARTICLE_JOINER`) and in the generation prompts. The words of ``"base"`` always
-    carry their article.
+    configuration's ``prompt_template`` and ``token_joiner``: :func:`with_article`) and in the
+    generation prompts. The words of ``"base"`` always carry their article.
 
     Example:
         >>> from diffusers_breakscene.toy.world import evaluation_scenes
@@ -219,7 +231,7 @@ def run_variant(
     result = VariantResult(variant, scene_index, [])
     cfg = config or toy_config()
     if article:
-        cfg = cfg.replace(prompt_template=ARTICLE_TEMPLATE, token_joiner=ARTICLE_JOINER)
+        cfg = with_article(cfg)
     if variant == "base":
         names = words
     elif variant == "init":
