@@ -90,3 +90,20 @@ def test_docs_mention_the_readme_commands():
     command = "python -m pytest -q -n 2"
     assert "breakscene demo" in index and command in index and command in readme
     assert "python3 -m pytest -q -n 2\n" in ci  # CI runs the README's test command
+
+
+@pytest.mark.parametrize(
+    "module", ["world", "model", "experiment", "prompt_check", "attention_check"]
+)
+def test_toy_api_page_lists_every_public_function_and_class(module):
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"diffusers_breakscene.toy.{module}")
+    page = (DOCS / "api" / "toy.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\s+- (\w+)$", page, re.MULTILINE)) | set(
+        re.findall(r"^::: diffusers_breakscene\.toy\.\w+\.(\w+)$", page, re.MULTILINE)
+    )
+    public = [n for n in mod.__all__ if inspect.isfunction(getattr(mod, n)) or
+              inspect.isclass(getattr(mod, n))]  # fmt: skip
+    assert public and not set(public) - listed, sorted(set(public) - listed)

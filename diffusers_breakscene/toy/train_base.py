@@ -150,7 +150,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="UNet layers per level (one number for all, or three comma-separated; default: 1)",
     )
     p.add_argument("--steps", type=int, default=13000)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="UNet batch size (8 measured worse than 16 in the same 75 minutes, one-object shape "
+        "0.43 against 0.76: docs/toy-world.md)",
+    )
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: no EMA)")
