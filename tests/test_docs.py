@@ -104,6 +104,6 @@ def test_toy_api_page_lists_every_public_function_and_class(module):
     listed = set(re.findall(r"^\s+- (\w+)$", page, re.MULTILINE)) | set(
         re.findall(r"^::: diffusers_breakscene\.toy\.\w+\.(\w+)$", page, re.MULTILINE)
     )
-    public = [n for n in mod.__all__ if inspect.isfunction(getattr(mod, n)) or
-              inspect.isclass(getattr(mod, n))]  # fmt: skip
+    objects = {name: getattr(mod, name) for name in mod.__all__}
+    public = [n for n, o in objects.items() if inspect.isfunction(o) or inspect.isclass(o)]
     assert public and not set(public) - listed, sorted(set(public) - listed)
