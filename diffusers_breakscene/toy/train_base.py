@@ -157,7 +157,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="UNet batch size (8 measured worse than 16 in the same 75 minutes, one-object shape "
         "0.43 against 0.76: docs/toy-world.md)",
     )
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=8e-4,
+        help="peak learning rate of the UNet and text encoder (4e-4 measured worse in the same "
+        "75 minutes, one-object shape 0.65 against 0.76: docs/toy-world.md)",
+    )
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: no EMA)")
     p.add_argument("--caption-dropout", type=float, default=0.1)
