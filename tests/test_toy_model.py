@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,19 +31,27 @@ def test_shipped_weights_are_small_safetensors():
     assert info["heldout"]["shapes"] == ["heart"]
 
 
-def test_training_script_defaults_are_the_shipped_weights_recipe():
+def _recipe(args: dict) -> dict:
+    where_and_logging = {"output", "work_dir", "log_every"}  # not part of the recipe
+    return {k: v for k, v in json.loads(json.dumps(args)).items() if k not in where_and_logging}
+
+
+def test_shipped_weights_record_the_commands_that_trained_them():
     from diffusers_breakscene.toy.train_base import parse_args
 
-    recorded = json.loads((toy_model_path() / "toy_info.json").read_text())["args"]
-    defaults = vars(parse_args(["--output", "x"]))
-    where_and_logging = {"output", "work_dir", "log_every"}  # not part of the recipe
-    differs = {
-        k: (defaults[k], v)
-        for k, v in recorded.items()
-        if k not in where_and_logging and json.loads(json.dumps(defaults[k])) != v
-    }
-    assert not differs  # `train_base --output DIR` trains the shipped weights' recipe
-    assert recorded["word_weight"] > 0 and recorded["outline_weight"] > 0
+    info = json.loads((toy_model_path() / "toy_info.json").read_text())
+    runs = [c for c in info["history"] if c.startswith("python -m diffusers_breakscene.toy.")]
+    first, last = (vars(parse_args(shlex.split(c)[3:])) for c in (runs[0], runs[-1]))
+    # The first run is `train_base --output DIR` (its defaults: 85 minutes on 2 CPU cores)...
+    assert _recipe(first) == _recipe(vars(parse_args(["--output", "x"])))
+    # ...and the shipped weights are that run's work folder trained on: the same recipe with a
+    # longer schedule (--max-minutes 113 --steps 20000), as `args` records.
+    assert info["command"] == runs[-1]
+    assert _recipe(last) == _recipe(info["args"])
+    longer = {k for k in _recipe(first) if _recipe(first)[k] != _recipe(last)[k]}
+    assert longer == {"steps", "max_minutes"} and last["max_minutes"] > first["max_minutes"]
+    assert info["args"]["word_weight"] > 0 and info["args"]["outline_weight"] > 0
+    assert info["diffusion_steps"] > 10_000
 
 
 def test_loads_through_from_pretrained(one_torch_thread):
