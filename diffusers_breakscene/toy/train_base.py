@@ -169,8 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lr",
         type=float,
         default=8e-4,
-        help="peak learning rate of the UNet and text encoder (4e-4 measured worse in the same "
-        "75 minutes, one-object shape 0.65 against 0.76: docs/toy-world.md)",
+        help="peak learning rate of the UNet and text encoder (4e-4 and 1.2e-3 measured worse in "
+        "the same 75 minutes, one-object shape 0.65 and 0.48 against 0.76: docs/toy-world.md)",
     )
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0: no EMA)")
