@@ -47,8 +47,9 @@ def test_shipped_weights_record_the_commands_that_trained_them():
     # ...and the shipped weights are that run's work folder trained on: the same recipe with a
     # longer schedule (--max-minutes 113 --steps 20000), as `args` records.
     assert info["command"] == runs[-1]
-    assert _recipe(last) == _recipe(info["args"])
-    longer = {k for k in _recipe(first) if _recipe(first)[k] != _recipe(last)[k]}
+    first_recipe, last_recipe = _recipe(first), _recipe(last)
+    assert last_recipe == _recipe(info["args"])
+    longer = {k for k in first_recipe if first_recipe[k] != last_recipe[k]}
     assert longer == {"steps", "max_minutes"} and last["max_minutes"] > first["max_minutes"]
     assert info["args"]["word_weight"] > 0 and info["args"]["outline_weight"] > 0
     assert info["diffusion_steps"] > 10_000
