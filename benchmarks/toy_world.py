@@ -7,6 +7,7 @@
     python benchmarks/toy_world.py --initializer shape  # handles start at their shape word
     python benchmarks/toy_world.py --vectors-per-handle 3 --phase1-steps 100  # another recipe
     python benchmarks/toy_world.py --variants ours,base  # only some variants
+    python benchmarks/toy_world.py --phase2 full --phase2-learning-rate 1e-4  # the paper's phase 2
     python benchmarks/toy_world.py --tuning --seeds 0  # the 4 tuning scenes, not the 12
 
 For every evaluation scene of the toy world (2-3 objects the base model never saw drawn), four
@@ -20,10 +21,20 @@ variants are measured in the same run, with the same prompts and seeds
 * ``init``: no training; the handles at their start (the mean embedding of their initializer
   words): what training adds to where the handles begin.
 
-``--vectors-per-handle K`` and ``--phase1-steps N`` change the trained variants' configuration
-(and ``init``'s start: K vectors); the base model's words stay the same-run baseline.
+``--vectors-per-handle K``, ``--phase1-steps N``, ``--phase2 lora|full`` and
+``--phase2-learning-rate LR`` (the rate of the chosen phase 2: the LoRA's or the whole UNet's and
+text encoder's) change the trained variants' configuration (and ``init``'s start: K vectors);
+the base model's words stay the same-run baseline.
 ``--tuning`` runs on the 4 scenes of :data:`~diffusers_breakscene.toy.world.TUNING_SEEDS`
 instead: settings are chosen there, so that the 12 evaluation scenes do not choose them.
+
+Each row also records, per kind of attribute (the held-out shape and pattern apart from the
+trained ones, :data:`~diffusers_breakscene.toy.experiment.ATTRIBUTE_KINDS`), how often the
+handles' objects came out right; the summary pools them per variant, which shows whether a
+handle draws what the base model's words cannot say (a heart, a checkered pattern). Checks pair
+each prompt object with the best of the objects the evaluator read, so rows also record how many
+it read (``objects_read_K``, ``count_right_K``) and the same rates over only the images read with
+the prompt's number of objects (``attributes_exact_K``): a cluttered image passes by chance.
 
 Writes ``<out>/toy_world[-quick|-smoke][-tuning][-init-WORD][-vectorsK][-phase1-N].json`` and
 ``.md``
@@ -64,16 +75,24 @@ def run(
     variants: tuple[str, ...] = VARIANTS,
     tuning: bool = False,
     article: bool = False,
+    phase2: str | None = None,
+    phase2_learning_rate: float | None = None,
 ) -> dict[str, Any]:
     """Train and score ``variants`` on the mode's scenes; ``seeds`` replaces the mode's,
     ``initializer`` (a :func:`~diffusers_breakscene.toy.world.to_scene` choice) the default,
     ``vectors`` and ``phase1_steps`` the configuration's ``vectors_per_handle`` and
     ``phase1_steps``; ``tuning`` takes the tuning scenes instead of the evaluation scenes;
     ``article`` puts "a" before every handle in training and generation prompts
-    (:func:`~diffusers_breakscene.toy.experiment.run_variant`)."""
+    (:func:`~diffusers_breakscene.toy.experiment.run_variant`); ``phase2`` (``"lora"`` or
+    ``"full"``) and ``phase2_learning_rate`` replace the configuration's phase 2 and its rate."""
     import torch
 
-    from diffusers_breakscene.toy.experiment import run_variant, toy_config, with_article
+    from diffusers_breakscene.toy.experiment import (
+        attribute_rates,
+        run_variant,
+        toy_config,
+        with_article,
+    )
     from diffusers_breakscene.toy.world import (
         DEFAULT_INITIALIZER,
         TUNING_SEEDS,
@@ -90,6 +109,11 @@ def run(
     config = toy_config(vectors_per_handle=vectors)
     if phase1_steps is not None:
         config = config.replace(phase1_steps=phase1_steps)
+    if phase2 is not None:
+        config = config.replace(phase2=phase2)
+    if phase2_learning_rate is not None:
+        rate = "phase2_full_learning_rate" if config.phase2 == "full" else "phase2_learning_rate"
+        config = config.replace(**{rate: phase2_learning_rate})
     if spec["steps"] is not None:
         config = config.replace(phase1_steps=spec["steps"], phase2_steps=spec["steps"])
     if article:  # recorded as trained: run_variant(article=True) trains with_article(config)
@@ -115,6 +139,14 @@ def run(
             for k in (1, 2):
                 row[f"identity_{k}"] = result.mean("identity", k)
                 row[f"prompt_accuracy_{k}"] = result.mean("prompt_accuracy", k)
+            for k in (1, 2):  # {kind: [right, checked]}; then only images read with k objects
+                rates = attribute_rates(result, sample, k)
+                row[f"attributes_{k}"] = {kind: list(rc) for kind, rc in rates.items()}
+                rates = attribute_rates(result, sample, k, exact_count=True)
+                row[f"attributes_exact_{k}"] = {kind: list(rc) for kind, rc in rates.items()}
+                read = [g.objects_read for g in result.generations if len(g.handles) == k]
+                row[f"objects_read_{k}"] = sum(read) / len(read)
+                row[f"count_right_{k}"] = sum(n == k for n in read) / len(read)
             rows.append(row)
             print(json.dumps(row), flush=True)
             if index == 0:
@@ -129,6 +161,15 @@ def run(
         }
         for variant in variants
     }
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        summary[variant]["attributes"] = {f"{k}": attributes(mine, k) for k in (1, 2)}
+        summary[variant]["attributes_exact"] = {
+            f"{k}": attributes(mine, k, "attributes_exact") for k in (1, 2)
+        }
+        for k in (1, 2):
+            for what in ("objects_read", "count_right"):
+                summary[variant][f"{what}_{k}"] = reports.stats([r[f"{what}_{k}"] for r in mine])
     report = {
         **reports.header(mode),
         "config": config.to_dict(),
@@ -152,9 +193,35 @@ def run(
         name += f"-phase1-{phase1_steps}"
     if article:
         name += "-article"
+    if phase2 == "full":
+        name += "-phase2-full"
+    if phase2_learning_rate is not None:
+        name += f"-phase2-lr{short_rate(phase2_learning_rate)}"
     reports.write(out, name, report, markdown(report))
     _picture(scenes[0], pictures).save(out / f"{name}.png")
     return report
+
+
+def short_rate(rate: float) -> str:
+    """``1e-3`` for 0.001, ``1.2e-3`` for 0.0012: a rate as a file name shows it."""
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def attributes(
+    rows: list[dict[str, Any]], handles: int, key: str = "attributes"
+) -> dict[str, dict[str, Any]]:
+    """Pooled ``{kind: {"right", "checked", "rate"}}`` of ``rows``' ``<key>_<handles>``."""
+    pooled: dict[str, list[int]] = {}
+    for row in rows:
+        for kind, (right, checked) in row.get(f"{key}_{handles}", {}).items():
+            total = pooled.setdefault(kind, [0, 0])
+            total[0] += right
+            total[1] += checked
+    return {
+        kind: {"right": right, "checked": checked, "rate": right / checked if checked else None}
+        for kind, (right, checked) in pooled.items()
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -166,7 +233,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['seeds']}, handle start: {report.get('initializer', 'shape')}, "
         f"{report['config'].get('vectors_per_handle', 1)} vector(s) per handle, "
         f"{report['config']['phase1_steps']} + {report['config']['phase2_steps']} steps, "
-        f"{article}{report['seconds']:.0f} s.",
+        f"phase 2: {_phase2(report['config'])}, {article}{report['seconds']:.0f} s.",
         "",
         "| variant | identity, 1 handle | prompt acc., 1 handle | identity, 2 handles "
         "| prompt acc., 2 handles |",
@@ -178,7 +245,52 @@ def markdown(report: dict[str, Any]) -> str:
             for key in ("identity_1", "prompt_accuracy_1", "identity_2", "prompt_accuracy_2")
         ]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += _attribute_lines(report) + _attribute_lines(report, "attributes_exact")
     return "\n".join(lines) + "\n"
+
+
+def _phase2(config: dict[str, Any]) -> str:
+    """``"lora at 1e-4"`` or ``"full at 2e-6"``: the recorded phase 2 and its rate."""
+    phase2 = config.get("phase2", "lora")
+    rate = config.get("phase2_full_learning_rate" if phase2 == "full" else "phase2_learning_rate")
+    return f"{phase2} at {short_rate(rate)}" if rate is not None else phase2
+
+
+def _attribute_lines(report: dict[str, Any], key: str = "attributes") -> list[str]:
+    """Share of the handles' objects drawn with each attribute right, one-handle prompts
+    (right / checked, pooled over scenes and seeds), with the mean number of objects read and
+    the share of images read with one; ``key="attributes_exact"``: only images read with one
+    object."""
+    from diffusers_breakscene.toy.experiment import ATTRIBUTE_KINDS
+
+    summary = report["summary"]
+    pooled = {v: values.get(key, {}).get("1", {}) for v, values in summary.items()}
+    kinds = [k for k in ATTRIBUTE_KINDS if any(k in p for p in pooled.values())]
+    if not kinds:
+        return []
+    exact = key == "attributes_exact"
+    lines = [
+        "",
+        "Attributes of the handles' objects, one-handle prompts"
+        + (", only images read with one object" if exact else "")
+        + " (right / checked):",
+        "",
+        "| variant | " + " | ".join(kinds) + (" |" if exact else " | objects read | one read |"),
+        "|---|" + "---|" * (len(kinds) + (0 if exact else 2)),
+    ]
+    for variant, kinds_of in pooled.items():
+        cells = []
+        for kind in kinds:
+            value = kinds_of.get(kind)
+            cells.append(
+                f"{value['rate']:.2f} ({value['right']}/{value['checked']})" if value else ""
+            )
+        if not exact:
+            for what in ("objects_read_1", "count_right_1"):
+                stats = summary[variant].get(what)
+                cells.append(f"{stats['mean']:.2f}" if stats else "")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _picture(sample: Any, pictures: dict[str, list[Any]]) -> Any:
@@ -249,6 +361,21 @@ def main(argv: list[str] | None = None) -> int:
         help='put "a" before every handle in training and generation prompts ("a photo of a '
         "<asset0> in the snow\"), as the toy model's captions always have it",
     )
+    parser.add_argument(
+        "--phase2",
+        choices=("lora", "full"),
+        default=None,
+        help="phase 2 of the trained variants: a LoRA (the default) or the paper's whole UNet "
+        "and text encoder",
+    )
+    parser.add_argument(
+        "--phase2-learning-rate",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="the rate of the chosen phase 2 (default: the configuration's, 1e-4 for the LoRA, "
+        "2e-6 for the whole model)",
+    )
     args = parser.parse_args(argv)
     seeds = reports.int_list(parser, "--seeds", args.seeds)
     variants = tuple(v for v in args.variants.split(",") if v)
@@ -259,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--vectors-per-handle {args.vectors_per_handle}: give 1 or more")
     if args.phase1_steps is not None and args.phase1_steps < 0:
         parser.error(f"--phase1-steps {args.phase1_steps}: give 0 or more")
+    if args.phase2_learning_rate is not None and not args.phase2_learning_rate > 0:
+        parser.error(f"--phase2-learning-rate {args.phase2_learning_rate}: give a rate above 0")
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     report = run(
         mode, args.out, seeds, args.initializer, args.vectors_per_handle, args.phase1_steps,
-        variants, args.tuning, args.article,
+        variants, args.tuning, args.article, args.phase2, args.phase2_learning_rate,
     )  # fmt: skip
     print(markdown(report))
     return 0

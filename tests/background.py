@@ -61,6 +61,7 @@ def _jobs(root: Path) -> dict[str, tuple[str, list[str]]]:
         "toy_world": ("test_toy_demo", [str(BENCH / "toy_world.py"), "--smoke", "--seeds",
                       "3", "--initializer", "colour", "--vectors-per-handle", "2",
                       "--variants", "ours,base,init", "--tuning", "--article",
+                      "--phase2", "full", "--phase2-learning-rate", "1e-4",
                       *out("toy_world")]),
         "toy_model": ("test_toy_model", [str(BENCH / "toy_model.py"), "--smoke",
                       "--compare-evaluator", str(EVALUATOR), *out("toy_model")]),

@@ -17,12 +17,15 @@ from diffusers_breakscene.tiny import tiny_pipeline
 from diffusers_breakscene.toy.experiment import (
     ARTICLE_JOINER,
     ARTICLE_TEMPLATE,
+    ATTRIBUTE_KINDS,
+    attribute_kinds,
+    attribute_rates,
     fill,
     run_variant,
     toy_config,
     with_article,
 )
-from diffusers_breakscene.toy.world import evaluation_scenes
+from diffusers_breakscene.toy.world import ToyObject, evaluation_scenes, render_scene
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,6 +62,8 @@ def test_experiment_scores_every_prompt_of_every_variant(tmp_path):
         assert all(-1.0 <= g.identity <= 1.0 and 0.0 <= g.prompt_accuracy <= 1.0
                    for g in result.generations)  # fmt: skip
         assert result.mean("identity", 1) == result.mean("identity", 1)  # not NaN
+        assert all(sorted(g.checks) == sorted(g.handles) for g in result.generations)
+        assert sum(attribute_rates(result, sample, 1)["colour"]) > 0  # checked at least once
     assert "<asset" not in base.generations[0].prompt  # the base model gets the objects' words
     assert base.generations[0].prompt == base.generations[0].described
     with pytest.raises(ValueError, match="variant"):
@@ -84,6 +89,61 @@ def test_article_puts_a_before_every_handle_in_training_and_generation_prompts(t
         " ".join(g.described for g in result.generations)
     )
     assert cfg.prompt_template != ARTICLE_TEMPLATE  # the caller's configuration is untouched
+
+
+class _OneImagePipe:
+    """Stands in for the model's *drawing* only: every prompt gets the same rendered image, so
+    the scoring and bookkeeping of run_variant (the code under test) see a known picture."""
+
+    def __init__(self, image):
+        self.image = image
+
+    def __call__(self, prompt, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(images=[self.image])
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+
+def test_attribute_checks_follow_each_handle_whatever_the_prompt_order():
+    sample = evaluation_scenes()[1]  # a pink striped heart, a green checkered star, a triangle
+    # only the star is drawn: its checks must be right and the others' wrong in every prompt,
+    # including "a photo of {1} and {0}", which names the handles in reverse order
+    drawn = render_scene([sample.objects[1]], "beach").image
+    result = run_variant("base", sample, seeds=[0], pipeline_factory=lambda: _OneImagePipe(drawn))
+    reversed_prompts = 0
+    for g in result.generations:
+        assert sorted(g.checks) == sorted(g.handles)
+        for i, checks in g.checks.items():
+            assert all(checks.values()) is (i == 1), (g.described, i, checks)
+        reversed_prompts += g.described.index(sample.objects[g.handles[1]].shape) < (
+            g.described.index(sample.objects[g.handles[0]].shape)
+        ) if len(g.handles) == 2 else 0  # fmt: skip
+    assert reversed_prompts == 3  # one per pair: the "{1} and {0}" template
+    one = attribute_rates(result, sample, handles=1)
+    # three one-handle prompts per object: the heart's shape is held out, the star's pattern
+    assert one["heldout shape"] == (0, 3) and one["heldout pattern"] == (3, 3)
+    assert one["trained shape"] == (3, 6) and one["colour"] == (3, 9)
+    assert list(one) == [k for k in ATTRIBUTE_KINDS if k in one]
+    two = attribute_rates(result, sample, handles=2)
+    assert two["colour"] == (4, 12)  # 2 prompts x 3 pairs x 2 objects; the star: 2 pairs
+    # the evaluator reads the one drawn object: every one-handle image counts with exact_count,
+    # no two-handle image does (it shows one object, not two)
+    assert {g.objects_read for g in result.generations} == {1}
+    assert attribute_rates(result, sample, handles=1, exact_count=True) == one
+    assert attribute_rates(result, sample, handles=2, exact_count=True) == {}
+
+
+def test_attribute_kinds_sort_checks_by_what_the_words_can_say():
+    checks = {"shape": True, "colour": False, "pattern": True}
+    purple_circle = ToyObject("circle", "purple", "checkered", 0.4, (0.5, 0.5))
+    assert attribute_kinds(purple_circle, checks) == {
+        "trained shape": True, "heldout pattern": True, "heldout pair": False, "colour": False,
+    }  # fmt: skip
+    red_circle = ToyObject("circle", "red", "plain", 0.4, (0.5, 0.5))
+    assert attribute_kinds(red_circle, {**checks, "colour": True})["trained pair"] is True
 
 
 def test_run_variant_refuses_an_unknown_variant_before_loading_a_pipeline():
@@ -138,8 +198,9 @@ def test_toy_world_benchmark_smoke():
 
     BACKGROUND.stdout("toy_world")  # run beside the other tests (background.py)
     tmp_path = BACKGROUND.root / "toy_world"
-    # --tuning, --initializer colour, --vectors-per-handle 2 and --article are in the name
-    name = "toy_world-smoke-tuning-init-colour-vectors2-article"
+    # --tuning, --initializer colour, --vectors-per-handle 2, --article, --phase2 full and
+    # --phase2-learning-rate 1e-4 are in the name
+    name = "toy_world-smoke-tuning-init-colour-vectors2-article-phase2-full-phase2-lr1e-4"
     report = json.loads((tmp_path / f"{name}.json").read_text())
     assert {row["variant"] for row in report["rows"]} == {"ours", "base", "init"}  # --variants
     assert report["config"]["vectors_per_handle"] == 2
@@ -154,6 +215,25 @@ def test_toy_world_benchmark_smoke():
     assert report["scene_set"] == "tuning" and "1 tuning scenes" in table
     assert report["article"] and 'handles after "a"' in table
     assert report["config"]["prompt_template"] == ARTICLE_TEMPLATE  # recorded as trained
+    assert report["config"]["phase2"] == "full" and "phase 2: full at 1e-4" in table
+    assert report["config"]["phase2_full_learning_rate"] == 1e-4  # the rate of the chosen phase 2
+    assert report["config"]["phase2_learning_rate"] == toy_config().phase2_learning_rate
+    # per-attribute checks: each row's counts add up to the pooled summary, and the table shows it
+    for variant in ("ours", "base"):
+        rows = [r for r in report["rows"] if r["variant"] == variant]
+        pooled = report["summary"][variant]["attributes"]["1"]
+        assert pooled and all(v["checked"] > 0 for v in pooled.values())
+        for kind, value in pooled.items():
+            assert value["right"] == sum(r["attributes_1"].get(kind, [0, 0])[0] for r in rows)
+            assert value["rate"] == value["right"] / value["checked"]
+    assert "Attributes of the handles' objects" in table and "| one read |" in table
+    # the second table is there exactly when some image was read with one object
+    exact = any(r["attributes_exact_1"] for r in report["rows"])
+    assert ("only images read with one object" in table) == exact
+    for row in report["rows"]:
+        assert 0.0 <= row["count_right_1"] <= 1.0 and row["objects_read_1"] >= 0.0
+        for kind, (right, checked) in row["attributes_exact_1"].items():  # a subset of all
+            assert right <= row["attributes_1"][kind][0] and checked <= row["attributes_1"][kind][1]
 
 
 @pytest.mark.parametrize(
@@ -162,6 +242,7 @@ def test_toy_world_benchmark_smoke():
         (["--variants", "ours,nope"], "--variants 'ours,nope': choose from"),
         (["--vectors-per-handle", "0"], "--vectors-per-handle 0: give 1 or more"),
         (["--phase1-steps", "-1"], "--phase1-steps -1: give 0 or more"),
+        (["--phase2-learning-rate", "0"], "--phase2-learning-rate 0.0: give a rate above 0"),
     ],
 )
 def test_toy_world_benchmark_refuses_bad_options(args, message, tmp_path):

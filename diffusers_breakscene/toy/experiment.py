@@ -15,7 +15,11 @@ the toy evaluator:
 * **prompt accuracy**: the evaluator's :meth:`~diffusers_breakscene.toy.evaluator.ToyEvaluator.
   prompt_accuracy` of the image against the prompt with each handle replaced by its object's
   words ("a photo of a red checkered heart in the snow"): the fraction of right attributes
-  (shape, colour, pattern of each object, and the setting).
+  (shape, colour, pattern of each object, and the setting);
+* **attribute checks** (:attr:`Generation.checks`): for each handle of the prompt, whether its
+  object came out with the right shape, colour and pattern. :func:`attribute_rates` pools them
+  by kind, the held-out shape and pattern apart from the trained ones
+  (:data:`ATTRIBUTE_KINDS`): does a handle draw what the base model's words cannot say?
 
 With ``article=True`` every handle takes an article, as the toy model's captions always do:
 training prompts read "a photo of a <asset0> and a <asset1>" (:data:`ARTICLE_TEMPLATE`,
@@ -34,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import statistics
+import string
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,16 +50,29 @@ from PIL import Image
 
 from ..config import DEFAULT_LORA_RANK, BreakASceneConfig
 from .model import TOY_GUIDANCE
-from .world import DEFAULT_INITIALIZER, Initializer, ToySample, object_phrase, to_scene
+from .world import (
+    DEFAULT_INITIALIZER,
+    HELDOUT_PAIRS,
+    HELDOUT_PATTERNS,
+    HELDOUT_SHAPES,
+    Initializer,
+    ToyObject,
+    ToySample,
+    object_phrase,
+    to_scene,
+)
 
 __all__ = [
     "ARTICLE_JOINER",
     "ARTICLE_TEMPLATE",
+    "ATTRIBUTE_KINDS",
     "ONE_HANDLE_PROMPTS",
     "TOY_RANK_DIVISOR",
     "TWO_HANDLE_PROMPTS",
     "Generation",
     "VariantResult",
+    "attribute_kinds",
+    "attribute_rates",
     "fill",
     "run_variant",
     "score_image",
@@ -124,9 +142,53 @@ def fill(template: str, names: Sequence[str]) -> str:
     return template.format(*names)
 
 
+#: The kinds :func:`attribute_kinds` sorts an object's checks into: its shape, pattern and
+#: (shape, colour) pair, each either held out of the base model's training data (the words
+#: cannot say it) or trained, and its colour.
+ATTRIBUTE_KINDS: tuple[str, ...] = (
+    "heldout shape",
+    "trained shape",
+    "heldout pattern",
+    "trained pattern",
+    "heldout pair",
+    "trained pair",
+    "colour",
+)
+
+
+def attribute_kinds(obj: ToyObject, checks: dict[str, bool]) -> dict[str, bool]:
+    """``checks`` of one object (``{"shape": ok, "colour": ok, "pattern": ok}``, as in
+    :attr:`Generation.checks`) keyed by :data:`ATTRIBUTE_KINDS`: its shape check under
+    "heldout shape" if ``obj``'s shape is held out (:data:`~diffusers_breakscene.toy.world.
+    HELDOUT_SHAPES`), else "trained shape"; the same for its pattern; "… pair" is shape and
+    colour both right, held out if the pair is in :data:`~diffusers_breakscene.toy.world.
+    HELDOUT_PAIRS`.
+
+    Example:
+        >>> from diffusers_breakscene.toy.world import ToyObject
+        >>> heart = ToyObject("heart", "red", "checkered", 0.4, (0.5, 0.5))
+        >>> attribute_kinds(heart, {"shape": False, "colour": True, "pattern": True})
+        {'heldout shape': False, 'heldout pattern': True, 'trained pair': False, 'colour': True}
+    """
+    shape = "heldout" if obj.shape in HELDOUT_SHAPES else "trained"
+    pattern = "heldout" if obj.pattern in HELDOUT_PATTERNS else "trained"
+    pair = "heldout" if (obj.shape, obj.colour) in HELDOUT_PAIRS else "trained"
+    return {
+        f"{shape} shape": checks["shape"],
+        f"{pattern} pattern": checks["pattern"],
+        f"{pair} pair": checks["shape"] and checks["colour"],
+        "colour": checks["colour"],
+    }
+
+
 @dataclass
 class Generation:
-    """One generated image and its scores."""
+    """One generated image and its scores. ``checks`` maps each handle (object index) of the
+    prompt to whether its object came out with the right ``"shape"``, ``"colour"`` and
+    ``"pattern"`` (the evaluator's pairing of :meth:`~diffusers_breakscene.toy.evaluator.
+    ToyEvaluator.prompt_accuracy`). ``objects_read``: how many objects the evaluator read in the
+    image; the pairing (and identity's best match) picks the best of them, so an image cluttered
+    with many objects can pass checks by chance."""
 
     prompt: str
     described: str  # the prompt with handles replaced by the objects' words
@@ -135,6 +197,8 @@ class Generation:
     image: Image.Image = field(repr=False)
     prompt_accuracy: float
     identity: float  # mean over the prompt's handles
+    checks: dict[int, dict[str, bool]] = field(default_factory=dict)
+    objects_read: int = 0  # how many objects the evaluator read in the image
 
 
 @dataclass
@@ -151,6 +215,34 @@ class VariantResult:
         """Mean of ``what`` over the generations of ``handles``-handle prompts."""
         values = [getattr(g, what) for g in self.generations if len(g.handles) == handles]
         return statistics.fmean(values) if values else float("nan")
+
+
+def attribute_rates(
+    result: VariantResult, sample: ToySample, handles: int, *, exact_count: bool = False
+) -> dict[str, tuple[int, int]]:
+    """``{kind: (right, checked)}`` over the generations of ``handles``-handle prompts in
+    ``result``: every handle's object's checks sorted by :func:`attribute_kinds`; kinds the
+    scene's objects do not have are left out. ``exact_count=True`` counts only images in which
+    the evaluator read exactly ``handles`` objects: a cluttered image offers many objects to
+    pair with, so its checks pass more often by chance.
+
+    Example:
+        >>> from diffusers_breakscene.toy.world import evaluation_scenes
+        >>> s = evaluation_scenes()[1]  # a pink striped heart, a green checkered star, ...
+        >>> result = run_variant("base", s, seeds=[0])  # doctest: +SKIP
+        >>> attribute_rates(result, s, handles=1)["heldout shape"]  # doctest: +SKIP
+        (0, 3)
+    """
+    rates: dict[str, list[int]] = {}
+    for g in result.generations:
+        if len(g.handles) != handles or (exact_count and g.objects_read != handles):
+            continue
+        for i, checks in g.checks.items():
+            for kind, ok in attribute_kinds(sample.objects[i], checks).items():
+                right_checked = rates.setdefault(kind, [0, 0])
+                right_checked[0] += int(ok)
+                right_checked[1] += 1
+    return {k: (rates[k][0], rates[k][1]) for k in ATTRIBUTE_KINDS if k in rates}
 
 
 def _pairs(n: int) -> list[tuple[int, int]]:
@@ -173,11 +265,19 @@ def score_image(
         >>> sorted(ids), 0.0 <= accuracy <= 1.0
         ([0, 1], True)
     """
-    accuracy = evaluator.prompt_accuracy(image, described).fraction
+    score, identities = _score(evaluator, sample, image, described, handles)
+    return score.fraction, identities
+
+
+def _score(
+    evaluator: Any, sample: ToySample, image: Image.Image, described: str, handles: Sequence[int]
+) -> tuple[Any, dict[int, float]]:
+    """:func:`score_image` with the evaluator's whole ``PromptScore`` instead of its fraction."""
+    score = evaluator.prompt_accuracy(image, described)
     identities = {
         i: evaluator.identity_similarity(image, sample.image, sample.masks[i]) for i in handles
     }
-    return accuracy, identities
+    return score, identities
 
 
 def run_variant(
@@ -269,9 +369,25 @@ def run_variant(
                     width=sample.image.width,
                     generator=torch.Generator().manual_seed(seed),
                 ).images[0]
-            accuracy, identities = score_image(evaluator, sample, image, described, handles)
+            score, identities = _score(evaluator, sample, image, described, handles)
             identity = statistics.fmean(identities.values())
+            # the described prompt names the handles' objects in the template's order
+            named = [handles[int(f)] for _, f, _, _ in string.Formatter().parse(template) if f]
+            checks = {
+                i: {"shape": o.shape_ok, "colour": bool(o.colour_ok), "pattern": o.pattern_ok}
+                for i, o in zip(named, score.objects, strict=True)
+            }
             result.generations.append(
-                Generation(prompt, described, handles, seed, image, accuracy, identity)
+                Generation(
+                    prompt,
+                    described,
+                    handles,
+                    seed,
+                    image,
+                    score.fraction,
+                    identity,
+                    checks,
+                    objects_read=len(score.reading.objects),
+                )
             )
     return result
