@@ -231,7 +231,7 @@ def attribute_rates(
         >>> s = evaluation_scenes()[1]  # a pink striped heart, a green checkered star, ...
         >>> result = run_variant("base", s, seeds=[0])  # doctest: +SKIP
         >>> attribute_rates(result, s, handles=1)["heldout shape"]  # doctest: +SKIP
-        (0, 3)
+        (1, 3)
     """
     rates: dict[str, list[int]] = {}
     for g in result.generations:
