@@ -17,15 +17,18 @@ Issue 11's quality targets for the toy model (``--model``, default the shipped `
   >= 90% of one-object prompts and >= 75% per object in two-object prompts.
 * **attention**: :func:`~diffusers_breakscene.toy.attention_check.attention_iou` (each object's
   shape word, latent/4 map, rendered scenes noised at t = 300/500/700, threshold 0.5 x max) on
-  training-split scenes and on scenes of held-out objects. Target: IoU >= 0.5.
+  training-split scenes and on scenes of held-out objects. Target: IoU >= 0.5. The maps of each
+  object's colour and pattern words and of all its words together are reported beside it
+  (``by_word``).
 
 ``--evaluator FOLDER`` scores with another saved evaluator than the shipped one;
 ``--device cuda`` generates on a GPU (the evaluator reads the images on the CPU either way);
 ``--compare-evaluator FOLDER`` also scores the same images with a second one and reports both
 and how often their checks disagree (how much a change of evaluator moves the toy numbers).
 
-Writes ``<out>/toy_model[-quick|-smoke].json`` and ``.md`` (default out: benchmarks/results) and
-a picture of the first generations with their prompts.
+Writes ``<out>/toy_model[-quick|-smoke][-seedN].json`` and ``.md`` (default out:
+benchmarks/results; ``-seedN`` for a ``--seed`` other than 0) and a picture of the first
+generations with their prompts.
 """
 
 from __future__ import annotations
@@ -106,7 +109,18 @@ def run(
             "share_over_half": float(np.mean([v >= 0.5 for v in ious])),
             "objects": len(ious),
             "by_shape": _mean_by(ious, result["shapes"]),
+            "by_word": {},
         }
+        for words in ("colour", "pattern", "all"):  # the object's other words, and their mean
+            of_words = attention_iou(
+                pipe, num_samples=spec["attention"], seed=seed, split=split, words=words
+            )
+            attention[split]["by_word"][words] = {
+                "mean_iou": of_words["mean_iou"],
+                "share_over_half": float(np.mean([v >= 0.5 for v in of_words["ious"]])),
+                "objects": of_words["num_objects"],
+                "by_pattern": _mean_by(of_words["ious"], of_words["patterns"]),
+            }
     report = {
         "mode": mode,
         "model": model,
@@ -131,6 +145,8 @@ def run(
         ],
     }
     name = "toy_model" if mode == "full" else f"toy_model-{mode}"
+    if seed != 0:  # another seed's prompts: beside the default run, not over it
+        name += f"-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown(report))
@@ -238,6 +254,34 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for split, v in a.items():
             cells = [f"{v['by_shape'][s]:.2f}" if s in v["by_shape"] else "-" for s in shapes]
+            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    if all(v.get("by_word") for v in a.values()):
+        lines += [
+            "",
+            "Mean IoU (share >= 0.5) of each object's other words' maps (pattern: objects with a "
+            "written pattern; all: the mean map of the object's words):",
+            "",
+            "| split | shape word | colour word | pattern word | all words |",
+            "|---|---|---|---|---|",
+        ]
+        for split, v in a.items():
+            cells = [f"{v['mean_iou']:.2f} ({v['share_over_half']:.2f})"] + [
+                f"{w['mean_iou']:.2f} ({w['share_over_half']:.2f})"
+                for w in (v["by_word"][k] for k in ("colour", "pattern", "all"))
+            ]
+            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+        patterns = sorted({p for v in a.values() for p in v["by_word"]["pattern"]["by_pattern"]})
+        lines += [
+            "",
+            "Mean IoU of the pattern word's map per pattern (the held-out split holds the pattern "
+            "no training image drew):",
+            "",
+            "| split | " + " | ".join(patterns) + " |",
+            "|---|" + "---|" * len(patterns),
+        ]
+        for split, v in a.items():
+            per = v["by_word"]["pattern"]["by_pattern"]
+            cells = [f"{per[p]:.2f}" if p in per else "-" for p in patterns]
             lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

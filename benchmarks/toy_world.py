@@ -34,7 +34,10 @@ handles' objects came out right; the summary pools them per variant, which shows
 handle draws what the base model's words cannot say (a heart, a checkered pattern). Checks pair
 each prompt object with the best of the objects the evaluator read, so rows also record how many
 it read (``objects_read_K``, ``count_right_K``) and the same rates over only the images read with
-the prompt's number of objects (``attributes_exact_K``): a cluttered image passes by chance.
+the prompt's number of objects (``attributes_exact_K``): a cluttered image passes by chance. Two
+count-aware measures follow from it: ``strict_accuracy_K`` (prompt accuracy with every object read
+beyond the prompt's counted as three wrong checks) and ``identity_exact_K`` (identity over only the
+images read with K objects, as ``[sum, images]``, pooled in the summary).
 
 Writes ``<out>/toy_world[-quick|-smoke][-tuning][-init-WORD][-vectorsK][-phase1-N].json`` and
 ``.md``
@@ -139,6 +142,10 @@ def run(
             for k in (1, 2):
                 row[f"identity_{k}"] = result.mean("identity", k)
                 row[f"prompt_accuracy_{k}"] = result.mean("prompt_accuracy", k)
+                row[f"strict_accuracy_{k}"] = result.mean("strict_accuracy", k)
+                images = sum(len(g.handles) == k == g.objects_read for g in result.generations)
+                exact = result.mean("identity", k, exact_count=True) if images else 0.0
+                row[f"identity_exact_{k}"] = [exact * images, images]  # pooled in the summary
             for k in (1, 2):  # {kind: [right, checked]}; then only images read with k objects
                 rates = attribute_rates(result, sample, k)
                 row[f"attributes_{k}"] = {kind: list(rc) for kind, rc in rates.items()}
@@ -156,7 +163,7 @@ def run(
             f"{what}_{k}": reports.stats(
                 [r[f"{what}_{k}"] for r in rows if r["variant"] == variant]
             )
-            for what in ("identity", "prompt_accuracy")
+            for what in ("identity", "prompt_accuracy", "strict_accuracy")
             for k in (1, 2)
         }
         for variant in variants
@@ -170,6 +177,12 @@ def run(
         for k in (1, 2):
             for what in ("objects_read", "count_right"):
                 summary[variant][f"{what}_{k}"] = reports.stats([r[f"{what}_{k}"] for r in mine])
+            total = sum(r[f"identity_exact_{k}"][0] for r in mine)
+            images = sum(r[f"identity_exact_{k}"][1] for r in mine)
+            summary[variant][f"identity_exact_{k}"] = {
+                "mean": total / images if images else None,
+                "images": images,
+            }
     report = {
         **reports.header(mode),
         "config": config.to_dict(),
@@ -245,8 +258,38 @@ def markdown(report: dict[str, Any]) -> str:
             for key in ("identity_1", "prompt_accuracy_1", "identity_2", "prompt_accuracy_2")
         ]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += _count_aware_lines(report)
     lines += _attribute_lines(report) + _attribute_lines(report, "attributes_exact")
     return "\n".join(lines) + "\n"
+
+
+def _count_aware_lines(report: dict[str, Any]) -> list[str]:
+    """Strict prompt accuracy (mean ± spread over scenes) and identity over only the images read
+    with the prompt's number of objects (pooled; how many images in brackets)."""
+    summary = report["summary"]
+    if not all("strict_accuracy_1" in values for values in summary.values()):
+        return []  # a report from before the count-aware measures
+    lines = [
+        "",
+        "Count-aware: prompt accuracy with every object read beyond the prompt's counted as three "
+        "wrong checks, and identity over only the images read with the prompt's number of objects "
+        "(images):",
+        "",
+        "| variant | strict acc., 1 handle | strict acc., 2 handles "
+        "| identity, read as 1 | identity, read as 2 |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, values in summary.items():
+        cells = [
+            f"{values[key]['mean']:.3f} ± {values[key]['std']:.3f}"
+            for key in ("strict_accuracy_1", "strict_accuracy_2")
+        ]
+        for k in (1, 2):
+            exact = values[f"identity_exact_{k}"]
+            mean = f"{exact['mean']:.3f}" if exact["mean"] is not None else "-"
+            cells.append(f"{mean} ({exact['images']})")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _phase2(config: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ experiment the benchmark runs."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,30 @@ def test_attribute_checks_follow_each_handle_whatever_the_prompt_order():
     assert attribute_rates(result, sample, handles=2, exact_count=True) == {}
 
 
+def test_strict_accuracy_counts_objects_the_prompt_does_not_name():
+    sample = evaluation_scenes()[1]  # a pink striped heart, a green checkered star, a triangle
+    # the star and the triangle are drawn in the snow: a one-handle prompt of either is right on
+    # every check, but the other object is one more than it names
+    drawn = render_scene(list(sample.objects[1:]), "snow").image
+    result = run_variant("base", sample, seeds=[0], pipeline_factory=lambda: _OneImagePipe(drawn))
+    assert {g.objects_read for g in result.generations} == {2}
+    star_in_snow = next(g for g in result.generations if g.handles == [1] and "snow" in g.prompt)
+    assert star_in_snow.prompt_accuracy == 1.0
+    assert star_in_snow.strict_accuracy == pytest.approx(4 / 7)  # 4 checks + 3 for the triangle
+    for g in result.generations:  # two-handle prompts name as many objects as are read
+        if len(g.handles) == 2:
+            assert g.strict_accuracy == g.prompt_accuracy
+        else:
+            assert g.strict_accuracy < g.prompt_accuracy or g.prompt_accuracy == 0.0
+    assert result.mean("strict_accuracy", 1) < result.mean("prompt_accuracy", 1)
+    # exact_count keeps the images read with the prompt's number of objects: all two-handle
+    # ones, no one-handle one
+    assert result.mean("identity", 2, exact_count=True) == result.mean("identity", 2)
+    assert math.isnan(result.mean("identity", 1, exact_count=True))
+    with pytest.raises(ValueError, match="what='accuracy' must be"):
+        result.mean("accuracy", 1)
+
+
 def test_attribute_kinds_sort_checks_by_what_the_words_can_say():
     checks = {"shape": True, "colour": False, "pattern": True}
     purple_circle = ToyObject("circle", "purple", "checkered", 0.4, (0.5, 0.5))
@@ -230,7 +255,19 @@ def test_toy_world_benchmark_smoke():
     # the second table is there exactly when some image was read with one object
     exact = any(r["attributes_exact_1"] for r in report["rows"])
     assert ("only images read with one object" in table) == exact
+    # count-aware measures: strict accuracy never above prompt accuracy; identity over images
+    # read with the prompt's number of objects, pooled over the rows
+    assert "Count-aware" in table and "| strict acc., 1 handle |" in table
+    for variant in ("ours", "base", "init"):
+        rows = [r for r in report["rows"] if r["variant"] == variant]
+        pooled = report["summary"][variant]["identity_exact_1"]
+        assert pooled["images"] == sum(r["identity_exact_1"][1] for r in rows)
+        if pooled["images"]:
+            total = sum(r["identity_exact_1"][0] for r in rows)
+            assert pooled["mean"] == pytest.approx(total / pooled["images"])
     for row in report["rows"]:
+        for k in (1, 2):
+            assert row[f"strict_accuracy_{k}"] <= row[f"prompt_accuracy_{k}"] + 1e-12
         assert 0.0 <= row["count_right_1"] <= 1.0 and row["objects_read_1"] >= 0.0
         for kind, (right, checked) in row["attributes_exact_1"].items():  # a subset of all
             assert right <= row["attributes_1"][kind][0] and checked <= row["attributes_1"][kind][1]

@@ -70,6 +70,12 @@ def test_prompt_accuracy_flags_wrong_colour_shape_and_setting(ev):
     assert s.caption == "a photo of a red striped star and a blue ring on the beach"
     right = ev.prompt_accuracy(s.image, s.caption)
     assert right.all_ok and right.fraction == 1.0 and right.count_ok
+    assert right.extra_objects == 0 and right.strict_fraction == 1.0
+
+    # naming one of the two objects: every check right, but the unnamed one counts against it
+    one = ev.prompt_accuracy(s.image, "a photo of a red striped star on the beach")
+    assert one.fraction == 1.0 and not one.count_ok and one.extra_objects == 1
+    assert one.strict_fraction == pytest.approx(4 / 7)  # 3 object checks + setting, + 3 failed
 
     colour = ev.prompt_accuracy(s.image, s.caption.replace("red", "green"))
     assert [o.colour_ok for o in colour.objects] == [False, True]
@@ -93,6 +99,7 @@ def test_prompt_accuracy_flags_wrong_colour_shape_and_setting(ev):
     extra = ev.prompt_accuracy(s.image, "a red striped star and a blue ring and a pink heart")
     assert extra.setting_ok is None and not extra.count_ok
     assert extra.objects[2].matched is None and extra.objects[2].checks == [False] * 3
+    assert extra.extra_objects == 0 and extra.strict_fraction == extra.fraction  # fewer: no extra
 
 
 def test_identity_similarity_prefers_the_same_object(ev):

@@ -116,6 +116,15 @@ def test_attention_check_runs(toy):
     # one shape per IoU, in the scenes' object order
     expected = [o.shape for i in range(2) for o in sample_scene(i, "train", size=64).objects]
     assert result["shapes"] == expected and len(result["ious"]) == len(expected)
+    # the pattern word's map: only objects whose pattern is written (not plain)
+    patterned = [o.shape for i in range(2) for o in sample_scene(i, "train", size=64).objects
+                 if o.pattern != "plain"]  # fmt: skip
+    pattern = attention_iou(toy, 2, timesteps=(500,), words="pattern")
+    assert pattern["shapes"] == patterned and "plain" not in pattern["patterns"]
+    colour = attention_iou(toy, 2, timesteps=(500,), words="colour")
+    assert colour["words"] == "colour" and colour["shapes"] == expected
+    with pytest.raises(ValueError, match="words='size' must be"):
+        attention_iou(toy, 2, words="size")
 
 
 @pytest.mark.slow
@@ -342,6 +351,12 @@ def test_toy_model_benchmark_smoke():
     assert report["generation"]["one_object"]["prompts"] == 4
     assert set(report["attention"]) == {"train", "heldout"}
     assert "| one object | 4 |" in (tmp_path / "toy_model-smoke.md").read_text()
+    for split in report["attention"].values():  # each object word's map, not only the shape's
+        assert set(split["by_word"]) == {"colour", "pattern", "all"}
+        assert split["by_word"]["colour"]["objects"] == split["objects"]  # every object has one
+        assert split["by_word"]["pattern"]["objects"] <= split["objects"]  # plain ones have none
+        assert "plain" not in split["by_word"]["pattern"]["by_pattern"]
+    assert "| split | shape word | colour word |" in (tmp_path / "toy_model-smoke.md").read_text()
     assert (tmp_path / "toy_model-smoke.png").is_file()
     # the per-shape breakdown accounts for every prompted object, right or read as another shape
     for part, per_prompt in (("one_object", 1), ("two_objects", 2)):
@@ -491,3 +506,31 @@ def test_shape_rates_count_what_each_prompted_shape_was_read_as():
     rows = shape_rates([right, wrong])
     assert rows[shape] == {"objects": 1, "shape": 1.0, "read": {shape: 1}}
     assert rows[other] == {"objects": 1, "shape": 0.0, "read": {shape: 1}}
+
+
+def test_train_step_benchmark_times_each_variant_against_eager(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_train_step.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "toy_train_step-smoke.json").read_text())
+    assert list(report["summary"]) == ["eager", "bf16"] and report["steps"] == 2
+    eager = report["summary"]["eager"]["seconds_per_step"]
+    for v in report["summary"].values():
+        assert len(v["rounds"]) == 1 and v["seconds_per_step"] > 0
+        assert v["ratio_to_eager"] == pytest.approx(v["seconds_per_step"] / eager)
+    assert report["summary"]["eager"]["ratio_to_eager"] == pytest.approx(1.0)
+    assert "| bf16 |" in (tmp_path / "toy_train_step-smoke.md").read_text()
+    bad = subprocess.run(
+        [sys.executable, str(script), "--variants", "eager,fp8", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--variants 'eager,fp8': choose from" in bad.stderr

@@ -4,10 +4,12 @@ For each of ``num_samples`` rendered scenes: encode the image with the pipeline'
 latent at a few mid timesteps (default 300, 500, 700 of 1000; one noise draw per scene), run the
 UNet once per timestep on the scene's caption (conditional only) with an
 :class:`~diffusers_breakscene.AttentionStore` on the latent/4 level (8x8 for 64 px), average the
-maps over the timesteps, and for every object take the map of its shape word (``words="shape"``)
-or the mean map of its colour, pattern and shape words (``words="all"``). The map is upsampled
-bilinearly to the image size and thresholded at ``0.5 * max`` (``threshold="half_max"``, default)
-or at its mean (``threshold="mean"``); the IoU with the object's visible mask is reported.
+maps over the timesteps, and for every object take the map of its shape word (``words="shape"``),
+its colour word (``"colour"``), its pattern word (``"pattern"``: only objects with a written
+pattern; "plain" is not written) or the mean map of all its words (``words="all"``). The map is
+upsampled bilinearly to the image size and thresholded at ``0.5 * max``
+(``threshold="half_max"``, default) or at its mean (``threshold="mean"``); the IoU with the
+object's visible mask is reported.
 
 Example:
     >>> from diffusers_breakscene.toy.attention_check import attention_iou
@@ -40,14 +42,14 @@ def attention_iou(
     split: Split = "train",
     timesteps: tuple[int, ...] = (300, 500, 700),
     threshold: Literal["half_max", "mean"] = "half_max",
-    words: Literal["shape", "all"] = "shape",
+    words: Literal["shape", "colour", "pattern", "all"] = "shape",
     num_objects: int | None = None,
 ) -> dict[str, Any]:
     """Mean IoU between object-word attention maps and object masks (see the module docstring).
 
     Scenes are ``sample_scene(seed + i, split, num_objects=num_objects)``. Returns
-    ``{"mean_iou", "ious" (one per object), "shapes" (each object's shape, in the same order),
-    "num_objects", "threshold", "words", "timesteps"}``.
+    ``{"mean_iou", "ious" (one per object), "shapes" and "patterns" (each object's shape and
+    pattern, in the same order), "num_objects", "threshold", "words", "timesteps"}``.
 
     Example:
         >>> attention_iou(pipe, num_samples=4, threshold="mean")["threshold"]  # doctest: +SKIP
@@ -55,14 +57,15 @@ def attention_iou(
     """
     if threshold not in ("half_max", "mean"):
         raise ValueError(f"threshold={threshold!r} must be 'half_max' or 'mean'.")
-    if words not in ("shape", "all"):
-        raise ValueError(f"words={words!r} must be 'shape' or 'all'.")
+    if words not in ("shape", "colour", "pattern", "all"):
+        raise ValueError(f"words={words!r} must be 'shape', 'colour', 'pattern' or 'all'.")
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     size = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     alphas = pipe.scheduler.alphas_cumprod.to(torch.float32)
     ious: list[float] = []
     shapes: list[str] = []
+    patterns: list[str] = []
     store = AttentionStore.attach(pipe.unet)
     try:
         for i in range(num_samples):
@@ -86,7 +89,10 @@ def attention_iou(
                 maps.append(store.aggregate()[0].float().cpu())
             mean_map = torch.stack(maps).mean(0)  # (h, w, 77)
             for obj, mask, pos in zip(sample.objects, sample.masks, positions, strict=True):
-                chosen = pos[-1:] if words == "shape" else pos
+                # an object's words: colour, then its pattern if written, then its shape
+                if words == "pattern" and len(pos) < 3:
+                    continue  # a plain object has no pattern word
+                chosen = {"shape": pos[-1:], "colour": pos[:1], "pattern": pos[1:2]}.get(words, pos)
                 m = mean_map[:, :, chosen].mean(-1)[None, None]
                 m = F.interpolate(m, size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
                 cut = 0.5 * m.max() if threshold == "half_max" else m.mean()
@@ -94,12 +100,14 @@ def attention_iou(
                 union = np.logical_or(pred, mask).sum()
                 ious.append(float(np.logical_and(pred, mask).sum() / max(union, 1)))
                 shapes.append(obj.shape)
+                patterns.append(obj.pattern)
     finally:
         store.detach()
     return {
         "mean_iou": float(np.mean(ious)) if ious else float("nan"),
         "ious": ious,
         "shapes": shapes,
+        "patterns": patterns,
         "num_objects": len(ious),
         "threshold": threshold,
         "words": words,

@@ -693,8 +693,10 @@ class PromptScore:
 
     ``fraction`` = (right checks) / (checks): per prompt object its shape, colour (if named) and
     pattern, plus the setting if the prompt names one. ``all_ok``: every check is right.
-    ``count_ok``: the reader found as many objects as the prompt names (informative only, not in
-    ``fraction``).
+    ``count_ok``: the reader found as many objects as the prompt names (not in ``fraction``).
+    ``strict_fraction`` also counts objects the prompt does not name: each read object beyond the
+    prompt's number adds three failed checks (its shape, colour and pattern), so an image
+    cluttered with objects cannot pass by offering many to pair with.
     """
 
     prompt: str
@@ -721,6 +723,18 @@ class PromptScore:
     def all_ok(self) -> bool:
         """Whether every check is right."""
         return all(self.checks)
+
+    @property
+    def extra_objects(self) -> int:
+        """How many more objects the reader found than the prompt names (0 when fewer)."""
+        return max(0, len(self.reading.objects) - len(self.objects))
+
+    @property
+    def strict_fraction(self) -> float:
+        """Right checks / (checks + 3 per extra object): :attr:`fraction` with every object the
+        prompt does not name counted as three wrong checks (see the class docstring)."""
+        checks = self.checks
+        return sum(checks) / (len(checks) + 3 * self.extra_objects)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ the toy evaluator:
 * **prompt accuracy**: the evaluator's :meth:`~diffusers_breakscene.toy.evaluator.ToyEvaluator.
   prompt_accuracy` of the image against the prompt with each handle replaced by its object's
   words ("a photo of a red checkered heart in the snow"): the fraction of right attributes
-  (shape, colour, pattern of each object, and the setting);
+  (shape, colour, pattern of each object, and the setting); **strict accuracy** also counts
+  every object read beyond the prompt's as three wrong checks (:attr:`~diffusers_breakscene.toy.
+  evaluator.PromptScore.strict_fraction`), since the pairing takes the best of the read objects
+  and a cluttered image would otherwise pass by chance;
 * **attribute checks** (:attr:`Generation.checks`): for each handle of the prompt, whether its
   object came out with the right shape, colour and pattern. :func:`attribute_rates` pools them
   by kind, the held-out shape and pattern apart from the trained ones
@@ -188,7 +191,9 @@ class Generation:
     ``"pattern"`` (the evaluator's pairing of :meth:`~diffusers_breakscene.toy.evaluator.
     ToyEvaluator.prompt_accuracy`). ``objects_read``: how many objects the evaluator read in the
     image; the pairing (and identity's best match) picks the best of them, so an image cluttered
-    with many objects can pass checks by chance."""
+    with many objects can pass checks by chance. ``strict_accuracy`` counts each object read
+    beyond the prompt's as three wrong checks (:attr:`~diffusers_breakscene.toy.evaluator.
+    PromptScore.strict_fraction`)."""
 
     prompt: str
     described: str  # the prompt with handles replaced by the objects' words
@@ -199,6 +204,7 @@ class Generation:
     identity: float  # mean over the prompt's handles
     checks: dict[int, dict[str, bool]] = field(default_factory=dict)
     objects_read: int = 0  # how many objects the evaluator read in the image
+    strict_accuracy: float = float("nan")  # prompt accuracy, extra objects counted as wrong
 
 
 @dataclass
@@ -211,9 +217,30 @@ class VariantResult:
     train_seconds: float = 0.0
     bundle: Path | None = None
 
-    def mean(self, what: Literal["identity", "prompt_accuracy"], handles: int) -> float:
-        """Mean of ``what`` over the generations of ``handles``-handle prompts."""
-        values = [getattr(g, what) for g in self.generations if len(g.handles) == handles]
+    def mean(
+        self,
+        what: Literal["identity", "prompt_accuracy", "strict_accuracy"],
+        handles: int,
+        *,
+        exact_count: bool = False,
+    ) -> float:
+        """Mean of ``what`` over the generations of ``handles``-handle prompts (``exact_count``:
+        only those the evaluator read with exactly ``handles`` objects; NaN when there is none).
+
+        Example:
+            >>> result = VariantResult("base", 0, [])
+            >>> result.mean("identity", handles=1)
+            nan
+        """
+        if what not in ("identity", "prompt_accuracy", "strict_accuracy"):
+            raise ValueError(
+                f"what={what!r} must be 'identity', 'prompt_accuracy' or 'strict_accuracy'."
+            )
+        values = [
+            getattr(g, what)
+            for g in self.generations
+            if len(g.handles) == handles and (not exact_count or g.objects_read == handles)
+        ]
         return statistics.fmean(values) if values else float("nan")
 
 
@@ -388,6 +415,7 @@ def run_variant(
                     identity,
                     checks,
                     objects_read=len(score.reading.objects),
+                    strict_accuracy=score.strict_fraction,
                 )
             )
     return result
