@@ -40,6 +40,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,18 +244,12 @@ def markdown(report: dict[str, Any]) -> str:
         cells = f"{v['objects']} | {v['mean_iou']:.2f} | {v['share_over_half']:.2f}"
         lines.append(f"| {split} scenes | {cells} |")
     if all("by_shape" in v for v in a.values()):
-        shapes = sorted({s for v in a.values() for s in v["by_shape"]})
-        lines += [
-            "",
+        lines += _per_split_means(
+            a,
             "Mean IoU per object shape (the held-out split holds the shape no training image "
             "drew, whose word never learned where to attend):",
-            "",
-            "| split | " + " | ".join(shapes) + " |",
-            "|---|" + "---|" * len(shapes),
-        ]
-        for split, v in a.items():
-            cells = [f"{v['by_shape'][s]:.2f}" if s in v["by_shape"] else "-" for s in shapes]
-            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+            lambda v: v["by_shape"],
+        )
     if all(v.get("by_word") for v in a.values()):
         lines += [
             "",
@@ -270,20 +265,28 @@ def markdown(report: dict[str, Any]) -> str:
                 for w in (v["by_word"][k] for k in ("colour", "pattern", "all"))
             ]
             lines.append(f"| {split} | " + " | ".join(cells) + " |")
-        patterns = sorted({p for v in a.values() for p in v["by_word"]["pattern"]["by_pattern"]})
-        lines += [
-            "",
+        lines += _per_split_means(
+            a,
             "Mean IoU of the pattern word's map per pattern (the held-out split holds the pattern "
             "no training image drew):",
-            "",
-            "| split | " + " | ".join(patterns) + " |",
-            "|---|" + "---|" * len(patterns),
-        ]
-        for split, v in a.items():
-            per = v["by_word"]["pattern"]["by_pattern"]
-            cells = [f"{per[p]:.2f}" if p in per else "-" for p in patterns]
-            lines.append(f"| {split} | " + " | ".join(cells) + " |")
+            lambda v: v["by_word"]["pattern"]["by_pattern"],
+        )
     return "\n".join(lines) + "\n"
+
+
+def _per_split_means(
+    attention: dict[str, Any], title: str, means: Callable[[dict[str, Any]], dict[str, float]]
+) -> list[str]:
+    """A titled table with one row per split and one column per key of ``means(split)`` (the
+    keys of every split, sorted; "-" where a split has none)."""
+    keys = sorted({k for v in attention.values() for k in means(v)})
+    lines = ["", title, "", "| split | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for split, v in attention.items():
+        per = means(v)
+        lines.append(
+            f"| {split} | " + " | ".join(f"{per[k]:.2f}" if k in per else "-" for k in keys) + " |"
+        )
+    return lines
 
 
 def _picture(images: list[Any], prompts: list[str], num_one: int) -> Any:
