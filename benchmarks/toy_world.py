@@ -143,7 +143,7 @@ def run(
                 row[f"identity_{k}"] = result.mean("identity", k)
                 row[f"prompt_accuracy_{k}"] = result.mean("prompt_accuracy", k)
                 row[f"strict_accuracy_{k}"] = result.mean("strict_accuracy", k)
-                images = sum(len(g.handles) == k == g.objects_read for g in result.generations)
+                images = len(result.generations_of(k, exact_count=True))
                 exact = result.mean("identity", k, exact_count=True) if images else 0.0
                 row[f"identity_exact_{k}"] = [exact * images, images]  # pooled in the summary
             for k in (1, 2):  # {kind: [right, checked]}; then only images read with k objects
@@ -151,7 +151,7 @@ def run(
                 row[f"attributes_{k}"] = {kind: list(rc) for kind, rc in rates.items()}
                 rates = attribute_rates(result, sample, k, exact_count=True)
                 row[f"attributes_exact_{k}"] = {kind: list(rc) for kind, rc in rates.items()}
-                read = [g.objects_read for g in result.generations if len(g.handles) == k]
+                read = [g.objects_read for g in result.generations_of(k)]
                 row[f"objects_read_{k}"] = sum(read) / len(read)
                 row[f"count_right_{k}"] = sum(n == k for n in read) / len(read)
             rows.append(row)

@@ -157,6 +157,10 @@ def test_strict_accuracy_counts_objects_the_prompt_does_not_name():
     # ones, no one-handle one
     assert result.mean("identity", 2, exact_count=True) == result.mean("identity", 2)
     assert math.isnan(result.mean("identity", 1, exact_count=True))
+    two_handle = result.generations_of(2)
+    assert two_handle and all(len(g.handles) == 2 for g in two_handle)
+    assert result.generations_of(2, exact_count=True) == two_handle
+    assert len(result.generations_of(1)) == 9 and result.generations_of(1, exact_count=True) == []
     with pytest.raises(ValueError, match="what='accuracy' must be"):
         result.mean("accuracy", 1)
 

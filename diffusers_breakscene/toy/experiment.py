@@ -217,6 +217,23 @@ class VariantResult:
     train_seconds: float = 0.0
     bundle: Path | None = None
 
+    def generations_of(self, handles: int, *, exact_count: bool = False) -> list[Generation]:
+        """The generations of ``handles``-handle prompts (``exact_count``: only those the
+        evaluator read with exactly ``handles`` objects).
+
+        Example:
+            >>> g = Generation("a photo of <asset0>", "a photo of a red ring", [0], 0, None, 1.0,
+            ...                0.5, objects_read=2)  # a ring and something else
+            >>> result = VariantResult("ours", 0, [g])
+            >>> len(result.generations_of(1)), len(result.generations_of(1, exact_count=True))
+            (1, 0)
+        """
+        return [
+            g
+            for g in self.generations
+            if len(g.handles) == handles and (not exact_count or g.objects_read == handles)
+        ]
+
     def mean(
         self,
         what: Literal["identity", "prompt_accuracy", "strict_accuracy"],
@@ -236,11 +253,7 @@ class VariantResult:
             raise ValueError(
                 f"what={what!r} must be 'identity', 'prompt_accuracy' or 'strict_accuracy'."
             )
-        values = [
-            getattr(g, what)
-            for g in self.generations
-            if len(g.handles) == handles and (not exact_count or g.objects_read == handles)
-        ]
+        values = [getattr(g, what) for g in self.generations_of(handles, exact_count=exact_count)]
         return statistics.fmean(values) if values else float("nan")
 
 
@@ -261,9 +274,7 @@ def attribute_rates(
         (1, 3)
     """
     rates: dict[str, list[int]] = {}
-    for g in result.generations:
-        if len(g.handles) != handles or (exact_count and g.objects_read != handles):
-            continue
+    for g in result.generations_of(handles, exact_count=exact_count):
         for i, checks in g.checks.items():
             for kind, ok in attribute_kinds(sample.objects[i], checks).items():
                 right_checked = rates.setdefault(kind, [0, 0])
