@@ -68,7 +68,7 @@ def run(
     import torch
 
     from diffusers_breakscene.base_pipeline import load_pipeline
-    from diffusers_breakscene.toy.attention_check import attention_iou
+    from diffusers_breakscene.toy.attention_check import attention_ious
     from diffusers_breakscene.toy.evaluator import ToyEvaluator
     from diffusers_breakscene.toy.prompt_check import (
         generation_accuracy,
@@ -103,7 +103,9 @@ def run(
     gen_s = time.perf_counter() - started
     attention = {}
     for split in ("train", "heldout"):
-        result = attention_iou(pipe, num_samples=spec["attention"], seed=seed, split=split)
+        # every word's map from one UNet pass per scene and timestep
+        by_word = attention_ious(pipe, num_samples=spec["attention"], seed=seed, split=split)
+        result = by_word["shape"]
         ious = result["ious"]
         attention[split] = {
             "mean_iou": result["mean_iou"],
@@ -113,9 +115,7 @@ def run(
             "by_word": {},
         }
         for words in ("colour", "pattern", "all"):  # the object's other words, and their mean
-            of_words = attention_iou(
-                pipe, num_samples=spec["attention"], seed=seed, split=split, words=words
-            )
+            of_words = by_word[words]
             attention[split]["by_word"][words] = {
                 "mean_iou": of_words["mean_iou"],
                 "share_over_half": float(np.mean([v >= 0.5 for v in of_words["ious"]])),

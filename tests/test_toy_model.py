@@ -107,7 +107,7 @@ def test_colour_words_change_the_colour(toy):
 
 
 def test_attention_check_runs(toy):
-    from diffusers_breakscene.toy.attention_check import attention_iou
+    from diffusers_breakscene.toy.attention_check import attention_iou, attention_ious
     from diffusers_breakscene.toy.world import sample_scene
 
     result = attention_iou(toy, num_samples=2, timesteps=(500,))
@@ -125,6 +125,11 @@ def test_attention_check_runs(toy):
     assert colour["words"] == "colour" and colour["shapes"] == expected
     with pytest.raises(ValueError, match="words='size' must be"):
         attention_iou(toy, 2, words="size")
+    # every choice from one pass over the scenes: the same results as one call per choice
+    by_word = attention_ious(toy, 2, timesteps=(500,), words=("colour", "pattern"))
+    assert by_word == {"colour": colour, "pattern": pattern}
+    with pytest.raises(ValueError, match="words=\\(\\) must be"):
+        attention_ious(toy, 2, words=())
 
 
 @pytest.mark.slow

@@ -31,10 +31,13 @@ from ..attention import AttentionStore
 from .train_base import caption_tokens
 from .world import Split, sample_scene
 
-__all__ = ["attention_iou"]
+__all__ = ["WORDS", "attention_iou", "attention_ious"]
 
 
-@torch.no_grad()
+Words = Literal["shape", "colour", "pattern", "all"]
+WORDS: tuple[str, ...] = ("shape", "colour", "pattern", "all")
+
+
 def attention_iou(
     pipe: Any,
     num_samples: int = 32,
@@ -42,7 +45,7 @@ def attention_iou(
     split: Split = "train",
     timesteps: tuple[int, ...] = (300, 500, 700),
     threshold: Literal["half_max", "mean"] = "half_max",
-    words: Literal["shape", "colour", "pattern", "all"] = "shape",
+    words: Words = "shape",
     num_objects: int | None = None,
 ) -> dict[str, Any]:
     """Mean IoU between object-word attention maps and object masks (see the module docstring).
@@ -55,17 +58,44 @@ def attention_iou(
         >>> attention_iou(pipe, num_samples=4, threshold="mean")["threshold"]  # doctest: +SKIP
         'mean'
     """
+    return attention_ious(
+        pipe, num_samples, seed, split, timesteps, threshold, (words,), num_objects
+    )[words]
+
+
+@torch.no_grad()
+def attention_ious(
+    pipe: Any,
+    num_samples: int = 32,
+    seed: int = 0,
+    split: Split = "train",
+    timesteps: tuple[int, ...] = (300, 500, 700),
+    threshold: Literal["half_max", "mean"] = "half_max",
+    words: tuple[Words, ...] = WORDS,
+    num_objects: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`attention_iou` for several ``words`` choices at once: ``{words: result}``, each
+    result the same as ``attention_iou(..., words=words)`` returns, from one UNet pass per scene
+    and timestep instead of one per choice.
+
+    Example:
+        >>> by_word = attention_ious(pipe, 4, words=("shape", "colour"))  # doctest: +SKIP
+        >>> sorted(by_word)  # doctest: +SKIP
+        ['colour', 'shape']
+    """
     if threshold not in ("half_max", "mean"):
         raise ValueError(f"threshold={threshold!r} must be 'half_max' or 'mean'.")
-    if words not in ("shape", "colour", "pattern", "all"):
-        raise ValueError(f"words={words!r} must be 'shape', 'colour', 'pattern' or 'all'.")
+    words = tuple(words)
+    bad = [w for w in words if w not in WORDS]
+    if bad or not words:
+        shown = repr(bad[0]) if bad else repr(words)  # the first bad choice, or the empty tuple
+        raise ValueError(f"words={shown} must be 'shape', 'colour', 'pattern' or 'all'.")
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     size = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     alphas = pipe.scheduler.alphas_cumprod.to(torch.float32)
-    ious: list[float] = []
-    shapes: list[str] = []
-    patterns: list[str] = []
+    # per words choice: (iou, shape, pattern) of every object scored
+    scored: dict[str, list[tuple[float, str, str]]] = {w: [] for w in words}
     store = AttentionStore.attach(pipe.unet)
     try:
         for i in range(num_samples):
@@ -90,26 +120,34 @@ def attention_iou(
             mean_map = torch.stack(maps).mean(0)  # (h, w, 77)
             for obj, mask, pos in zip(sample.objects, sample.masks, positions, strict=True):
                 # an object's words: colour, then its pattern if written, then its shape
-                if words == "pattern" and len(pos) < 3:
-                    continue  # a plain object has no pattern word
-                chosen = {"shape": pos[-1:], "colour": pos[:1], "pattern": pos[1:2]}.get(words, pos)
-                m = mean_map[:, :, chosen].mean(-1)[None, None]
-                m = F.interpolate(m, size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
-                cut = 0.5 * m.max() if threshold == "half_max" else m.mean()
-                pred = (m > cut).numpy()
-                union = np.logical_or(pred, mask).sum()
-                ious.append(float(np.logical_and(pred, mask).sum() / max(union, 1)))
-                shapes.append(obj.shape)
-                patterns.append(obj.pattern)
+                for w in words:
+                    if w == "pattern" and len(pos) < 3:
+                        continue  # a plain object has no pattern word
+                    chosen = {"shape": pos[-1:], "colour": pos[:1], "pattern": pos[1:2]}.get(w, pos)
+                    iou = _mask_iou(mean_map[:, :, chosen].mean(-1), mask, threshold)
+                    scored[w].append((iou, obj.shape, obj.pattern))
     finally:
         store.detach()
     return {
-        "mean_iou": float(np.mean(ious)) if ious else float("nan"),
-        "ious": ious,
-        "shapes": shapes,
-        "patterns": patterns,
-        "num_objects": len(ious),
-        "threshold": threshold,
-        "words": words,
-        "timesteps": tuple(timesteps),
+        w: {
+            "mean_iou": float(np.mean([r[0] for r in rows])) if rows else float("nan"),
+            "ious": [r[0] for r in rows],
+            "shapes": [r[1] for r in rows],
+            "patterns": [r[2] for r in rows],
+            "num_objects": len(rows),
+            "threshold": threshold,
+            "words": w,
+            "timesteps": tuple(timesteps),
+        }
+        for w, rows in scored.items()
     }
+
+
+def _mask_iou(attention: torch.Tensor, mask: np.ndarray, threshold: str) -> float:
+    """IoU of ``mask`` with the (h, w) ``attention`` map upsampled to its size and thresholded."""
+    m = attention[None, None]
+    m = F.interpolate(m, size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
+    cut = 0.5 * m.max() if threshold == "half_max" else m.mean()
+    pred = (m > cut).numpy()
+    union = np.logical_or(pred, mask).sum()
+    return float(np.logical_and(pred, mask).sum() / max(union, 1))
