@@ -16,6 +16,8 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 # Two intra-op threads in one process, or one per worker when xdist runs a worker per core (two
 # threads in each of two workers on 2 cores oversubscribe).
 torch.set_num_threads(1 if XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
+if XDIST_WORKER:  # and one in the subprocesses a worker's tests start (the CLI's, the Hub's)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
