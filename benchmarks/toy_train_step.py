@@ -6,9 +6,11 @@
 
 The toy model's training time is the cost that issue 11's 90-minute budget is about (the shipped
 weights took about 124 minutes, docs/toy-world.md): can the same steps run faster on the CPU?
-Each variant runs the diffusion stage's network step of ``train_base`` (text encoder, UNet with
-the attention store recording its latent/4 maps, v-prediction loss plus the attention loss's
-read of the maps, backward, gradient clipping, AdamW) on one batch of 16 real training captions:
+Each variant runs the diffusion stage's network step of ``train_base`` with its default loss
+weights (``train_base.diffusion_loss``: text encoder, UNet with the attention store recording its
+latent/4 maps, the outline-weighted prediction loss, the word-identity and attention losses; then
+``train_latents.optimizer_step``: backward, gradient clipping, AdamW) on one batch of 16 training
+scenes (their captions, masks and outlines; random latents and targets):
 
 * ``eager``: fp32, as ``train_base`` trains;
 * ``bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
@@ -43,47 +45,55 @@ def run(
 ) -> dict[str, Any]:
     """Time ``steps`` network steps per variant and round (after ``warmup`` untimed ones)."""
     import torch
-    import torch.nn.functional as F
 
     from diffusers_breakscene.attention import AttentionStore
     from diffusers_breakscene.toy.model import build_text_encoder, build_unet, toy_tokenizer
-    from diffusers_breakscene.toy.train_base import caption_tokens
+    from diffusers_breakscene.toy.train_base import (
+        DiffusionBatch,
+        caption_tokens,
+        diffusion_loss,
+        outline_maps,
+        parse_args,
+    )
+    from diffusers_breakscene.toy.train_latents import attention_masks, optimizer_step
     from diffusers_breakscene.toy.world import sample_scene
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    args = parse_args(["--output", "unused"])  # train_base's default loss weights
     tokenizer = toy_tokenizer()
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=1e-2)
-    store = AttentionStore.attach(unet)
+    store = AttentionStore.attach(unet) if args.attn_weight > 0 else None
     scenes = [sample_scene(i, "train") for i in range(BATCH)]
-    captions, first_words = [], []
-    for s in scenes:
+    captions, triples = [], []
+    for b, s in enumerate(scenes):
         words, positions = caption_tokens(list(s.objects), s.setting)
         captions.append(" ".join(words))
-        first_words.append(positions[0][-1])  # each caption's first object's shape word
+        triples += [(b, pos, j) for j, group in enumerate(positions) for pos in group]
     ids = tokenizer(
         captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
-    latents = torch.randn(BATCH, 4, unet.config.sample_size, unet.config.sample_size)
-    timesteps = torch.randint(0, 1000, (BATCH,))
-    rows, positions = torch.arange(BATCH), torch.tensor(first_words)
+    size = unet.config.sample_size
+    outlines = outline_maps([(list(s.objects), s.setting) for s in scenes], size)
+    batch = DiffusionBatch(
+        ids=ids,
+        noisy=torch.randn(BATCH, 4, size, size),
+        timesteps=torch.randint(0, 1000, (BATCH,)),
+        target=torch.randn(BATCH, 4, size, size),
+        triples=triples,
+        masks=torch.stack([attention_masks(s.masks) for s in scenes]),
+        outlines=outlines.float() if args.outline_weight > 0 else None,
+    )
     forwards = {"eager": unet, "bf16": unet}
     if "compile" in variants:
         forwards["compile"] = torch.compile(unet)
 
     def step(variant: str) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
-            hidden = text_encoder(ids)[0]
-            pred = forwards[variant](latents, timesteps, encoder_hidden_states=hidden).sample
-            loss = F.mse_loss(pred.float(), latents)
-            maps = store.aggregate()[rows, :, :, positions]
-            loss = loss + 0.2 * maps.float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+            loss = diffusion_loss(text_encoder, forwards[variant], batch, args, store)[0]
+        optimizer_step(opt, loss, params)
 
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     first_step: dict[str, float] = {}
@@ -100,7 +110,8 @@ def run(
                 step(variant)
             seconds[variant].append((time.perf_counter() - started) / steps)
             print(f"{variant}: {seconds[variant][-1]:.3f} s/step", flush=True)
-    store.detach()
+    if store is not None:
+        store.detach()
     eager = reports.stats(seconds["eager"])["mean"] if "eager" in seconds else None
     summary = {}
     for variant, values in seconds.items():

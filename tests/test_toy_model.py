@@ -299,6 +299,71 @@ def test_sample_timesteps_draws_its_share_from_the_band():
     assert every.min() >= 600 and every.max() < 900
 
 
+def test_diffusion_loss_is_the_sum_of_its_weighted_parts_and_reaches_both_networks(
+    one_torch_thread,
+):
+    from diffusers_breakscene.attention import AttentionStore
+    from diffusers_breakscene.toy.model import build_text_encoder, build_unet, toy_tokenizer
+    from diffusers_breakscene.toy.train_base import (
+        DiffusionBatch,
+        caption_tokens,
+        diffusion_loss,
+        outline_maps,
+        parse_args,
+    )
+    from diffusers_breakscene.toy.train_latents import attention_masks, optimizer_step
+    from diffusers_breakscene.toy.world import sample_scene
+
+    torch.manual_seed(0)
+    tokenizer = toy_tokenizer()
+    unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
+    scenes = [sample_scene(i, "train") for i in range(2)]
+    captions, triples = [], []
+    for b, s in enumerate(scenes):
+        words, positions = caption_tokens(list(s.objects), s.setting)
+        captions.append(" ".join(words))
+        triples += [(b, pos, j) for j, group in enumerate(positions) for pos in group]
+    ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    size = unet.config.sample_size
+    batch = DiffusionBatch(
+        ids, torch.randn(2, 4, size, size), torch.tensor([100, 700]), torch.randn(2, 4, size, size),
+        triples, torch.stack([attention_masks(s.masks) for s in scenes]),
+        outline_maps([(list(s.objects), s.setting) for s in scenes], size).float(),
+    )  # fmt: skip
+    store = AttentionStore.attach(unet)
+    try:
+        args = parse_args(["--output", "x", "--outline-weight", "0", "--word-weight", "0"])
+        plain, attention, word = diffusion_loss(text_encoder, unet, batch, args, store)
+        args = parse_args(["--output", "x"])  # the defaults: outline and word losses on
+        total, attention_2, word_2 = diffusion_loss(text_encoder, unet, batch, args, store)
+    finally:
+        store.detach()
+    assert word.item() == 0.0 and word_2.item() > 0 and attention.item() > 0
+    assert torch.allclose(attention, attention_2)
+    # outlines weigh the prediction loss up: more than the word term alone adds
+    assert total.item() > plain.item() + args.word_weight * word_2.item()
+    # per-timestep weights: the second sample (t = 700) weighs nothing, so the loss is half the
+    # first sample's alone; without object words no attention or word term
+    weights = torch.zeros(1000)
+    weights[100] = 1.0
+    words_out = batch._replace(triples=[])
+    halved = diffusion_loss(text_encoder, unet, words_out, args, None, weights)
+    first = DiffusionBatch(*(x[:1] for x in batch[:4]), [], batch.masks[:1], batch.outlines[:1])
+    alone = diffusion_loss(text_encoder, unet, first, args)[0]
+    assert torch.allclose(halved[0], alone / 2, rtol=1e-4)
+    assert halved[1].item() == 0.0 and halved[2].item() == 0.0
+
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    before = [p.detach().clone() for p in params]
+    optimizer_step(torch.optim.SGD(params, lr=0.1), total, params)
+    moved = [not torch.equal(a, p) for a, p in zip(before, params, strict=True)]
+    in_unet = len(list(unet.parameters()))
+    assert any(moved[:in_unet]) and any(moved[in_unet:])  # both networks learn
+    change = torch.cat([(p.detach() - a).flatten() for a, p in zip(before, params, strict=True)])
+    norm = change.norm()
+    assert float(norm) <= 0.1 + 1e-5  # the gradients were clipped to norm 1
+
+
 def test_training_script_names_a_bad_band_share_or_device(capsys):
     from diffusers_breakscene.toy.train_base import parse_args
 

@@ -73,6 +73,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -88,7 +89,14 @@ from .model import (
     build_unet,
     toy_tokenizer,
 )
-from .train_latents import build_cache, finetune_decoder, log, render_batch, train_vae
+from .train_latents import (
+    build_cache,
+    finetune_decoder,
+    log,
+    optimizer_step,
+    render_batch,
+    train_vae,
+)
 from .world import (
     HELDOUT_PAIRS,
     HELDOUT_PATTERNS,
@@ -99,7 +107,18 @@ from .world import (
     render_scene,
 )
 
-__all__ = ["caption_tokens", "main", "outline_maps", "parse_args", "sample_timesteps"]
+if TYPE_CHECKING:
+    from ..attention import AttentionStore
+
+__all__ = [
+    "DiffusionBatch",
+    "caption_tokens",
+    "diffusion_loss",
+    "main",
+    "outline_maps",
+    "parse_args",
+    "sample_timesteps",
+]
 
 PREFIX = ("a", "photo", "of")
 
@@ -385,6 +404,78 @@ def _check_architecture(args: argparse.Namespace, work: Path) -> None:
         )
 
 
+class DiffusionBatch(NamedTuple):
+    """One batch of the diffusion stage, on the training device."""
+
+    ids: torch.Tensor  #: (B, 77) caption token ids
+    noisy: torch.Tensor  #: (B, 4, h, w) noised latents
+    timesteps: torch.Tensor  #: (B,) their timesteps
+    target: torch.Tensor  #: what the UNet learns to predict: the noise, or v
+    #: (batch index, token position, object index) of every object word in the captions
+    triples: list[tuple[int, int, int]]
+    masks: torch.Tensor  #: (B, objects, 8, 8) the objects' masks at the attention level
+    outlines: torch.Tensor | None  #: (B, h, w) :func:`outline_maps` (``--outline-weight`` > 0)
+
+
+def diffusion_loss(
+    text_encoder: torch.nn.Module,
+    unet: torch.nn.Module,
+    batch: DiffusionBatch,
+    args: argparse.Namespace,
+    store: AttentionStore | None = None,
+    snr_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The diffusion stage's loss on one batch, as :func:`main` trains: ``(total, attention,
+    word)``. The prediction loss (weighted up on outlines by ``args.outline_weight`` and per
+    timestep by ``snr_weights``, indexed by timestep), plus ``args.word_weight`` times the
+    word-identity loss and ``args.attn_weight`` times the attention loss when ``store`` (an
+    :class:`~diffusers_breakscene.attention.AttentionStore` on ``unet``) records the maps.
+
+    Example:
+        >>> import torch
+        >>> from diffusers_breakscene.toy.model import build_text_encoder, build_unet
+        >>> from diffusers_breakscene.toy.model import toy_tokenizer
+        >>> from diffusers_breakscene.toy.train_base import (
+        ...     DiffusionBatch, diffusion_loss, parse_args)
+        >>> args = parse_args(["--output", "out", "--attn-weight", "0"])
+        >>> tokenizer = toy_tokenizer()
+        >>> ids = tokenizer(["a photo of a red star"], padding="max_length", max_length=77,
+        ...                 return_tensors="pt").input_ids
+        >>> latents = torch.zeros(1, 4, 32, 32)
+        >>> batch = DiffusionBatch(ids, latents, torch.tensor([500]), latents,
+        ...                        [(0, 5, 0)], torch.zeros(1, 3, 8, 8), None)
+        >>> total, attention, word = diffusion_loss(
+        ...     build_text_encoder(len(tokenizer)), build_unet(), batch, args)
+        >>> bool(total > 0), float(attention)
+        (True, 0.0)
+    """
+    device = batch.noisy.device
+    hidden = text_encoder(batch.ids)[0]
+    pred = unet(batch.noisy, batch.timesteps, encoder_hidden_states=hidden).sample
+    err = F.mse_loss(pred, batch.target, reduction="none")
+    if batch.outlines is not None:
+        err = err * (1 + args.outline_weight * batch.outlines[:, None])
+    per_sample = err.mean(dim=(1, 2, 3))
+    if snr_weights is not None:
+        loss = (per_sample * snr_weights[batch.timesteps]).mean()
+    else:
+        loss = per_sample.mean()
+    if batch.triples:
+        b_i, p_i, j_i = (torch.tensor(v, device=device) for v in zip(*batch.triples, strict=True))
+    word_loss = torch.zeros((), device=device)
+    if args.word_weight > 0 and batch.triples:
+        word_loss = _word_identity_loss(text_encoder, hidden[b_i, p_i], batch.ids[b_i, p_i])
+        loss = loss + args.word_weight * word_loss
+    attn_loss = torch.zeros((), device=device)
+    if store is not None and batch.triples:
+        maps = store.aggregate()  # (B, 8, 8, 77)
+        sel = maps[b_i, :, :, p_i]
+        sel = sel / sel.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
+        attn_loss = F.mse_loss(sel, batch.masks[b_i, j_i])
+        loss = loss + args.attn_weight * attn_loss
+    return loss, attn_loss, word_loss
+
+
 def train_diffusion(
     args: argparse.Namespace, work: Path, vae: torch.nn.Module, cache: dict
 ) -> tuple[torch.nn.Module, torch.nn.Module, int]:
@@ -498,31 +589,12 @@ def train_diffusion(
             goal = a.sqrt() * noise - (1 - a).sqrt() * x0
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, args, elapsed + (time.time() - start) / 60)
-        hidden = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-        err = F.mse_loss(pred, goal, reduction="none")
-        if outlines is not None:
-            err = err * (1 + args.outline_weight * outlines[idx].float().to(device)[:, None])
-        per_sample = err.mean(dim=(1, 2, 3))
-        loss = (per_sample * weights[t]).mean() if weights is not None else per_sample.mean()
-        if triples:  # (batch index, token position, object index) of every object word
-            b_i, p_i, j_i = (torch.tensor(v, device=device) for v in zip(*triples, strict=True))
-        word_loss = torch.zeros((), device=device)
-        if args.word_weight > 0 and triples:
-            word_loss = _word_identity_loss(text_encoder, hidden[b_i, p_i], ids[b_i, p_i])
-            loss = loss + args.word_weight * word_loss
-        attn_loss = torch.zeros((), device=device)
-        if store is not None and triples:
-            maps = store.aggregate()  # (B, 8, 8, 77)
-            sel = maps[b_i, :, :, p_i]
-            sel = sel / sel.amax(dim=(1, 2), keepdim=True).clamp_min(1e-8)
-            target = masks_all[idx].float().to(device)[b_i, j_i]
-            attn_loss = F.mse_loss(sel, target)
-            loss = loss + args.attn_weight * attn_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        batch = DiffusionBatch(
+            ids, noisy, t, goal, triples, masks_all[idx].float().to(device),
+            outlines[idx].float().to(device) if outlines is not None else None,
+        )  # fmt: skip
+        loss, attn_loss, word_loss = diffusion_loss(text_encoder, unet, batch, args, store, weights)
+        optimizer_step(opt, loss, params)
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step)) if args.ema > 0 else 0.0
         with torch.no_grad():

@@ -25,7 +25,15 @@ from safetensors.torch import load_file, save_file
 from .model import TOY_RESOLUTION, build_vae
 from .world import MAX_OBJECTS, ToyObject, sample_scene
 
-__all__ = ["build_cache", "finetune_decoder", "log", "render_batch", "train_vae"]
+__all__ = [
+    "attention_masks",
+    "build_cache",
+    "finetune_decoder",
+    "log",
+    "optimizer_step",
+    "render_batch",
+    "train_vae",
+]
 
 GRID = TOY_RESOLUTION // 8  # latent / 4
 
@@ -42,7 +50,17 @@ def render_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
     return x / 127.5 - 1
 
 
-def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list) -> None:
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list) -> None:
+    """One step of every toy training stage: backward, gradients clipped to norm 1, ``opt``.
+
+    Example:
+        >>> import torch
+        >>> from diffusers_breakscene.toy.train_latents import optimizer_step
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> optimizer_step(torch.optim.SGD([w], lr=0.1), (w**2).sum(), [w])
+        >>> w.detach().tolist()  # the gradient (2, 2) clipped to norm 1
+        [0.9292893409729004, 0.9292893409729004]
+    """
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -63,6 +81,8 @@ def _log_reconstruction(
 
 
 def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
+    """Stage 1: train the VAE (or resume it from ``work``) on random crops of training scenes;
+    returns it in eval mode."""
     from diffusers import AutoencoderKL
 
     folder = work / "vae"
@@ -94,7 +114,7 @@ def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
         recon = vae.decode(posterior.mode()).sample
         mse = F.mse_loss(recon, x)
         loss = mse + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        _optimizer_step(opt, loss, list(vae.parameters()))
+        optimizer_step(opt, loss, list(vae.parameters()))
         if step % args.log_every == 0 or step == args.vae_steps:
             _log_reconstruction("VAE", step, args.vae_steps, loss, mse, start)
     vae.eval()
@@ -140,7 +160,7 @@ def finetune_decoder(args: argparse.Namespace, work: Path, vae: torch.nn.Module)
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, x)
         loss = mse + 0.5 * F.l1_loss(recon, x)
-        _optimizer_step(opt, loss, decoder_params)
+        optimizer_step(opt, loss, decoder_params)
         if step % args.log_every == 0 or step == args.decoder_steps:
             _log_reconstruction("decoder", step, args.decoder_steps, loss, mse, start)
     vae.eval()
@@ -152,7 +172,30 @@ def finetune_decoder(args: argparse.Namespace, work: Path, vae: torch.nn.Module)
 # -- stage 2: latent cache --------------------------------------------------------------------
 
 
+def attention_masks(masks: list[np.ndarray]) -> torch.Tensor:
+    """A scene's object masks (64x64 booleans) at the attention level the losses read: each
+    object's share of every latent/4 cell, ``(MAX_OBJECTS, 8, 8)`` float32, zeros for objects
+    the scene does not have.
+
+    Example:
+        >>> from diffusers_breakscene.toy.train_latents import attention_masks
+        >>> from diffusers_breakscene.toy.world import sample_scene
+        >>> scene = sample_scene(0, "train")
+        >>> grid = attention_masks(scene.masks)
+        >>> tuple(grid.shape), bool(grid[len(scene.masks):].eq(0).all())
+        ((3, 8, 8), True)
+    """
+    grid = torch.zeros(MAX_OBJECTS, GRID, GRID)
+    for j, m in enumerate(masks):
+        small = torch.from_numpy(m.astype(np.float32))[None, None]
+        grid[j] = F.adaptive_avg_pool2d(small, GRID)[0, 0]
+    return grid
+
+
 def build_cache(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> dict:
+    """Stage 2: render ``args.num_images`` training scenes and cache their latents (posterior
+    means) and :func:`attention_masks` in ``work`` (read back when the count and seed match);
+    returns ``{"latents", "masks", "scenes"}``."""
     path, meta_path = work / "cache.safetensors", work / "cache.json"
     if path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -178,9 +221,7 @@ def build_cache(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> d
         with torch.no_grad():
             latents[lo : lo + len(samples)] = vae.encode(x).latent_dist.mean.half()
         for k, s in enumerate(samples):
-            for j, m in enumerate(s.masks):
-                small = torch.from_numpy(m.astype(np.float32))[None, None]
-                masks[lo + k, j] = F.adaptive_avg_pool2d(small, GRID)[0, 0].half()
+            masks[lo + k] = attention_masks(s.masks).half()
             scenes.append((list(s.objects), s.setting))
         if (lo // chunk) % 10 == 0:
             log(f"cache: {lo + len(samples)}/{n} images ({time.time() - start:.0f} s)")
