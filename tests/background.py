@@ -157,8 +157,9 @@ class Background:
                     [sys.executable, str(Path(__file__).with_name("job_runner.py"))],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self._env,
                     stderr=(self.root / "job_runner.log").open("w"),  # its imports' warnings
-                    cwd=REPO, start_new_session=True,  # Ctrl-C reaches the tests, not the jobs:
-                    # when the tests' process ends, the runner kills its jobs (job_runner.py)
+                    # its own session: when the tests' process ends (Ctrl-C included), the
+                    # runner reads the end of its input and kills its jobs (job_runner.py)
+                    cwd=REPO, start_new_session=True,
                 )  # fmt: skip
                 threading.Thread(target=self._read_runner, daemon=True).start()
             return self._runner
@@ -168,7 +169,7 @@ class Background:
             done = json.loads(line)
             self._codes[done["name"]] = done["returncode"]
             self._exited[done["name"]].set()
-        for event in self._exited.values():  # the runner died: no job will finish
+        for event in list(self._exited.values()):  # the runner died: no job will finish
             event.set()
 
     def _run(self, name: str) -> None:
@@ -177,10 +178,16 @@ class Background:
         job = {"name": name, "argv": self._jobs[name][1], **{k: str(v) for k, v in files.items()}}
         exited = self._exited.setdefault(name, threading.Event())
         runner = self._runner_process()
-        with self._lock:
-            runner.stdin.write(json.dumps(job) + "\n")
-            runner.stdin.flush()
-        exited.wait()
+        try:
+            with self._lock:
+                runner.stdin.write(json.dumps(job) + "\n")
+                runner.stdin.flush()
+        except OSError:  # the runner has died: its log says why (below)
+            exited.set()
+        while not exited.wait(1.0):
+            if runner.poll() is not None:  # died; its last lines may still be on their way
+                exited.wait(5.0)
+                break
         code = self._codes.get(name, -1)  # -1: the runner itself died
         out, err = (files[part].read_text() if files[part].exists() else "" for part in files)
         if name not in self._codes:
