@@ -48,14 +48,8 @@ def run(
 
     from diffusers_breakscene.attention import AttentionStore
     from diffusers_breakscene.toy.model import build_text_encoder, build_unet, toy_tokenizer
-    from diffusers_breakscene.toy.train_base import (
-        DiffusionBatch,
-        caption_tokens,
-        diffusion_loss,
-        outline_maps,
-        parse_args,
-    )
-    from diffusers_breakscene.toy.train_latents import attention_masks, optimizer_step
+    from diffusers_breakscene.toy.train_base import diffusion_loss, parse_args, scene_batch
+    from diffusers_breakscene.toy.train_latents import optimizer_step
     from diffusers_breakscene.toy.world import sample_scene
 
     torch.set_num_threads(threads)
@@ -66,25 +60,14 @@ def run(
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=1e-2)
     store = AttentionStore.attach(unet) if args.attn_weight > 0 else None
-    scenes = [sample_scene(i, "train") for i in range(BATCH)]
-    captions, triples = [], []
-    for b, s in enumerate(scenes):
-        words, positions = caption_tokens(list(s.objects), s.setting)
-        captions.append(" ".join(words))
-        triples += [(b, pos, j) for j, group in enumerate(positions) for pos in group]
-    ids = tokenizer(
-        captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-    ).input_ids
     size = unet.config.sample_size
-    outlines = outline_maps([(list(s.objects), s.setting) for s in scenes], size)
-    batch = DiffusionBatch(
-        ids=ids,
+    batch = scene_batch(
+        [sample_scene(i, "train") for i in range(BATCH)],
+        tokenizer,
         noisy=torch.randn(BATCH, 4, size, size),
         timesteps=torch.randint(0, 1000, (BATCH,)),
         target=torch.randn(BATCH, 4, size, size),
-        triples=triples,
-        masks=torch.stack([attention_masks(s.masks) for s in scenes]),
-        outlines=outlines.float() if args.outline_weight > 0 else None,
+        outlines=args.outline_weight > 0,
     )
     forwards = {"eager": unet, "bf16": unet}
     if "compile" in variants:

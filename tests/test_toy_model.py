@@ -308,8 +308,8 @@ def test_diffusion_loss_is_the_sum_of_its_weighted_parts_and_reaches_both_networ
         DiffusionBatch,
         caption_tokens,
         diffusion_loss,
-        outline_maps,
         parse_args,
+        scene_batch,
     )
     from diffusers_breakscene.toy.train_latents import attention_masks, optimizer_step
     from diffusers_breakscene.toy.world import sample_scene
@@ -318,18 +318,17 @@ def test_diffusion_loss_is_the_sum_of_its_weighted_parts_and_reaches_both_networ
     tokenizer = toy_tokenizer()
     unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
     scenes = [sample_scene(i, "train") for i in range(2)]
-    captions, triples = [], []
-    for b, s in enumerate(scenes):
-        words, positions = caption_tokens(list(s.objects), s.setting)
-        captions.append(" ".join(words))
-        triples += [(b, pos, j) for j, group in enumerate(positions) for pos in group]
-    ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
     size = unet.config.sample_size
-    batch = DiffusionBatch(
-        ids, torch.randn(2, 4, size, size), torch.tensor([100, 700]), torch.randn(2, 4, size, size),
-        triples, torch.stack([attention_masks(s.masks) for s in scenes]),
-        outline_maps([(list(s.objects), s.setting) for s in scenes], size).float(),
-    )  # fmt: skip
+    noisy, target = torch.randn(2, 4, size, size), torch.randn(2, 4, size, size)
+    batch = scene_batch(scenes, tokenizer, noisy, torch.tensor([100, 700]), target)
+    # the batch holds each scene's caption, its object words' positions and its masks
+    words, positions = caption_tokens(list(scenes[1].objects), scenes[1].setting)
+    assert tokenizer.decode(batch.ids[1], skip_special_tokens=True) == " ".join(words)
+    assert [(p, j) for b, p, j in batch.triples if b == 1] == [
+        (p, j) for j, group in enumerate(positions) for p in group
+    ]
+    assert torch.equal(batch.masks[1], attention_masks(scenes[1].masks))
+    assert scene_batch(scenes, tokenizer, noisy, batch.timesteps, target, False).outlines is None
     store = AttentionStore.attach(unet)
     try:
         args = parse_args(["--output", "x", "--outline-weight", "0", "--word-weight", "0"])

@@ -73,7 +73,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -90,6 +90,7 @@ from .model import (
     toy_tokenizer,
 )
 from .train_latents import (
+    attention_masks,
     build_cache,
     finetune_decoder,
     log,
@@ -103,6 +104,7 @@ from .world import (
     HELDOUT_SHAPES,
     SETTINGS,
     ToyObject,
+    ToySample,
     object_words,
     render_scene,
 )
@@ -118,6 +120,7 @@ __all__ = [
     "outline_maps",
     "parse_args",
     "sample_timesteps",
+    "scene_batch",
 ]
 
 PREFIX = ("a", "photo", "of")
@@ -415,6 +418,46 @@ class DiffusionBatch(NamedTuple):
     triples: list[tuple[int, int, int]]
     masks: torch.Tensor  #: (B, objects, 8, 8) the objects' masks at the attention level
     outlines: torch.Tensor | None  #: (B, h, w) :func:`outline_maps` (``--outline-weight`` > 0)
+
+
+def scene_batch(
+    samples: list[ToySample],
+    tokenizer: Any,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    target: torch.Tensor,
+    outlines: bool = True,
+) -> DiffusionBatch:
+    """A :class:`DiffusionBatch` of rendered scenes around given latents: each scene's full
+    caption (:func:`caption_tokens`, setting included, no dropout), its object words' positions,
+    its :func:`~diffusers_breakscene.toy.train_latents.attention_masks` and, with ``outlines``,
+    its :func:`outline_maps` at the latents' size.
+
+    Example:
+        >>> import torch
+        >>> from diffusers_breakscene.toy.model import toy_tokenizer
+        >>> from diffusers_breakscene.toy.train_base import scene_batch
+        >>> from diffusers_breakscene.toy.world import sample_scene
+        >>> latents = torch.zeros(1, 4, 32, 32)
+        >>> batch = scene_batch([sample_scene(0, "train")], toy_tokenizer(), latents,
+        ...                     torch.tensor([500]), latents)
+        >>> tuple(batch.ids.shape), tuple(batch.masks.shape), tuple(batch.outlines.shape)
+        ((1, 77), (1, 3, 8, 8), (1, 32, 32))
+    """
+    captions, triples = [], []
+    for b, sample in enumerate(samples):
+        words, positions = caption_tokens(list(sample.objects), sample.setting)
+        captions.append(" ".join(words))
+        triples += [(b, pos, j) for j, group in enumerate(positions) for pos in group]
+    ids = tokenizer(
+        captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids.to(noisy.device)
+    masks = torch.stack([attention_masks(sample.masks) for sample in samples]).to(noisy.device)
+    maps = None
+    if outlines:
+        scenes = [(list(sample.objects), sample.setting) for sample in samples]
+        maps = outline_maps(scenes, noisy.shape[-1]).float().to(noisy.device)
+    return DiffusionBatch(ids, noisy, timesteps, target, triples, masks, maps)
 
 
 def diffusion_loss(
