@@ -32,8 +32,10 @@ def test_shipped_weights_are_small_safetensors():
 
 
 def _recipe(args: dict) -> dict:
-    where_and_logging = {"output", "work_dir", "log_every"}  # not part of the recipe
-    return {k: v for k, v in json.loads(json.dumps(args)).items() if k not in where_and_logging}
+    # Not part of the recipe: where things go, logging, and --compile (added after the shipped
+    # weights were trained; it runs the same steps, not other ones).
+    how = {"output", "work_dir", "log_every", "compile"}
+    return {k: v for k, v in json.loads(json.dumps(args)).items() if k not in how}
 
 
 def test_shipped_weights_record_the_commands_that_trained_them():
@@ -182,7 +184,7 @@ def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
 
 @pytest.mark.slow
 def test_training_script_takes_another_unet_and_refuses_to_resume_a_different_one(
-    tmp_path, one_torch_thread
+    tmp_path, one_torch_thread, capsys
 ):
     from diffusers import UNet2DConditionModel
 
@@ -191,7 +193,11 @@ def test_training_script_takes_another_unet_and_refuses_to_resume_a_different_on
     argv = ["--output", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")]
     argv += ["--threads", "1", "--vae-steps", "1", "--vae-batch", "2", "--num-images", "8"]
     argv += ["--decoder-steps", "0", "--steps", "1", "--batch", "2", "--warmup", "1"]
-    out = main([*argv, "--unet-channels", "16,32,48", "--unet-layers", "1,2,2"])
+    out = main(
+        [*argv, "--unet-channels", "16,32,48", "--unet-layers", "1,2,2", "--compile", "eager"]
+    )
+    assert "UNet compiled with 'eager'" in capsys.readouterr().out
+    assert json.loads((out / "toy_info.json").read_text())["args"]["compile"] == "eager"
     unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True)
     assert list(unet.config.block_out_channels) == [16, 32, 48]
     assert list(unet.config.layers_per_block) == [1, 2, 2]
@@ -361,6 +367,60 @@ def test_diffusion_loss_is_the_sum_of_its_weighted_parts_and_reaches_both_networ
     change = torch.cat([(p.detach() - a).flatten() for a, p in zip(before, params, strict=True)])
     norm = change.norm()
     assert float(norm) <= 0.1 + 1e-5  # the gradients were clipped to norm 1
+
+
+def test_diffusion_loss_is_the_same_through_torch_compile(one_torch_thread):
+    """``--compile``: the attention store still records under torch.compile's tracing, so the
+    compiled UNet gives the same three losses (the "eager" backend traces as inductor does, in
+    seconds instead of minutes)."""
+    from diffusers_breakscene.attention import AttentionStore
+    from diffusers_breakscene.toy.model import build_text_encoder, build_unet, toy_tokenizer
+    from diffusers_breakscene.toy.train_base import diffusion_loss, parse_args, scene_batch
+    from diffusers_breakscene.toy.world import sample_scene
+
+    torch.manual_seed(0)
+    tokenizer = toy_tokenizer()
+    unet, text_encoder = build_unet(), build_text_encoder(len(tokenizer))
+    latents = torch.randn(2, 4, 32, 32)
+    scenes = [sample_scene(i, "train") for i in range(2)]
+    batch = scene_batch(scenes, tokenizer, latents, torch.tensor([300, 800]), latents.flip(0))
+    args = parse_args(["--output", "x", "--compile", "eager"])
+    store = AttentionStore.attach(unet)
+    try:
+        eager = diffusion_loss(text_encoder, unet, batch, args, store)
+        compiled = torch.compile(unet, backend=args.compile)
+        for _ in range(2):  # the second call runs the traced graph, not the first trace
+            traced = diffusion_loss(text_encoder, compiled, batch, args, store)
+            assert traced[1].item() > 0  # the attention loss saw the recorded maps
+            for a, b in zip(eager, traced, strict=True):
+                torch.testing.assert_close(a, b)
+    finally:
+        store.detach()
+
+
+def test_training_script_names_a_bad_compile_backend_or_a_missing_compiler(
+    capsys, monkeypatch, tmp_path
+):
+    from diffusers_breakscene.toy.train_base import parse_args
+
+    assert parse_args(["--output", "x"]).compile is None
+    with pytest.raises(SystemExit):
+        parse_args(["--output", "x", "--compile", "turbo"])
+    assert (
+        "--compile 'turbo': not a torch.compile backend; give one of [" in capsys.readouterr().err
+    )
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, clang++ or c++ to be found
+    with pytest.raises(SystemExit):
+        parse_args(["--output", "x", "--compile"])
+    assert "inductor needs a C++ compiler" in capsys.readouterr().err
+    assert parse_args(["--output", "x", "--compile", "eager"]).compile == "eager"  # needs none
+    compiler = tmp_path / "g++"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    # a bare --compile means inductor, and does not swallow the next option
+    args = parse_args(["--output", "x", "--compile", "--steps", "5"])
+    assert args.compile == "inductor" and args.steps == 5
 
 
 def test_training_script_names_a_bad_band_share_or_device(capsys):

@@ -49,6 +49,8 @@ Three stages, each resumable from ``--work-dir`` (run the same command again aft
    decide the answer and a plain loss hardly rewards them. ``--band-share P`` draws that share
    of the timesteps from ``--timestep-band LO HI`` (:func:`sample_timesteps`). ``--device cuda``
    trains this stage on a GPU (the random numbers stay on the CPU: the same data on any device).
+   ``--compile`` runs the UNet through ``torch.compile`` (inductor unless a backend is named;
+   the same losses as eager; on 2 CPU cores no faster here, docs/toy-world.md).
 
 4. The VAE decoder alone, on whole images (encoder frozen: the latent space does not move).
 
@@ -69,6 +71,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -269,6 +273,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=75.0,
         help="wall-time cap of the diffusion stage (the LR schedule ends by then too)",
     )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="run the diffusion stage's UNet through torch.compile (default backend: inductor, "
+        "which needs a C++ compiler on the CPU; the first step compiles, about 3 minutes cold). "
+        "On 2 CPU cores it did not make this stage faster: docs/toy-world.md",
+    )
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100)
     args = p.parse_args(argv)
@@ -286,7 +300,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--device {args.device!r}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here; leave --device out (cpu)")
+    if args.compile is not None:
+        _check_compile(p, args.compile, device)
     return args
+
+
+def _check_compile(p: argparse.ArgumentParser, backend: str, device: torch.device) -> None:
+    """Refuse a ``--compile`` backend that torch does not have, or inductor on the CPU without
+    the C++ compiler it builds its kernels with (it would fail at the first diffusion step,
+    after the autoencoder stages)."""
+    if backend not in torch.compiler.list_backends(exclude_tags=()):  # debug ones too ("eager")
+        p.error(
+            f"--compile {backend!r}: not a torch.compile backend; give one of "
+            f"{torch.compiler.list_backends()} (or leave the value out: inductor)"
+        )
+    if backend == "inductor" and device.type == "cpu":
+        compilers = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            p.error(
+                "--compile: inductor needs a C++ compiler on the CPU and none was found (g++, "
+                "clang++ or $CXX); install one (e.g. apt-get install g++) or leave --compile out"
+            )
 
 
 def caption_tokens(
@@ -597,6 +631,11 @@ def train_diffusion(
     unet.train()
     text_encoder.train()
     store = AttentionStore.attach(unet) if args.attn_weight > 0 else None
+    forward = unet  # the module the loss calls; it shares its parameters with ``unet``
+    if args.compile is not None:
+        # torch.compile traces lazily: the first step compiles (counted in --max-minutes).
+        forward = torch.compile(unet, backend=args.compile)
+        log(f"diffusion: UNet compiled with {args.compile!r} (the first step compiles)")
     start = time.time()
     first = step
     losses: list[float] = []
@@ -636,7 +675,9 @@ def train_diffusion(
             ids, noisy, t, goal, triples, masks_all[idx].float().to(device),
             outlines[idx].float().to(device) if outlines is not None else None,
         )  # fmt: skip
-        loss, attn_loss, word_loss = diffusion_loss(text_encoder, unet, batch, args, store, weights)
+        loss, attn_loss, word_loss = diffusion_loss(
+            text_encoder, forward, batch, args, store, weights
+        )
         optimizer_step(opt, loss, params)
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step)) if args.ema > 0 else 0.0
