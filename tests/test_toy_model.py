@@ -410,12 +410,12 @@ def test_training_script_names_a_bad_compile_backend_or_a_missing_compiler(
         "--compile 'turbo': not a torch.compile backend; give one of [" in capsys.readouterr().err
     )
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, clang++ or c++ to be found
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ to be found
     with pytest.raises(SystemExit):
         parse_args(["--output", "x", "--compile"])
     assert "inductor needs a C++ compiler" in capsys.readouterr().err
     assert parse_args(["--output", "x", "--compile", "eager"]).compile == "eager"  # needs none
-    compiler = tmp_path / "g++"
+    compiler = tmp_path / "g++"  # inductor's compiler where $CXX is not set
     compiler.write_text("#!/bin/sh\n")
     compiler.chmod(0o755)
     # a bare --compile means inductor, and does not swallow the next option

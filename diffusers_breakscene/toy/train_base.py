@@ -71,8 +71,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -315,11 +313,17 @@ def _check_compile(p: argparse.ArgumentParser, backend: str, device: torch.devic
             f"{torch.compiler.list_backends()} (or leave the value out: inductor)"
         )
     if backend == "inductor" and device.type == "cpu":
-        compilers = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
-        if not any(c and shutil.which(c) for c in compilers):
+        # Inductor's own search (its cpp.cxx config: $CXX, else g++ on Linux), so that this check
+        # accepts exactly the compilers inductor will use; torch has no public API for it.
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler:
             p.error(
-                "--compile: inductor needs a C++ compiler on the CPU and none was found (g++, "
-                "clang++ or $CXX); install one (e.g. apt-get install g++) or leave --compile out"
+                "--compile: inductor needs a C++ compiler on the CPU and found none ($CXX, else "
+                "g++); install one (e.g. apt-get install g++) or leave --compile out"
             )
 
 
