@@ -35,7 +35,10 @@ def _recipe(args: dict) -> dict:
     # Not part of the recipe: where things go, logging, and --compile (added after the shipped
     # weights were trained; it runs the same steps, not other ones).
     how = {"output", "work_dir", "log_every", "compile"}
-    return {k: v for k, v in json.loads(json.dumps(args)).items() if k not in how}
+    # Added after the shipped weights were trained, with what they trained on as the default.
+    later = {"lr_decay": "cosine", "lr_floor": 0.1}
+    args = {**later, **json.loads(json.dumps(args))}
+    return {k: v for k, v in args.items() if k not in how}
 
 
 def test_shipped_weights_record_the_commands_that_trained_them():
@@ -167,6 +170,8 @@ def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
         "1",
         "--band-share",
         "0.5",
+        "--lr-decay",
+        "linear",
         "--device",
         "cpu",
     ]
@@ -176,6 +181,7 @@ def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
     info = json.loads((out / "toy_info.json").read_text())
     assert info["diffusion_steps"] == 2
     assert info["args"]["band_share"] == 0.5 and info["args"]["timestep_band"] == [500, 950]
+    assert info["args"]["lr_decay"] == "linear" and info["args"]["lr_floor"] == 0.1
     # Resume: one more step on top of the checkpoint.
     argv[argv.index("--steps") + 1] = "3"
     main(argv)
@@ -287,6 +293,27 @@ def test_training_script_reads_unet_shapes_and_names_a_bad_one(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--output", "x", "--outline-weight", "-1"])
     assert "--outline-weight -1.0: give 0 (off) or more" in capsys.readouterr().err
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor_by_steps_or_minutes():
+    from diffusers_breakscene.toy.train_base import _lr_at, parse_args
+
+    base = ["--output", "x", "--lr", "1e-3", "--warmup", "10", "--steps", "110"]
+    cosine = parse_args([*base, "--max-minutes", "60"])
+    linear = parse_args([*base, "--max-minutes", "60", "--lr-decay", "linear", "--lr-floor", "0"])
+    for args in (cosine, linear):
+        assert _lr_at(0, args) == pytest.approx(1e-4) and _lr_at(9, args) == pytest.approx(1e-3)
+        assert _lr_at(10, args) == pytest.approx(1e-3)
+    # Halfway both are at the middle of their range; at the end each sits on its floor.
+    assert _lr_at(60, cosine) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert _lr_at(60, linear) == pytest.approx(0.5e-3)
+    assert _lr_at(110, cosine) == pytest.approx(1e-4) and _lr_at(110, linear) == 0.0
+    # A quarter of the way, linear is lower than cosine (cosine keeps the peak longer)...
+    assert _lr_at(35, linear) == pytest.approx(0.75e-3)
+    assert _lr_at(35, linear) < _lr_at(35, cosine)
+    # ...and the wall-time cap ends the schedule when it comes first.
+    assert _lr_at(20, linear, minutes=45.0) == pytest.approx(0.25e-3)
+    assert _lr_at(20, linear, minutes=90.0) == 0.0
 
 
 def test_sample_timesteps_draws_its_share_from_the_band():
@@ -432,6 +459,8 @@ def test_training_script_names_a_bad_band_share_or_device(capsys):
         (["--timestep-band", "800", "400"], "--timestep-band 800 400: give 0 <= LO < HI <= 1000"),
         (["--timestep-band", "0", "1001"], "--timestep-band 0 1001"),
         (["--band-share", "1.5"], "--band-share 1.5: give a share between 0 and 1"),
+        (["--lr-floor", "-0.1"], "--lr-floor -0.1: give a share of --lr between 0 and 1"),
+        (["--lr-decay", "step"], "invalid choice: 'step'"),
         (["--device", "gpu0"], "--device 'gpu0'"),
     ):
         with pytest.raises(SystemExit):
