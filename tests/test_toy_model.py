@@ -36,7 +36,7 @@ def _recipe(args: dict) -> dict:
     # weights were trained; it runs the same steps, not other ones).
     how = {"output", "work_dir", "log_every", "compile"}
     # Added after the shipped weights were trained, with what they trained on as the default.
-    later = {"lr_decay": "cosine", "lr_floor": 0.1}
+    later = {"lr_decay": "cosine", "lr_floor": 0.1, "decay_share": 0.2}
     args = {**later, **json.loads(json.dumps(args))}
     return {k: v for k, v in args.items() if k not in how}
 
@@ -314,6 +314,12 @@ def test_learning_rate_warms_up_then_decays_to_its_floor_by_steps_or_minutes():
     # ...and the wall-time cap ends the schedule when it comes first.
     assert _lr_at(20, linear, minutes=45.0) == pytest.approx(0.25e-3)
     assert _lr_at(20, linear, minutes=90.0) == 0.0
+    # Warmup-stable-decay: the peak held until the last quarter, then a straight line to 0.1.
+    wsd = parse_args([*base, "--max-minutes", "60", "--lr-decay", "wsd", "--decay-share", "0.25"])
+    assert _lr_at(10, wsd) == _lr_at(60, wsd) == _lr_at(85, wsd) == pytest.approx(1e-3)
+    assert _lr_at(97.5, wsd) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert _lr_at(110, wsd) == pytest.approx(1e-4)
+    assert _lr_at(20, wsd, minutes=52.5) == pytest.approx(1e-4 + 0.5 * 9e-4)
 
 
 def test_sample_timesteps_draws_its_share_from_the_band():
@@ -461,6 +467,7 @@ def test_training_script_names_a_bad_band_share_or_device(capsys):
         (["--band-share", "1.5"], "--band-share 1.5: give a share between 0 and 1"),
         (["--lr-floor", "-0.1"], "--lr-floor -0.1: give a share of --lr between 0 and 1"),
         (["--lr-decay", "step"], "invalid choice: 'step'"),
+        (["--decay-share", "0"], "--decay-share 0.0: give a share of the run above 0, at most 1"),
         (["--device", "gpu0"], "--device 'gpu0'"),
     ):
         with pytest.raises(SystemExit):

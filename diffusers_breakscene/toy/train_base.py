@@ -36,7 +36,7 @@ Three stages, each resumable from ``--work-dir`` (run the same command again aft
 3. UNet + text encoder jointly: v-prediction on SD's ``scaled_linear`` DDPM schedule rescaled to
    zero terminal SNR (``--prediction-type epsilon --no-zero-snr`` gives SD 1.x's recipe), loss
    weighted by ``min(1, --snr-gamma / (SNR + 1))``, AdamW with warmup and cosine decay to 10%
-   (``--lr-decay linear`` and ``--lr-floor`` change its form and end), EMA,
+   (``--lr-decay linear|wsd``, ``--decay-share`` and ``--lr-floor`` change its form and end), EMA,
    caption dropout 10% (for classifier-free guidance), setting phrase dropped in 15% of captions.
    An auxiliary cross-attention loss (``--attn-weight``, Break-A-Scene's form: each object
    word's latent/4 map, divided by its max, regressed on the object's visible mask) teaches the
@@ -200,11 +200,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument(
         "--lr-decay",
-        choices=("cosine", "linear"),
+        choices=("cosine", "linear", "wsd"),
         default="cosine",
         help="how the learning rate falls after the warmup, by --steps or --max-minutes "
-        "(whichever comes first), to --lr-floor times --lr (linear to 0 measured worse than "
-        "cosine to 0.1 in the same steps, one-object shape 0.54 against 0.76: docs/toy-world.md)",
+        "(whichever comes first), to --lr-floor times --lr; wsd holds --lr and decays linearly "
+        "over the last --decay-share of the run (linear to 0 measured worse than cosine to 0.1 "
+        "in the same steps, one-object shape 0.54 against 0.76; wsd not measured yet: "
+        "docs/toy-world.md)",
+    )
+    p.add_argument(
+        "--decay-share",
+        type=float,
+        default=0.2,
+        help="with --lr-decay wsd: the share of the run (after the warmup) spent decaying",
     )
     p.add_argument(
         "--lr-floor",
@@ -307,6 +315,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--timestep-band {lo} {hi}: give 0 <= LO < HI <= 1000")
     if not 0 <= args.lr_floor <= 1:
         p.error(f"--lr-floor {args.lr_floor}: give a share of --lr between 0 and 1")
+    if not 0 < args.decay_share <= 1:
+        p.error(f"--decay-share {args.decay_share}: give a share of the run above 0, at most 1")
     if not 0 <= args.band_share <= 1:
         p.error(f"--band-share {args.band_share}: give a share between 0 and 1")
     try:
@@ -433,8 +443,9 @@ def sample_timesteps(
 
 
 def _lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
-    """Warmup, then ``--lr-decay`` (cosine or linear) to ``--lr-floor`` times ``--lr`` by
-    ``--steps`` or ``--max-minutes``, whichever is first."""
+    """Warmup, then ``--lr-decay`` (cosine, linear, or wsd: held, then linear over the last
+    ``--decay-share``) to ``--lr-floor`` times ``--lr`` by ``--steps`` or ``--max-minutes``,
+    whichever is first."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = min(
@@ -449,6 +460,8 @@ def _lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
     floor = args.lr_floor
     if args.lr_decay == "linear":
         shape = 1.0 - progress
+    elif args.lr_decay == "wsd":
+        shape = min(1.0, (1.0 - progress) / args.decay_share)
     else:
         shape = 0.5 * (1 + math.cos(math.pi * progress))
     return args.lr * (floor + (1 - floor) * shape)
