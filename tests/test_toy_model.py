@@ -320,6 +320,11 @@ def test_learning_rate_warms_up_then_decays_to_its_floor_by_steps_or_minutes():
     assert _lr_at(97.5, wsd) == pytest.approx(1e-4 + 0.5 * 9e-4)
     assert _lr_at(110, wsd) == pytest.approx(1e-4)
     assert _lr_at(20, wsd, minutes=52.5) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    # The decoder stage's schedule is the same function, cosine to 0.1 by its step count.
+    from diffusers_breakscene.toy.train_latents import decayed_lr
+
+    assert decayed_lr(5e-4, 200 / 400) == pytest.approx(5e-5 + 0.5 * 4.5e-4)
+    assert decayed_lr(5e-4, 1.0) == pytest.approx(5e-5)
 
 
 def test_sample_timesteps_draws_its_share_from_the_band():

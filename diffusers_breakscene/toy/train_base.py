@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -95,6 +94,7 @@ from .model import (
 from .train_latents import (
     attention_masks,
     build_cache,
+    decayed_lr,
     finetune_decoder,
     log,
     optimizer_step,
@@ -455,16 +455,7 @@ def _lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
             minutes / args.max_minutes,
         ),
     )
-    # Written out rather than taken from diffusers.optimization.get_scheduler: progress here is
-    # the larger of steps and wall time (--max-minutes), which a step-indexed scheduler lacks.
-    floor = args.lr_floor
-    if args.lr_decay == "linear":
-        shape = 1.0 - progress
-    elif args.lr_decay == "wsd":
-        shape = min(1.0, (1.0 - progress) / args.decay_share)
-    else:
-        shape = 0.5 * (1 + math.cos(math.pi * progress))
-    return args.lr * (floor + (1 - floor) * shape)
+    return decayed_lr(args.lr, progress, args.lr_decay, args.lr_floor, args.decay_share)
 
 
 def _check_architecture(args: argparse.Namespace, work: Path) -> None:

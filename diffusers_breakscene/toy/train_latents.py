@@ -28,6 +28,7 @@ from .world import MAX_OBJECTS, ToyObject, sample_scene
 __all__ = [
     "attention_masks",
     "build_cache",
+    "decayed_lr",
     "finetune_decoder",
     "log",
     "optimizer_step",
@@ -65,6 +66,35 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
+
+
+def decayed_lr(
+    peak: float,
+    progress: float,
+    form: str = "cosine",
+    floor: float = 0.1,
+    decay_share: float = 0.2,
+) -> float:
+    """The learning rate ``progress`` (0 to 1) of the way through a decay from ``peak`` to
+    ``floor * peak``: ``"cosine"``, ``"linear"``, or ``"wsd"`` (``peak`` held, then linear over
+    the last ``decay_share``). The toy stages set it by hand because the diffusion stage's
+    progress is the larger of steps and wall time, which a step-indexed scheduler such as
+    ``diffusers.optimization.get_scheduler`` lacks.
+
+    Example:
+        >>> from diffusers_breakscene.toy.train_latents import decayed_lr
+        >>> decayed_lr(1.0, 0.5), decayed_lr(1.0, 0.5, "linear", floor=0.0)
+        (0.55, 0.5)
+        >>> decayed_lr(1.0, 0.7, "wsd", floor=0.0, decay_share=0.2), decayed_lr(1.0, 1.0)
+        (1.0, 0.1)
+    """
+    if form == "linear":
+        shape = 1.0 - progress
+    elif form == "wsd":
+        shape = min(1.0, (1.0 - progress) / decay_share)
+    else:
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (floor + (1 - floor) * shape)
 
 
 def _log_reconstruction(
@@ -154,9 +184,7 @@ def finetune_decoder(args: argparse.Namespace, work: Path, vae: torch.nn.Module)
             z = vae.encode(x).latent_dist.mean
             z = z + 0.05 * z.std() * torch.randn_like(z)
         for g in opt.param_groups:
-            g["lr"] = args.decoder_lr * (
-                0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps))
-            )
+            g["lr"] = decayed_lr(args.decoder_lr, step / args.decoder_steps)
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, x)
         loss = mse + 0.5 * F.l1_loss(recon, x)
