@@ -205,8 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the learning rate falls after the warmup, by --steps or --max-minutes "
         "(whichever comes first), to --lr-floor times --lr; wsd holds --lr and decays linearly "
         "over the last --decay-share of the run (linear to 0 measured worse than cosine to 0.1 "
-        "in the same steps, one-object shape 0.54 against 0.76; wsd not measured yet: "
-        "docs/toy-world.md)",
+        "in the same steps, one-object shape 0.54 against 0.76; wsd 0.52: docs/toy-world.md)",
     )
     p.add_argument(
         "--decay-share",
