@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from diffusers_breakscene.toy.model import TOY_MODEL_DIR, toy_model_path, toy_pipeline
+from diffusers_breakscene.toy.train_latents import read_checkpoint_info, save_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,7 @@ def test_attention_check_runs(toy):
 
 
 @pytest.mark.slow
-def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
+def test_training_script_runs_and_resumes(tmp_path, one_torch_thread, capsys):
     from diffusers import StableDiffusionPipeline
 
     from diffusers_breakscene.toy.train_base import main
@@ -182,10 +184,52 @@ def test_training_script_runs_and_resumes(tmp_path, one_torch_thread):
     assert info["diffusion_steps"] == 2
     assert info["args"]["band_share"] == 0.5 and info["args"]["timestep_band"] == [500, 950]
     assert info["args"]["lr_decay"] == "linear" and info["args"]["lr_floor"] == 0.1
-    # Resume: one more step on top of the checkpoint.
+    # Every stage wrote its files whole: no partial folder or temporary file is left.
+    work = tmp_path / "work"
+    assert sorted(p.name for p in work.iterdir()) == [
+        "cache.json", "cache.safetensors", "diffusion.json", "diffusion.safetensors", "vae",
+        "vae_decoder",
+    ]  # fmt: skip
+    ckpt = work / "diffusion.safetensors"
+    assert read_checkpoint_info(ckpt)["step"] == 2
+    # Resume: one more step on top of the checkpoint. The step count travels inside the
+    # checkpoint, so a stale diffusion.json (a run killed between the two writes) is not read.
+    (work / "diffusion.json").write_text(json.dumps({"step": 1}))
     argv[argv.index("--steps") + 1] = "3"
+    capsys.readouterr()
     main(argv)
+    assert "diffusion: resuming at step 2" in capsys.readouterr().out
     assert json.loads((out / "toy_info.json").read_text())["diffusion_steps"] == 3
+    # A checkpoint written before the step count moved into it still resumes from its .json.
+    legacy = load_file(ckpt)
+    save_file(legacy, ckpt)
+    assert read_checkpoint_info(ckpt) == json.loads((work / "diffusion.json").read_text())
+    argv[argv.index("--steps") + 1] = "4"
+    main(argv)
+    assert json.loads((out / "toy_info.json").read_text())["diffusion_steps"] == 4
+    # ...and one with no step count anywhere is refused by name, untouched.
+    save_file(load_file(ckpt), ckpt)
+    (work / "diffusion.json").unlink()
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit, match=r"holds no step count.*another --work-dir"):
+        main(argv)
+    assert ckpt.read_bytes() == before
+
+
+def test_model_folders_are_saved_whole(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from diffusers_breakscene.toy.model import build_vae
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"half-written")
+    vae = build_vae()
+    save_model_folder(vae, folder)  # replaces what a killed run left, leaves nothing beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["vae"]
+    again = AutoencoderKL.from_pretrained(folder)
+    for (name, a), b in zip(vae.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.slow

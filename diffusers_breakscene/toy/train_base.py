@@ -27,7 +27,9 @@ one thread each runs faster than two (two intra-op threads on a busy 2-core mach
 slower). With the ``--max-minutes`` cap the number of steps (and so the weights) depends on the
 machine's speed.
 
-Three stages, each resumable from ``--work-dir`` (run the same command again after a stop):
+Four stages, each resumable from ``--work-dir`` (run the same command again after a stop;
+every file there is written whole, so a run killed at any moment resumes where its last
+checkpoint, every ``--save-every`` steps, left it):
 
 1. VAE (downsample 2) on random 32x32 crops of training scenes: MSE + L1 + 1e-6 KL, decoding
    the posterior mean.
@@ -98,7 +100,9 @@ from .train_latents import (
     finetune_decoder,
     log,
     optimizer_step,
+    read_checkpoint_info,
     render_batch,
+    save_checkpoint_file,
     train_vae,
 )
 from .world import (
@@ -459,11 +463,11 @@ def _lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
 
 def _check_architecture(args: argparse.Namespace, work: Path) -> None:
     """Refuse a work folder whose diffusion checkpoint holds another UNet architecture."""
-    meta = work / "diffusion.json"
-    if not meta.is_file():
+    info = read_checkpoint_info(work / "diffusion.safetensors")
+    if info is None:
         return
     # Checkpoints from before --unet-channels/--unet-layers hold the default architecture.
-    saved = json.loads(meta.read_text()).get("unet", [list(UNET_CHANNELS), list(UNET_LAYERS)])
+    saved = info.get("unet", [list(UNET_CHANNELS), list(UNET_LAYERS)])
     wanted = [list(args.unet_channels), list(args.unet_layers)]
     if saved != wanted:
         raise SystemExit(
@@ -628,7 +632,12 @@ def train_diffusion(
     ckpt = work / "diffusion.safetensors"
     if ckpt.is_file():
         _check_architecture(args, work)
-        info = json.loads((work / "diffusion.json").read_text())
+        info = read_checkpoint_info(ckpt)
+        if info is None:
+            raise SystemExit(
+                f"{ckpt} holds no step count (no metadata and no diffusion.json beside it): "
+                "delete it to train the diffusion stage from the start, or use another --work-dir."
+            )
         tensors = load_file(ckpt)
         for i, p in enumerate(params):
             p.data.copy_(tensors[f"param.{i}"])
@@ -644,19 +653,10 @@ def train_diffusion(
         tensors.update({f"ema.{i}": e.cpu().contiguous() for i, e in enumerate(ema)})
         opt_tensors, groups = _flat_optimizer_state(opt)
         tensors.update({f"opt.{k}": v.cpu() for k, v in opt_tensors.items()})
-        save_file(tensors, work / "diffusion.tmp")
         minutes = elapsed + (time.time() - start) / 60
-        (work / "diffusion.json").write_text(
-            json.dumps(
-                {
-                    **groups,
-                    "step": step,
-                    "minutes": minutes,
-                    "unet": [list(args.unet_channels), list(args.unet_layers)],
-                }
-            )
-        )
-        (work / "diffusion.tmp").replace(ckpt)
+        unet_layout = [list(args.unet_channels), list(args.unet_layers)]
+        info = {**groups, "step": step, "minutes": minutes, "unet": unet_layout}
+        save_checkpoint_file(tensors, ckpt, info)
 
     rng = np.random.default_rng([args.seed, 3, step])
     gen = torch.Generator().manual_seed(args.seed * 1000 + step)

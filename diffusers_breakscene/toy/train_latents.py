@@ -14,14 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_write
 from .model import TOY_RESOLUTION, build_vae
 from .world import MAX_OBJECTS, ToyObject, sample_scene
 
@@ -32,7 +37,10 @@ __all__ = [
     "finetune_decoder",
     "log",
     "optimizer_step",
+    "read_checkpoint_info",
     "render_batch",
+    "save_checkpoint_file",
+    "save_model_folder",
     "train_vae",
 ]
 
@@ -49,6 +57,50 @@ def render_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
     arrays = [np.asarray(sample_scene(rng, "train").image) for _ in range(n)]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1
+
+
+def save_model_folder(model: Any, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` in one move: saved beside ``folder`` and renamed into
+    place, so a run killed while saving leaves no half-written folder for the next run to resume
+    from (the stages resume from any folder holding a ``config.json``, which diffusers writes
+    before the weights)."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    shutil.rmtree(folder, ignore_errors=True)  # at most a partial folder of an older version
+    os.replace(partial, folder)
+
+
+def save_checkpoint_file(tensors: dict[str, torch.Tensor], path: Path, info: dict) -> None:
+    """Write ``tensors`` to ``path`` atomically with ``info`` in the file's own metadata, so
+    the step count and the weights can never disagree, then ``info`` again as ``path``'s
+    ``.json`` sibling for people and older readers.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from diffusers_breakscene.toy.train_latents import (
+        ...     read_checkpoint_info, save_checkpoint_file)
+        >>> path = Path(tempfile.mkdtemp()) / "diffusion.safetensors"
+        >>> save_checkpoint_file({"w": torch.ones(2)}, path, {"step": 100})
+        >>> read_checkpoint_info(path)
+        {'step': 100}
+    """
+    text = json.dumps(info)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"info": text}), "checkpoint")
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(text), "checkpoint info")
+
+
+def read_checkpoint_info(path: Path) -> dict | None:
+    """The ``info`` :func:`save_checkpoint_file` stored with ``path``; for a checkpoint written
+    before the info moved into the file, its ``.json`` sibling; ``None`` when there is none."""
+    if path.is_file():
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "info" in meta:
+            return json.loads(meta["info"])
+    sibling = path.with_suffix(".json")
+    return json.loads(sibling.read_text()) if sibling.is_file() else None
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list) -> None:
@@ -122,7 +174,7 @@ def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
     if args.init_from is not None:  # its latent space: the UNet being continued was trained in it
         log(f"VAE: taken from {args.init_from}")
         vae = AutoencoderKL.from_pretrained(Path(args.init_from) / "vae")
-        vae.save_pretrained(folder)
+        save_model_folder(vae, folder)
         return vae
     torch.manual_seed(args.seed)
     vae = build_vae()
@@ -148,7 +200,7 @@ def train_vae(args: argparse.Namespace, work: Path) -> torch.nn.Module:
         if step % args.log_every == 0 or step == args.vae_steps:
             _log_reconstruction("VAE", step, args.vae_steps, loss, mse, start)
     vae.eval()
-    vae.save_pretrained(folder)
+    save_model_folder(vae, folder)
     return vae
 
 
@@ -193,7 +245,7 @@ def finetune_decoder(args: argparse.Namespace, work: Path, vae: torch.nn.Module)
             _log_reconstruction("decoder", step, args.decoder_steps, loss, mse, start)
     vae.eval()
     vae.requires_grad_(True)
-    vae.save_pretrained(folder)
+    save_model_folder(vae, folder)
     return vae
 
 
@@ -253,14 +305,13 @@ def build_cache(args: argparse.Namespace, work: Path, vae: torch.nn.Module) -> d
             scenes.append((list(s.objects), s.setting))
         if (lo // chunk) % 10 == 0:
             log(f"cache: {lo + len(samples)}/{n} images ({time.time() - start:.0f} s)")
-    save_file({"latents": latents, "masks": masks}, path)
-    meta_path.write_text(
-        json.dumps(
-            {
-                "num_images": n,
-                "seed": args.seed,
-                "scenes": [([o.__dict__ for o in objs], setting) for objs, setting in scenes],
-            }
-        )
-    )
+    # Both files atomically, tensors first: a run killed in between leaves either no
+    # cache.json (rendered again) or one of the same count and seed, hence the same scenes.
+    atomic_write(path, lambda tmp: save_file({"latents": latents, "masks": masks}, tmp), "cache")
+    meta = {
+        "num_images": n,
+        "seed": args.seed,
+        "scenes": [([o.__dict__ for o in objs], setting) for objs, setting in scenes],
+    }
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)), "cache info")
     return {"latents": latents, "masks": masks, "scenes": scenes}
