@@ -63,7 +63,18 @@ def save_model_folder(model: Any, folder: Path) -> None:
     """``model.save_pretrained(folder)`` in one move: saved beside ``folder`` and renamed into
     place, so a run killed while saving leaves no half-written folder for the next run to resume
     from (the stages resume from any folder holding a ``config.json``, which diffusers writes
-    before the weights)."""
+    before the weights).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from diffusers_breakscene.toy.model import build_vae
+        >>> from diffusers_breakscene.toy.train_latents import save_model_folder
+        >>> work = Path(tempfile.mkdtemp())
+        >>> save_model_folder(build_vae(), work / "vae")
+        >>> sorted(p.name for p in work.iterdir()), (work / "vae" / "config.json").is_file()
+        (['vae'], True)
+    """
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
