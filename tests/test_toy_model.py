@@ -211,9 +211,11 @@ def test_training_script_runs_and_resumes(tmp_path, one_torch_thread, capsys):
     save_file(load_file(ckpt), ckpt)
     (work / "diffusion.json").unlink()
     before = ckpt.read_bytes()
+    capsys.readouterr()
     with pytest.raises(SystemExit, match=r"holds no step count.*another --work-dir"):
         main(argv)
     assert ckpt.read_bytes() == before
+    assert "VAE" not in capsys.readouterr().out  # refused before any stage ran
 
 
 def test_model_folders_are_saved_whole(tmp_path):

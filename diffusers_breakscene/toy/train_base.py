@@ -461,20 +461,28 @@ def _lr_at(step: int, args: argparse.Namespace, minutes: float = 0.0) -> float:
     return decayed_lr(args.lr, progress, args.lr_decay, args.lr_floor, args.decay_share)
 
 
-def _check_architecture(args: argparse.Namespace, work: Path) -> None:
-    """Refuse a work folder whose diffusion checkpoint holds another UNet architecture."""
-    info = read_checkpoint_info(work / "diffusion.safetensors")
+def _checkpoint_info(args: argparse.Namespace, work: Path) -> dict | None:
+    """The info of ``work``'s diffusion checkpoint (``None`` when there is none yet); a
+    checkpoint with no step count or with another UNet architecture is refused."""
+    ckpt = work / "diffusion.safetensors"
+    if not ckpt.is_file():
+        return None
+    info = read_checkpoint_info(ckpt)
     if info is None:
-        return
+        raise SystemExit(
+            f"{ckpt} holds no step count (no metadata and no diffusion.json beside it): "
+            "delete it to train the diffusion stage from the start, or use another --work-dir."
+        )
     # Checkpoints from before --unet-channels/--unet-layers hold the default architecture.
     saved = info.get("unet", [list(UNET_CHANNELS), list(UNET_LAYERS)])
     wanted = [list(args.unet_channels), list(args.unet_layers)]
     if saved != wanted:
         raise SystemExit(
-            f"{work / 'diffusion.safetensors'} holds a UNet with channels {saved[0]} and layers "
+            f"{ckpt} holds a UNet with channels {saved[0]} and layers "
             f"{saved[1]}, not --unet-channels {wanted[0]} --unet-layers {wanted[1]}: pass those "
             "values to resume it, or use another --work-dir."
         )
+    return info
 
 
 class DiffusionBatch(NamedTuple):
@@ -630,14 +638,8 @@ def train_diffusion(
 
     step, elapsed = 0, 0.0
     ckpt = work / "diffusion.safetensors"
-    if ckpt.is_file():
-        _check_architecture(args, work)
-        info = read_checkpoint_info(ckpt)
-        if info is None:
-            raise SystemExit(
-                f"{ckpt} holds no step count (no metadata and no diffusion.json beside it): "
-                "delete it to train the diffusion stage from the start, or use another --work-dir."
-            )
+    info = _checkpoint_info(args, work)
+    if info is not None:
         tensors = load_file(ckpt)
         for i, p in enumerate(params):
             p.data.copy_(tensors[f"param.{i}"])
@@ -831,7 +833,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.output)
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "breakscene_toy_work")
     work.mkdir(parents=True, exist_ok=True)
-    _check_architecture(args, work)  # before any stage runs
+    _checkpoint_info(args, work)  # a checkpoint it cannot resume is refused before any stage
     _check_init_from(args)
     t0 = time.time()
     vae = train_vae(args, work)
