@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import InvalidConfigError, MissingFileError, TrainingError
-from .files import fsync_dir
+from .files import fsync_dir, new_file_mode, settle_permissions
 
 __all__ = [
     "HANDLE_PARAMS",
@@ -123,6 +123,7 @@ def save_checkpoint(
     save_file(tensors, tmp / STATE_FILE, metadata=metadata)
     with open(tmp / STATE_FILE, "rb") as handle:
         os.fsync(handle.fileno())
+    settle_permissions(tmp / STATE_FILE, final / STATE_FILE, new_file_mode(tmp))
     if final.is_dir():
         # A folder cannot be renamed over a non-empty one atomically; the checkpoint is one
         # file, so replace that file atomically instead: a crash leaves the old or the new.

@@ -3,7 +3,9 @@
 Every file the library writes (bundles, exports, checkpoints, pictures) goes through
 :func:`atomic_write`: the content is written to a temporary file in the target's folder, flushed
 to disk, then renamed over the target (``os.replace``, atomic on POSIX and Windows). A process
-killed at any moment leaves either the previous file or the complete new one.
+killed at any moment leaves either the previous file or the complete new one. The new file gets
+the permissions a plain ``open(path, "w")`` would give it: those of the file it replaces, or the
+umask's for a new one.
 
 Example:
     >>> import tempfile
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +33,8 @@ __all__ = [
     "check_utf8_path",
     "check_writable",
     "fsync_dir",
+    "new_file_mode",
+    "settle_permissions",
 ]
 
 
@@ -141,6 +146,58 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
             os.close(fd)
 
 
+def _new_temporary_file(path: Path) -> Path:
+    """Create an empty hidden file beside ``path`` and return its name.
+
+    Written by hand rather than with ``tempfile.mkstemp``, which creates its file with mode 0600
+    whatever the umask. ``os.open`` with 0666 lets the umask narrow the mode exactly as it does
+    for any new file, so :func:`new_file_mode` can read it back.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {str(path)!r}")
+
+
+def new_file_mode(folder: str | os.PathLike[str]) -> int:
+    """The permission bits a file newly created in ``folder`` gets (0666 narrowed by the umask).
+
+    Read from a probe file rather than with ``os.umask``, which can only be read by setting it,
+    a race with other threads creating files.
+
+    Example:
+        >>> import os, tempfile
+        >>> previous = os.umask(0o022)
+        >>> oct(new_file_mode(tempfile.mkdtemp()))
+        '0o644'
+        >>> _ = os.umask(previous)
+    """
+    probe = _new_temporary_file(Path(folder) / "mode")
+    try:
+        return stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def settle_permissions(file: Path, target: Path, new_mode: int) -> None:
+    """Give ``file``, about to be renamed onto ``target``, the permissions a plain
+    ``open(target, "w")`` would leave: ``target``'s own where it exists, else ``new_mode``.
+
+    Needed because writers that replace files through a temporary one create it 0600 (Python's
+    ``tempfile.mkstemp``; ``safetensors.torch.save_file`` since 0.8, safetensors issue #782), and
+    the rename carries that mode over: bundles meant to be shared would be unreadable to others.
+    """
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = new_mode
+    os.chmod(file, mode)
+
+
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[Path], object], what: str = "file"
 ) -> Path:
@@ -148,19 +205,20 @@ def atomic_write(
 
     Missing parent folders are created. On any failure the temporary file is removed and a
     previous file at ``path`` is unchanged; ``OSError`` becomes :class:`UnwritableOutputError`.
+    The new file keeps the permissions of the file it replaces (a new one gets the umask's).
     """
     path = check_output_file(path, what)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = _new_temporary_file(path)
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask gives a new file
     except OSError as error:
         raise UnwritableOutputError(f"Cannot write the {what} {str(path)!r}: {error}") from error
-    os.close(fd)
-    tmp = Path(name)
     try:
-        write(tmp)
+        write(tmp)  # may replace tmp (safetensors does), so its mode is settled afterwards
         with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
+        settle_permissions(tmp, path, mode)
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)

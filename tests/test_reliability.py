@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 import diffusers_breakscene as bas
 from diffusers_breakscene import trainer as trainer_module
-from diffusers_breakscene.checkpoint import latest_checkpoint, load_checkpoint
+from diffusers_breakscene.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffusers_breakscene.tiny import tiny_pipeline, tiny_scene
 
 RES = 64
@@ -144,6 +144,54 @@ def test_sigkill_mid_save_never_leaves_a_partial_file(tmp_path):
     # the live files load too, and temporary leftovers are never picked as checkpoints
     assert latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "checkpoint-7"
     print(f"kills that left a temporary file behind (mid-write): {left_over}/{kills}")
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits and umask are POSIX")
+def test_written_files_get_the_umask_permissions_and_keep_replaced_ones(tmp_path):
+    from PIL import Image
+
+    from diffusers_breakscene.viz import save_png
+
+    bundle = bas.Bundle(
+        handles={"<a>": torch.ones(1, 8)},
+        lora={"unet.a.to_q.lora.down.weight": torch.ones(4, 8)},
+        metadata={"lora": {"unet": {"r": 4, "lora_alpha": 4, "target_modules": ["to_q"]}}},
+    )
+    previous = os.umask(0o022)
+    try:
+        # new files: what the umask allows, as for any file opened for writing (the atomic
+        # write's temporary file used to be created 0600, and the rename carried that over)
+        saved = bundle.save(tmp_path / "shared" / "b.safetensors")
+        picture = save_png(Image.new("RGB", (4, 4)), tmp_path / "shared" / "p.png")
+        assert _mode(saved) == 0o644 and _mode(picture) == 0o644
+        os.umask(0o027)
+        assert _mode(bundle.save(tmp_path / "group.safetensors")) == 0o640
+        export = bundle.export_diffusers(tmp_path / "export")
+        assert {_mode(f) for f in export.values()} == {0o640}
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.SGD([p], lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+        state = dict(step=1, phase=1, params={"p": p}, optimizer=opt, scheduler=sched,
+                     generator_states=torch.Generator().get_state()[None])  # fmt: skip
+        folder = save_checkpoint(tmp_path / "checkpoints", **state)
+        assert _mode(folder / "state.safetensors") == 0o640
+        # a replaced file keeps the permissions its owner gave it
+        os.chmod(saved, 0o664)
+        assert _mode(bundle.save(saved)) == 0o664
+        assert bas.Bundle.load(saved).tokens == ["<a>"]
+        os.chmod(export["embeddings"], 0o600)
+        assert _mode(bundle.export_diffusers(tmp_path / "export")["embeddings"]) == 0o600
+        os.chmod(folder / "state.safetensors", 0o644)
+        assert (
+            _mode(save_checkpoint(tmp_path / "checkpoints", **state) / "state.safetensors") == 0o644
+        )
+    finally:
+        os.umask(previous)
+    assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
 # --------------------------------------------------------------------------------------------

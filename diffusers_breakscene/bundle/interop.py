@@ -36,7 +36,7 @@ from ..errors import (
     UnwritableOutputError,
     fail,
 )
-from ..files import check_utf8_path, check_writable, fsync_dir
+from ..files import check_utf8_path, check_writable, fsync_dir, new_file_mode, settle_permissions
 from .format import (
     DIFFUSERS_EMBEDDINGS_NAME,
     DIFFUSERS_LORA_NAME,
@@ -89,10 +89,12 @@ def export_diffusers(bundle: Bundle, directory: str | os.PathLike[str]) -> dict[
         _write_embeddings(bundle, staging / DIFFUSERS_EMBEDDINGS_NAME)
         written["embeddings"] = staging / DIFFUSERS_EMBEDDINGS_NAME
         out: dict[str, Path] = {}
+        mode = new_file_mode(directory)
         for key, tmp in written.items():
             with tmp.open("rb+") as f:
                 os.fsync(f.fileno())
             out[key] = directory / tmp.name
+            settle_permissions(tmp, out[key], mode)
             os.replace(tmp, out[key])
         stale = directory / DIFFUSERS_LORA_NAME
         if "lora" not in out and stale.is_file():
