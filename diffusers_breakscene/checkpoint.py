@@ -41,6 +41,8 @@ __all__ = [
     "CheckpointState",
     "latest_checkpoint",
     "load_checkpoint",
+    "optimizer_from_tensors",
+    "optimizer_to_tensors",
     "prune_checkpoints",
     "resolve_resume",
     "restore_checkpoint",
@@ -69,7 +71,23 @@ class CheckpointState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_tensors(
+    state: dict[str, Any], prefix: str = "optimizer."
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's ``state_dict()`` into tensors for a safetensors file (named
+    ``{prefix}{param index}.{key}``) and the JSON-able rest (``param_groups`` and any non-tensor
+    state); :func:`optimizer_from_tensors` joins them again. Also used by the toy world's
+    ``train_base``, whose checkpoints hold an EMA this module's do not.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.Adam([p])
+        >>> p.grad = torch.ones(2); opt.step()
+        >>> tensors, rest = optimizer_to_tensors(opt.state_dict())
+        >>> sorted(tensors)
+        ['optimizer.0.exp_avg', 'optimizer.0.exp_avg_sq', 'optimizer.0.step']
+        >>> opt.load_state_dict(optimizer_from_tensors(tensors, rest))
+    """
     tensors, plain = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
@@ -78,12 +96,33 @@ def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
                     if not isinstance(item, torch.Tensor):
                         raise TypeError(f"optimizer state {key}.{sub} is not a tensor")
                     # cloned: its quantization maps are one tensor shared by every parameter
-                    tensors[f"optimizer.{index}.{key}/{sub}"] = item.detach().cpu().clone()
+                    tensors[f"{prefix}{index}.{key}/{sub}"] = item.detach().cpu().clone()
             elif isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{prefix}{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 plain[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def optimizer_from_tensors(
+    tensors: dict[str, torch.Tensor], rest: dict[str, Any], prefix: str = "optimizer."
+) -> dict[str, Any]:
+    """The optimizer ``state_dict`` that :func:`optimizer_to_tensors` split; tensors whose
+    names lack ``prefix`` are ignored (see there for an example)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, name = key[len(prefix) :].split(".", 1)
+            entry = state.setdefault(int(index), {})
+            if "/" in name:  # a nested entry (see optimizer_to_tensors)
+                outer, inner = name.split("/", 1)
+                entry.setdefault(outer, {})[inner] = value
+            else:
+                entry[name] = value
+    for key, value in rest.get("plain", {}).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
 
 
 def save_checkpoint(
@@ -107,7 +146,7 @@ def save_checkpoint(
     tmp.mkdir()
 
     tensors = {f"param.{k}": v.detach().cpu().float().contiguous() for k, v in params.items()}
-    opt_tensors, opt_plain = _optimizer_tensors(optimizer.state_dict())
+    opt_tensors, opt_plain = optimizer_to_tensors(optimizer.state_dict())
     tensors.update(opt_tensors)
     tensors["rng.generators"] = generator_states.cpu().contiguous()
     if torch_rng_state is not None:
@@ -159,24 +198,11 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> CheckpointState:
             "this one."
         ) from None
     opt_meta = json.loads(metadata["optimizer"])
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            entry = opt_state.setdefault(int(index), {})
-            if "/" in name:  # a nested entry (see _optimizer_tensors)
-                outer, inner = name.split("/", 1)
-                entry.setdefault(outer, {})[inner] = value
-            else:
-                entry[name] = value
-    for key, value in opt_meta["plain"].items():
-        index, name = key.split(".", 1)
-        opt_state.setdefault(int(index), {})[name] = value
     return CheckpointState(
         step=int(metadata["step"]),
         phase=int(metadata["phase"]),
         params={k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")},
-        optimizer={"state": opt_state, "param_groups": opt_meta["param_groups"]},
+        optimizer=optimizer_from_tensors(tensors, opt_meta),
         scheduler=json.loads(metadata["scheduler"]),
         generator_states=tensors["rng.generators"],
         torch_rng_state=tensors.get("rng.torch"),

@@ -84,6 +84,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from .model import (
     TOY_RESOLUTION,
     UNET_CHANNELS,
@@ -407,25 +408,6 @@ def outline_maps(scenes: list[tuple[list[ToyObject], str]], size: int) -> torch.
 # -- stage 3: UNet + text encoder -------------------------------------------------------------
 
 
-def _flat_optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = opt.state_dict()
-    tensors = {
-        f"{idx}.{key}": value.contiguous()
-        for idx, per_param in state["state"].items()
-        for key, value in per_param.items()
-        if isinstance(value, torch.Tensor)
-    }
-    return tensors, {"param_groups": state["param_groups"]}
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, groups: dict) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
-
-
 def sample_timesteps(
     n: int, generator: torch.Generator, band: tuple[int, int] = (500, 950), share: float = 0.0
 ) -> torch.Tensor:
@@ -644,20 +626,18 @@ def train_diffusion(
         for i, p in enumerate(params):
             p.data.copy_(tensors[f"param.{i}"])
             ema[i].copy_(tensors[f"ema.{i}"])
-        _load_optimizer_state(
-            opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, info
-        )
+        opt.load_state_dict(optimizer_from_tensors(tensors, info, prefix="opt."))
         step, elapsed = int(info["step"]), float(info.get("minutes", 0.0))
         log(f"diffusion: resuming at step {step}")
 
     def save_checkpoint() -> None:
         tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
         tensors.update({f"ema.{i}": e.cpu().contiguous() for i, e in enumerate(ema)})
-        opt_tensors, groups = _flat_optimizer_state(opt)
-        tensors.update({f"opt.{k}": v.cpu() for k, v in opt_tensors.items()})
+        opt_tensors, opt_rest = optimizer_to_tensors(opt.state_dict(), prefix="opt.")
+        tensors.update(opt_tensors)
         minutes = elapsed + (time.time() - start) / 60
         unet_layout = [list(args.unet_channels), list(args.unet_layers)]
-        info = {**groups, "step": step, "minutes": minutes, "unet": unet_layout}
+        info = {**opt_rest, "step": step, "minutes": minutes, "unet": unet_layout}
         save_checkpoint_file(tensors, ckpt, info)
 
     rng = np.random.default_rng([args.seed, 3, step])
