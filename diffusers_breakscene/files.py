@@ -21,7 +21,7 @@ import contextlib
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import BreakSceneError, InvalidArgumentError, UnwritableOutputError, fail
@@ -35,6 +35,7 @@ __all__ = [
     "fsync_dir",
     "new_file_mode",
     "settle_permissions",
+    "usual_permissions",
 ]
 
 
@@ -196,6 +197,51 @@ def settle_permissions(file: Path, target: Path, new_mode: int) -> None:
     except FileNotFoundError:
         mode = new_mode
     os.chmod(file, mode)
+
+
+@contextlib.contextmanager
+def usual_permissions(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Files that the ``with`` block creates or replaces under ``folder`` end with the mode a
+    plain write gives: a replaced file's previous mode, the umask's for a new one. For
+    ``save_pretrained``: diffusers and transformers write weights with
+    ``safetensors.torch.save_file``, which since safetensors 0.8 leaves them 0600 whatever the
+    umask (safetensors issue #782), so a saved model folder would be unreadable to others.
+    Files the block leaves alone keep their mode.
+
+    Example:
+        >>> import os, tempfile
+        >>> from pathlib import Path
+        >>> import torch
+        >>> from safetensors.torch import save_file
+        >>> previous = os.umask(0o022)
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with usual_permissions(folder):
+        ...     save_file({"w": torch.ones(1)}, folder / "model.safetensors")
+        >>> oct((folder / "model.safetensors").stat().st_mode & 0o777)
+        '0o644'
+        >>> _ = os.umask(previous)
+    """
+    folder = Path(folder)
+
+    def files() -> dict[Path, os.stat_result]:
+        if not folder.is_dir():
+            return {}
+        return {f: f.lstat() for f in folder.rglob("*") if f.is_file() and not f.is_symlink()}
+
+    before = files()
+    yield
+    modes: dict[Path, int] = {}
+    for file, now in files().items():
+        was = before.get(file)
+        if was is not None and was.st_ino == now.st_ino:
+            continue  # written in place (or untouched): open() already kept its mode
+        if was is not None:
+            mode = stat.S_IMODE(was.st_mode)
+        else:
+            if file.parent not in modes:
+                modes[file.parent] = new_file_mode(file.parent)
+            mode = modes[file.parent]
+        os.chmod(file, mode)
 
 
 def atomic_write(

@@ -391,13 +391,14 @@ def save_tiny_pipeline(
         >>> pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
     """
     from .errors import UnwritableOutputError
-    from .files import check_output_dir, check_utf8_path
+    from .files import check_output_dir, check_utf8_path, usual_permissions
 
     path = check_output_dir(directory, "model folder")
     check_utf8_path(path, "model folder", UnwritableOutputError)
     pipe = tiny_pipeline(family, seed=seed, resolution=resolution)
     path.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(path)
+    with usual_permissions(path):
+        pipe.save_pretrained(path)
     return path
 
 

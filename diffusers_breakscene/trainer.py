@@ -47,7 +47,12 @@ from .errors import (
     NonFiniteLossError,
     UnwritableOutputError,
 )
-from .files import check_output_dir, check_output_file, check_utf8_path
+from .files import (
+    check_output_dir,
+    check_output_file,
+    check_utf8_path,
+    usual_permissions,
+)
 from .handles import HandleEmbedding, add_handles, check_handle_names, vector_names
 from .interrupt import GracefulInterrupt
 from .lora import add_text_encoder_lora, add_unet_lora
@@ -584,9 +589,10 @@ class BreakASceneTrainer:
             text_encoder_lora=lora and cfg.train_text_encoder_lora,
         )
         if cfg.phase2 == "full" and cfg.phase2_steps:
-            self.pipeline.unet.save_pretrained(output_dir / "unet")
-            if cfg.train_text_encoder:
-                self._save_text_encoder(output_dir / "text_encoder")
+            with usual_permissions(output_dir):
+                self.pipeline.unet.save_pretrained(output_dir / "unet")
+                if cfg.train_text_encoder:
+                    self._save_text_encoder(output_dir / "text_encoder")
         return bundle.save(output_dir / "break_a_scene.safetensors")
 
     def _save_text_encoder(self, folder: Path) -> None:

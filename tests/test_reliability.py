@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 import diffusers_breakscene as bas
 from diffusers_breakscene import trainer as trainer_module
 from diffusers_breakscene.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffusers_breakscene.tiny import tiny_pipeline, tiny_scene
+from diffusers_breakscene.tiny import save_tiny_pipeline, tiny_pipeline, tiny_scene
 
 RES = 64
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +185,18 @@ def test_written_files_get_the_umask_permissions_and_keep_replaced_ones(tmp_path
         assert bas.Bundle.load(saved).tokens == ["<a>"]
         os.chmod(export["embeddings"], 0o600)
         assert _mode(bundle.export_diffusers(tmp_path / "export")["embeddings"]) == 0o600
+        # model folders saved by diffusers' save_pretrained: its new files only
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "mine.safetensors").write_bytes(b"")
+        os.chmod(model / "mine.safetensors", 0o600)
+        save_tiny_pipeline(model, "sd1")
+        assert _mode(model / "unet" / "diffusion_pytorch_model.safetensors") == 0o640
+        assert _mode(model / "text_encoder" / "model.safetensors") == 0o640
+        assert _mode(model / "mine.safetensors") == 0o600
+        os.chmod(model / "vae" / "diffusion_pytorch_model.safetensors", 0o644)
+        save_tiny_pipeline(model, "sd1")  # saved again over itself: replaced files keep theirs
+        assert _mode(model / "vae" / "diffusion_pytorch_model.safetensors") == 0o644
         os.chmod(folder / "state.safetensors", 0o644)
         assert (
             _mode(save_checkpoint(tmp_path / "checkpoints", **state) / "state.safetensors") == 0o644

@@ -462,6 +462,8 @@ def test_reference_phase_two_fine_tunes_the_whole_text_encoder(tmp_path):
     trained); the text encoder is saved without the handle rows and loads beside the base."""
     from transformers import CLIPTextModel
 
+    from diffusers_breakscene.files import new_file_mode
+
     base = tiny_pipeline("sd1")
     before = {k: v.clone() for k, v in base.text_encoder.state_dict().items()}
     vocab = len(base.tokenizer)
@@ -469,6 +471,10 @@ def test_reference_phase_two_fine_tunes_the_whole_text_encoder(tmp_path):
                  phase1_steps=1, phase2_steps=2, checkpointing_steps=2)  # fmt: skip
     trainer = bas.BreakASceneTrainer(base, tiny_scene(RES), cfg)
     path = trainer.train(tmp_path, progress=False)
+    # the saved weights are readable as any new file is (safetensors 0.8 alone leaves them 0600)
+    mode = new_file_mode(tmp_path)
+    for name in ("unet/diffusion_pytorch_model", "text_encoder/model", "break_a_scene"):
+        assert (tmp_path / f"{name}.safetensors").stat().st_mode & 0o777 == mode, name
     saved = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
     assert saved.get_input_embeddings().weight.shape[0] == vocab == saved.config.vocab_size
     changed = [k for k, v in saved.state_dict().items() if not torch.equal(v, before[k])]

@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from ..files import usual_permissions
 from .model import (
     TOY_RESOLUTION,
     UNET_CHANNELS,
@@ -840,8 +841,9 @@ def main(argv: list[str] | None = None) -> Path:
         requires_safety_checker=False,
     )
     out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out, safe_serialization=True)
-    _classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
+    with usual_permissions(out):
+        pipe.save_pretrained(out, safe_serialization=True)
+        _classic_text_encoder_keys(out / "text_encoder" / "model.safetensors")
     info = {
         "command": "python -m diffusers_breakscene.toy.train_base "
         + " ".join(sys.argv[1:] if argv is None else argv),
