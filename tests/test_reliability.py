@@ -1,7 +1,8 @@
 """Reliability (issue #6): crashes mid-write, interrupted training, NaN losses, load/unload churn.
 
 * ``SIGKILL`` at random moments while a bundle, an export or a checkpoint is being written leaves
-  the target loadable as the previous or the complete new version, never a partial one.
+  the target loadable as the previous or the complete new version, never a partial one; what is
+  written gets the umask's permissions (a replaced file keeps its own), never a temporary 0600.
 * Training killed at random steps of both phases and resumed with ``"latest"`` (as often as it
   takes) ends bit-identical to an uninterrupted run.
 * A non-finite loss stops training at the step it appears, naming the last good checkpoint,
