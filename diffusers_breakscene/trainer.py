@@ -589,9 +589,10 @@ class BreakASceneTrainer:
             text_encoder_lora=lora and cfg.train_text_encoder_lora,
         )
         if cfg.phase2 == "full" and cfg.phase2_steps:
-            with usual_permissions(output_dir):
+            with usual_permissions(output_dir / "unet"):
                 self.pipeline.unet.save_pretrained(output_dir / "unet")
-                if cfg.train_text_encoder:
+            if cfg.train_text_encoder:
+                with usual_permissions(output_dir / "text_encoder"):
                     self._save_text_encoder(output_dir / "text_encoder")
         return bundle.save(output_dir / "break_a_scene.safetensors")
 

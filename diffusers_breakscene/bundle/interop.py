@@ -89,7 +89,7 @@ def export_diffusers(bundle: Bundle, directory: str | os.PathLike[str]) -> dict[
         _write_embeddings(bundle, staging / DIFFUSERS_EMBEDDINGS_NAME)
         written["embeddings"] = staging / DIFFUSERS_EMBEDDINGS_NAME
         out: dict[str, Path] = {}
-        mode = new_file_mode(directory)
+        mode = new_file_mode(staging)  # the umask's mode, probed out of the user's sight
         for key, tmp in written.items():
             with tmp.open("rb+") as f:
                 os.fsync(f.fileno())

@@ -581,7 +581,11 @@ def diffusion_loss(
 
 
 def train_diffusion(
-    args: argparse.Namespace, work: Path, vae: torch.nn.Module, cache: dict
+    args: argparse.Namespace,
+    work: Path,
+    vae: torch.nn.Module,
+    cache: dict,
+    resume: dict | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module, int]:
     from diffusers import DDPMScheduler
 
@@ -621,14 +625,13 @@ def train_diffusion(
 
     step, elapsed = 0, 0.0
     ckpt = work / "diffusion.safetensors"
-    info = _checkpoint_info(args, work)
-    if info is not None:
+    if resume is not None:  # main's _checkpoint_info: read and checked before any stage ran
         tensors = load_file(ckpt)
         for i, p in enumerate(params):
             p.data.copy_(tensors[f"param.{i}"])
             ema[i].copy_(tensors[f"ema.{i}"])
-        opt.load_state_dict(optimizer_from_tensors(tensors, info, prefix="opt."))
-        step, elapsed = int(info["step"]), float(info.get("minutes", 0.0))
+        opt.load_state_dict(optimizer_from_tensors(tensors, resume, prefix="opt."))
+        step, elapsed = int(resume["step"]), float(resume.get("minutes", 0.0))
         log(f"diffusion: resuming at step {step}")
 
     def save_checkpoint() -> None:
@@ -814,7 +817,7 @@ def main(argv: list[str] | None = None) -> Path:
     out = Path(args.output)
     work = Path(args.work_dir or Path(tempfile.gettempdir()) / "breakscene_toy_work")
     work.mkdir(parents=True, exist_ok=True)
-    _checkpoint_info(args, work)  # a checkpoint it cannot resume is refused before any stage
+    resume = _checkpoint_info(args, work)  # one it cannot resume is refused before any stage
     _check_init_from(args)
     t0 = time.time()
     vae = train_vae(args, work)
@@ -826,7 +829,7 @@ def main(argv: list[str] | None = None) -> Path:
     log(f"VAE latent std {std:.3f}: scaling_factor {1 / std:.3f}")
     cache = build_cache(args, work, vae)
     t_cache = time.time() - t0 - t_vae
-    unet, text_encoder, steps = train_diffusion(args, work, vae, cache)
+    unet, text_encoder, steps = train_diffusion(args, work, vae, cache, resume)
     vae = finetune_decoder(args, work, vae)
     t_total = time.time() - t0
 
