@@ -4,17 +4,24 @@
     python benchmarks/toy_recipe_sweep.py --smoke                       # seconds, CPU (tests)
 
 The autoencoder stages of :mod:`diffusers_breakscene.toy.train_base` (VAE, latent cache, decoder)
-run once in ``<work>/base`` (``--autoencoder DIR`` takes the ``vae`` and ``vae_decoder`` folders
-of an earlier run's work folder instead of training them). Then every variant (``train_base``
+run once in ``<work>/base``; ``--autoencoder DIR`` takes the ``vae`` and ``vae_decoder`` folders
+of an earlier run's work folder instead of training them. Then every variant (``train_base``
 flags added to its default recipe) trains the UNet and text encoder from random weights, all
 variants at once, each in its own process with one CPU thread, each capped at ``--minutes``
 (its learning-rate schedule ends by then) and ``--steps``. Each saved pipeline is then scored by
 ``benchmarks/toy_model.py`` (full: 200 unseen prompts and 32 attention scenes; ``--smoke``: its
 smoke mode) on the same device.
 
-The variants share the wall time, not the number of steps: a variant with a slower step makes
+``--seeds 0,1,2`` trains every variant once per training seed (``train_base --seed``: the
+UNet's and text encoder's initial weights, the training scenes, the batches and the noise; the
+VAE and decoder are trained once, with seed 0; each other seed's latent cache is built once, in
+``<work>/base-seed<N>``): two runs of one recipe differ in one-object shape by as much as 0.18
+(docs/toy-world.md), as much as most recipes do, so a recipe is told apart by its mean over
+seeds and the range beside it, not by one run.
+
+The runs share the wall time, not the number of steps: a variant with a slower step makes
 fewer. A short run ranks recipes; it does not predict a full run's numbers. Compare the variants
-of one run only: they share the machine, the cache and the prompts.
+of one sweep only: they share the machine, the autoencoder, each seed's cache and the prompts.
 
 Writes ``<out>/<name>.json`` and ``.md`` (default out: benchmarks/results; default name
 ``toy_recipe_sweep``, ``-smoke`` for ``--smoke``).
@@ -71,7 +78,7 @@ def _train_base(work: Path, out: Path, extra: list[str], log: Path) -> subproces
     return subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def _wait(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> dict[str, str]:
+def _wait(procs: dict[Any, subprocess.Popen], logs: dict[Any, Path]) -> dict[Any, str]:
     """Wait for every process; returns the last log lines of those that failed."""
     failed = {}
     for name, proc in procs.items():
@@ -90,6 +97,7 @@ def run(
     steps: int,
     work: Path,
     autoencoder: Path | None,
+    seeds: tuple[int, ...] = (0,),
 ) -> dict[str, Any]:
     spec = MODES[mode]
     started = time.perf_counter()
@@ -103,52 +111,73 @@ def run(
     proc = _train_base(base, work / "base_out", [*spec["stages"], *threads, "--steps", "0"], log)
     if _wait({"base": proc}, {"base": log}):
         raise SystemExit(f"the autoencoder stages failed:\n{log.read_text()[-2000:]}")
-    for leftover in base.glob("diffusion.*"):  # the 0-step checkpoint: each variant starts anew
-        leftover.unlink()
+    # A seed draws its own training scenes, hence its own latent cache: built once per seed
+    # with the one autoencoder (seed 0's), in <work>/base-seed<N>.
+    bases = {seed: base if seed == 0 else work / f"base-seed{seed}" for seed in seeds}
+    procs, logs = {}, {}
+    for seed, folder in bases.items():
+        if seed == 0:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        for part in ("vae", "vae_decoder"):
+            shutil.copytree(base / part, folder / part, copy_function=os.link)
+        logs[seed] = work / f"base-seed{seed}.log"
+        extra = [*spec["stages"], *threads, "--steps", "0", "--seed", str(seed)]
+        procs[seed] = _train_base(folder, work / f"base-seed{seed}_out", extra, logs[seed])
+    if failed := _wait(procs, logs):
+        raise SystemExit(f"the latent caches of seeds {sorted(failed)} failed:\n{failed}")
+    for folder in bases.values():  # the 0-step checkpoints: each run starts anew
+        for leftover in folder.glob("diffusion.*"):
+            leftover.unlink()
     base_s = time.perf_counter() - started
 
+    # one run per (variant, seed), each in <work>/<variant>/seed<N>
+    runs = {(v, seed): work / v / f"seed{seed}" for v in variants for seed in seeds}
     procs, logs = {}, {}
-    for variant, flags in variants.items():
-        folder = work / variant
+    for (variant, seed), folder in runs.items():
         shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(base, folder, copy_function=os.link)  # the cache is read, never written
-        logs[variant] = work / f"{variant}.log"
-        extra = [*spec["stages"], "--threads", "1", "--steps", str(steps)]
+        # hard links: the autoencoder and the cache are read, never written
+        shutil.copytree(bases[seed], folder, copy_function=os.link)
+        logs[variant, seed] = folder.parent / f"seed{seed}.log"
+        extra = [*spec["stages"], "--threads", "1", "--steps", str(steps), "--seed", str(seed)]
         extra += ["--max-minutes", str(minutes)]
-        extra += ["--device", device, "--log-every", "500", *shlex.split(flags)]
-        procs[variant] = _train_base(folder, folder / "out", extra, logs[variant])
+        extra += ["--device", device, "--log-every", "500", *shlex.split(variants[variant])]
+        procs[variant, seed] = _train_base(folder, folder / "out", extra, logs[variant, seed])
     failed = _wait(procs, logs)
     train_s = time.perf_counter() - started - base_s
 
     benches, blogs = {}, {}
-    for variant in variants:
-        if variant in failed:
+    for key, folder in runs.items():
+        if key in failed:
             continue
-        blogs[variant] = work / f"{variant}.bench.log"
+        blogs[key] = folder.parent / f"seed{key[1]}.bench.log"
         argv = [sys.executable, str(HERE / "toy_model.py"), *spec["bench"], "--model"]
-        argv += [str(work / variant / "out"), "--out", str(work / variant), "--device", device]
-        benches[variant] = subprocess.Popen(
-            argv, stdout=blogs[variant].open("w"), stderr=subprocess.STDOUT, cwd=REPO
+        argv += [str(folder / "out"), "--out", str(folder), "--device", device]
+        benches[key] = subprocess.Popen(
+            argv, stdout=blogs[key].open("w"), stderr=subprocess.STDOUT, cwd=REPO
         )
     failed.update(_wait(benches, blogs))
 
+    stem = "toy_model" if mode == "full" else f"toy_model-{mode}"  # toy_model.py's name
     rows: dict[str, Any] = {}
     for variant, flags in variants.items():
-        if variant in failed:
-            rows[variant] = {"flags": flags, "failed": failed[variant]}
-            continue
-        stem = "toy_model" if mode == "full" else f"toy_model-{mode}"  # toy_model.py's name
-        bench = json.loads((work / variant / f"{stem}.json").read_text())
-        info = json.loads((work / variant / "out" / "toy_info.json").read_text())
-        rows[variant] = {
-            "flags": flags,
-            "steps": info["diffusion_steps"],
-            "generation": {
-                part: {k: bench["generation"][part][k] for k in RATES}
-                for part in ("one_object", "two_objects")
-            },
-            "attention_iou": {s: v["mean_iou"] for s, v in bench["attention"].items()},
-        }
+        scored: dict[str, Any] = {}
+        for seed in seeds:
+            folder = runs[variant, seed]
+            if (variant, seed) in failed:
+                scored[str(seed)] = {"failed": failed[variant, seed]}
+                continue
+            bench = json.loads((folder / f"{stem}.json").read_text())
+            info = json.loads((folder / "out" / "toy_info.json").read_text())
+            scored[str(seed)] = {
+                "steps": info["diffusion_steps"],
+                "generation": {
+                    part: {k: bench["generation"][part][k] for k in RATES}
+                    for part in ("one_object", "two_objects")
+                },
+                "attention_iou": {s: v["mean_iou"] for s, v in bench["attention"].items()},
+            }
+        rows[variant] = {"flags": flags, **summarize(scored)}
     head = reports.header(mode)
     report = {
         **head,
@@ -156,12 +185,49 @@ def run(
         "minutes": minutes,
         "max_steps": steps,
         "autoencoder": str(autoencoder) if autoencoder else None,
+        "seeds": list(seeds),
         "seconds": {"autoencoder": round(base_s), "variants": round(train_s),
                     "total": round(time.perf_counter() - started)},
         "variants": rows,
     }  # fmt: skip
     reports.write(out, name, report, markdown(report))
     return report
+
+
+def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One variant's runs (seed -> scores, or ``{"failed": log}``) with their mean and range.
+
+    ``generation`` and ``attention_iou`` are the means over the runs that did not fail,
+    ``range`` the lowest and highest of each generation rate; ``failed`` is set (and nothing
+    else) only when every run failed.
+
+    Example:
+        >>> row = lambda shape: {"steps": 5, "generation": {"one_object": {"shape": shape},
+        ...     "two_objects": {"shape": shape}}, "attention_iou": {"train": 0.5}}
+        >>> summarize({"0": row(0.6), "1": row(0.8)})["range"]["one_object"]["shape"]
+        [0.6, 0.8]
+    """
+    done = [r for r in runs.values() if "failed" not in r]
+    if not done:
+        return {"runs": runs, "failed": "every seed failed"}
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / len(values), 4)
+
+    generation = {
+        part: {k: [r["generation"][part][k] for r in done] for k in done[0]["generation"][part]}
+        for part in done[0]["generation"]
+    }
+    return {
+        "runs": runs,
+        "steps": [r["steps"] for r in done],
+        "generation": {p: {k: mean(v) for k, v in g.items()} for p, g in generation.items()},
+        "range": {p: {k: [min(v), max(v)] for k, v in g.items()} for p, g in generation.items()},
+        "attention_iou": {
+            split: mean([r["attention_iou"][split] for r in done])
+            for split in done[0]["attention_iou"]
+        },
+    }
 
 
 def _device(device: str) -> str:
@@ -172,35 +238,56 @@ def _device(device: str) -> str:
     return device
 
 
+def _rate(row: dict[str, Any], part: str, key: str, with_range: bool) -> str:
+    """A variant's mean rate, with its lowest and highest run in brackets."""
+    low, high = row["range"][part][key]
+    mean = f"{row['generation'][part][key]:.2f}"
+    return f"{mean} ({low:.2f}-{high:.2f})" if with_range else mean
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The report as a markdown table, one row per variant."""
+    """The report as a markdown table, one row per variant (with several seeds: each rate's
+    mean over the seeds, its lowest and highest in brackets)."""
+    seeds = report.get("seeds", [0])
     lines = [
         f"Toy base model recipes, mode `{report['mode']}`, {report['machine']['device']}, "
-        f"{report['minutes']} min per variant (all side by side), {report['date'][:10]}.",
+        f"{report['minutes']} min per run (all side by side), training seeds "
+        f"{', '.join(map(str, seeds))}, {report['date'][:10]}.",
         "",
         "| variant | train_base flags | steps | shape 1 / 2 | colour 1 / 2 | setting 1 / 2 | "
         "pattern 1 / 2 | attention IoU train / held-out |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for variant, row in report["variants"].items():
         flags = f"`{row['flags']}`" if row["flags"] else "(defaults)"
+        for seed, run in row["runs"].items():
+            if "failed" in run:
+                notes.append(f"{variant}, seed {seed}: failed (its log is in the JSON)")
         if "failed" in row:
             lines.append(f"| {variant} | {flags} | failed | | | | | |")
             continue
-        g = row["generation"]
+        several = len(seeds) > 1
         cells = [
-            f"{g['one_object'][k]:.2f} / {g['two_objects'][k]:.2f}"
+            f"{_rate(row, 'one_object', k, several)} / {_rate(row, 'two_objects', k, several)}"
             for k in ("shape", "colour", "setting", "pattern")
         ]
         iou = row["attention_iou"]
+        steps = ", ".join(map(str, row["steps"]))
         lines.append(
-            f"| {variant} | {flags} | {row['steps']} | {' | '.join(cells)} | "
+            f"| {variant} | {flags} | {steps} | {' | '.join(cells)} | "
             f"{iou['train']:.2f} / {iou['heldout']:.2f} |"
         )
     lines += [
         "",
         "1 / 2: one-object prompts / per object in two-object prompts (benchmarks/toy_model.py).",
     ]
+    if len(seeds) > 1:
+        lines.append(
+            "With several training seeds: each rate is the mean of the runs, (lowest-highest) "
+            "beside it; steps: each run's; attention IoU: the mean of the runs."
+        )
+    lines += notes
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +301,19 @@ def _variants(text: str | None) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; distinct non-negative integers (``train_base --seed``)."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        seeds = ()
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give distinct non-negative integers separated by commas, e.g. 0,1,2"
+        )
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny stages and 2 steps (tests)")
@@ -224,6 +324,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--variants",
         default=None,
         help="NAME=FLAGS pairs separated by ';' (train_base flags; default: the first H200 run's)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=(0,),
+        help="training seeds, comma-separated: every variant trains once per seed (default: 0)",
     )
     parser.add_argument("--autoencoder", type=Path, default=None, help="a train_base work folder")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
@@ -241,7 +347,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or ("toy_recipe_sweep-smoke" if args.smoke else "toy_recipe_sweep")
     work = args.work or Path(tempfile.mkdtemp(prefix="toy_recipe_sweep-"))
     report = run(
-        mode, args.out, name, variants, args.device, args.minutes, steps, work, args.autoencoder
+        mode,
+        args.out,
+        name,
+        variants,
+        args.device,
+        args.minutes,
+        steps,
+        work,
+        args.autoencoder,
+        args.seeds,
     )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -657,30 +657,45 @@ def test_shipped_model_follows_settings_and_colours_of_unseen_prompts(toy):
 
 
 @pytest.mark.slow
-def test_recipe_sweep_trains_each_variant_from_one_autoencoder_and_scores_it():
+def test_recipe_sweep_trains_each_variant_and_seed_from_one_autoencoder_and_scores_it():
     from background import BACKGROUND
-
-    from diffusers_breakscene.toy.train_base import parse_args
 
     BACKGROUND.stdout("toy_recipe_sweep")
     folder = BACKGROUND.root / "toy_recipe_sweep"
     data = json.loads((folder / "toy_recipe_sweep-smoke.json").read_text())
-    assert list(data["variants"]) == ["control", "outline10"]
-    default = parse_args(["--output", "x"]).outline_weight  # the control adds no flags
-    for name, row in data["variants"].items():
-        assert "failed" not in row, row
-        assert row["steps"] == 2
-        assert 0.0 <= row["generation"]["one_object"]["shape"] <= 1.0
-        assert 0.0 <= row["attention_iou"]["heldout"] <= 1.0
-        info = json.loads((folder / "work" / name / "out" / "toy_info.json").read_text())
-        assert info["args"]["outline_weight"] == (10.0 if name == "outline10" else default)
-    # every variant starts from the one cache: hard links to the base run's file
-    cache = folder / "work" / "control" / "cache.safetensors"
-    assert cache.stat().st_ino == (folder / "work" / "base" / "cache.safetensors").stat().st_ino
+    assert list(data["variants"]) == ["outline10"] and data["seeds"] == [0, 1]
+    row = data["variants"]["outline10"]
+    assert row["flags"] == "--outline-weight 10" and list(row["runs"]) == ["0", "1"]
+    for seed, run in row["runs"].items():
+        assert "failed" not in run, run
+        assert run["steps"] == 2
+        assert 0.0 <= run["generation"]["one_object"]["shape"] <= 1.0
+        assert 0.0 <= run["attention_iou"]["heldout"] <= 1.0
+        info = json.loads(
+            (folder / "work" / "outline10" / f"seed{seed}" / "out" / "toy_info.json").read_text()
+        )
+        assert info["args"]["outline_weight"] == 10.0 and info["args"]["seed"] == int(seed)
+    # the row's rates are the mean and the range of its runs
+    for part in ("one_object", "two_objects"):
+        for key in ("colour", "shape", "setting", "pattern"):
+            rates = [run["generation"][part][key] for run in row["runs"].values()]
+            assert row["generation"][part][key] == pytest.approx(sum(rates) / 2, abs=1e-4)
+            assert row["range"][part][key] == [min(rates), max(rates)]
+    assert row["steps"] == [2, 2]
+    # every run starts from its seed's cache, built once: hard links to the base runs' files
+    work = folder / "work"
+    for seed, base in (("0", work / "base"), ("1", work / "base-seed1")):
+        cache = work / "outline10" / f"seed{seed}" / "cache.safetensors"
+        assert cache.stat().st_ino == (base / "cache.safetensors").stat().st_ino
+        assert json.loads((base / "cache.json").read_text())["seed"] == int(seed)
+    table = (folder / "toy_recipe_sweep-smoke.md").read_text()
+    shape = row["generation"]["one_object"]["shape"]
+    low, high = row["range"]["one_object"]["shape"]
     assert (
-        "| outline10 | `--outline-weight 10` | 2 |"
-        in (folder / "toy_recipe_sweep-smoke.md").read_text()
+        f"| outline10 | `--outline-weight 10` | 2, 2 | {shape:.2f} ({low:.2f}-{high:.2f}) /"
+        in table
     )
+    assert "training seeds 0, 1" in table
 
 
 def test_recipe_sweep_reads_variants_and_names_a_bad_list():
@@ -692,6 +707,20 @@ def test_recipe_sweep_reads_variants_and_names_a_bad_list():
     assert toy_recipe_sweep._variants(None) == toy_recipe_sweep.VARIANTS
     with pytest.raises(SystemExit, match="NAME=FLAGS pairs"):
         toy_recipe_sweep._variants("just-flags")
+    assert toy_recipe_sweep._seeds("0,1,2") == (0, 1, 2)
+
+
+@pytest.mark.parametrize("seeds", ["0,0", "-1", "one", ""])
+def test_recipe_sweep_names_bad_seeds_before_making_anything(seeds, tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import toy_recipe_sweep
+
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as exit_info:
+        toy_recipe_sweep.main(["--seeds", seeds, "--work", str(work)])
+    assert exit_info.value.code == 2
+    assert f"--seeds: {seeds!r}: give distinct non-negative integers" in capsys.readouterr().err
+    assert not work.exists()
 
 
 def test_recipe_sweep_refuses_an_autoencoder_folder_without_a_vae_before_making_anything(
