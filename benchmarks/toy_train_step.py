@@ -1,7 +1,7 @@
 """Seconds per training step of the toy model: eager fp32 against bf16 autocast and torch.compile.
 
     python benchmarks/toy_train_step.py            # 40 steps x 2 rounds of each variant
-    python benchmarks/toy_train_step.py --smoke    # 2 steps x 1 round, eager and bf16 (the tests)
+    python benchmarks/toy_train_step.py --smoke    # 2 steps x 1 round, eager and bf16, batch 2
     python benchmarks/toy_train_step.py --variants eager,compile --steps 60
 
 The toy model's training time is the cost that issue 11's 90-minute budget is about (the shipped
@@ -9,11 +9,13 @@ weights took about 124 minutes, docs/toy-world.md): can the same steps run faste
 Each variant runs the diffusion stage's network step of ``train_base`` with its default loss
 weights (``train_base.diffusion_loss``: text encoder, UNet with the attention store recording its
 latent/4 maps, the outline-weighted prediction loss, the word-identity and attention losses; then
-``train_latents.optimizer_step``: backward, gradient clipping, AdamW) on one batch of 16 training
-scenes (their captions, masks and outlines; random latents and targets):
+``train_latents.optimizer_step``: backward, gradient clipping, AdamW) on one batch of training
+scenes (16, ``train_base``'s batch, unless ``--batch``; their captions, masks and outlines;
+random latents and targets):
 
 * ``eager``: fp32, as ``train_base`` trains;
-* ``bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
+* ``bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (on a CPU without
+  bf16 instructions, such as an AVX2-only AMD EPYC, about 11 times eager's time);
 * ``compile``: the UNet wrapped in ``torch.compile`` (inductor; the first steps compile, and are
   not timed).
 
@@ -37,11 +39,17 @@ sys.path.insert(0, str(HERE))
 import reports  # noqa: E402
 
 VARIANTS = ("eager", "bf16", "compile")
-BATCH = 16
+BATCH = 16  # train_base's default --batch
 
 
 def run(
-    variants: list[str], steps: int, rounds: int, threads: int, warmup: int, mode: str
+    variants: list[str],
+    steps: int,
+    rounds: int,
+    threads: int,
+    warmup: int,
+    mode: str,
+    batch_size: int = BATCH,
 ) -> dict[str, Any]:
     """Time ``steps`` network steps per variant and round (after ``warmup`` untimed ones)."""
     import torch
@@ -62,11 +70,11 @@ def run(
     store = AttentionStore.attach(unet) if args.attn_weight > 0 else None
     size = unet.config.sample_size
     batch = scene_batch(
-        [sample_scene(i, "train") for i in range(BATCH)],
+        [sample_scene(i, "train") for i in range(batch_size)],
         tokenizer,
-        noisy=torch.randn(BATCH, 4, size, size),
-        timesteps=torch.randint(0, 1000, (BATCH,)),
-        target=torch.randn(BATCH, 4, size, size),
+        noisy=torch.randn(batch_size, 4, size, size),
+        timesteps=torch.randint(0, 1000, (batch_size,)),
+        target=torch.randn(batch_size, 4, size, size),
         outlines=args.outline_weight > 0,
     )
     forwards = {"eager": unet, "bf16": unet}
@@ -102,7 +110,7 @@ def run(
         summary[variant] = {
             "seconds_per_step": mean,
             "rounds": values,
-            "samples_per_second": BATCH / mean,
+            "samples_per_second": batch_size / mean,
             "first_step_seconds": first_step[variant],
             "ratio_to_eager": mean / eager if eager else None,
         }
@@ -110,7 +118,7 @@ def run(
         **reports.header(mode),
         "torch": torch.__version__,
         "threads": threads,
-        "batch": BATCH,
+        "batch": batch_size,
         "steps": steps,
         "rounds": rounds,
         "summary": summary,
@@ -119,10 +127,11 @@ def run(
 
 def markdown(report: dict[str, Any]) -> str:
     """The summary as a markdown table."""
+    cpu = report["machine"].get("cpu", "CPU not recorded")  # reports before 2026-11-30
     lines = [
         f"Toy model training step, mode `{report['mode']}`: batch {report['batch']}, "
         f"{report['threads']} thread(s), {report['steps']} steps x {report['rounds']} round(s) "
-        f"per variant, torch {report['torch']}.",
+        f"per variant, torch {report['torch']}, {cpu}.",
         "",
         "| variant | s/step | samples/s | time vs eager | first step (s) |",
         "|---|---|---|---|---|",
@@ -138,10 +147,15 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="2 steps x 1 round, eager and bf16")
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 steps x 1 round, eager and bf16, batch 2"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round (40)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per variant (2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2: train_base's)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help=f"scenes per step ({BATCH}; smoke: 2)"
+    )
     parser.add_argument(
         "--variants",
         default=None,
@@ -156,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants {args.variants!r}: choose from {', '.join(VARIANTS)}")
     steps = args.steps if args.steps is not None else (2 if args.smoke else 40)
     rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 2)
-    for flag, value in (("--steps", steps), ("--rounds", rounds), ("--threads", args.threads)):
+    batch = args.batch if args.batch is not None else (2 if args.smoke else BATCH)
+    checked = (("--steps", steps), ("--rounds", rounds), ("--threads", args.threads))
+    for flag, value in (*checked, ("--batch", batch)):
         if value < 1:
             parser.error(f"{flag} {value}: give 1 or more")
-    report = run(variants, steps, rounds, args.threads, 0 if args.smoke else 3, mode)
+    report = run(variants, steps, rounds, args.threads, 0 if args.smoke else 3, mode, batch)
     name = "toy_train_step" + ("-smoke" if args.smoke else "")
     reports.write(args.out, name, report, markdown(report))
     print(markdown(report))

@@ -663,39 +663,69 @@ def test_recipe_sweep_trains_each_variant_and_seed_from_one_autoencoder_and_scor
     BACKGROUND.stdout("toy_recipe_sweep")
     folder = BACKGROUND.root / "toy_recipe_sweep"
     data = json.loads((folder / "toy_recipe_sweep-smoke.json").read_text())
-    assert list(data["variants"]) == ["outline10"] and data["seeds"] == [0, 1]
+    assert list(data["variants"]) == ["outline10"] and data["seeds"] == [1]
     row = data["variants"]["outline10"]
-    assert row["flags"] == "--outline-weight 10" and list(row["runs"]) == ["0", "1"]
-    for seed, run in row["runs"].items():
-        assert "failed" not in run, run
-        assert run["steps"] == 2
-        assert 0.0 <= run["generation"]["one_object"]["shape"] <= 1.0
-        assert 0.0 <= run["attention_iou"]["heldout"] <= 1.0
-        info = json.loads(
-            (folder / "work" / "outline10" / f"seed{seed}" / "out" / "toy_info.json").read_text()
-        )
-        assert info["args"]["outline_weight"] == 10.0 and info["args"]["seed"] == int(seed)
-    # the row's rates are the mean and the range of its runs
-    for part in ("one_object", "two_objects"):
-        for key in ("colour", "shape", "setting", "pattern"):
-            rates = [run["generation"][part][key] for run in row["runs"].values()]
-            assert row["generation"][part][key] == pytest.approx(sum(rates) / 2, abs=1e-4)
-            assert row["range"][part][key] == [min(rates), max(rates)]
-    assert row["steps"] == [2, 2]
-    # every run starts from its seed's cache, built once: hard links to the base runs' files
+    assert row["flags"] == "--outline-weight 10" and list(row["runs"]) == ["1"]
+    run = row["runs"]["1"]
+    assert "failed" not in run, run
+    assert run["steps"] == 2 and row["steps"] == [2]
+    assert 0.0 <= run["generation"]["one_object"]["shape"] <= 1.0
+    assert 0.0 <= run["attention_iou"]["heldout"] <= 1.0
+    assert row["generation"] == run["generation"]  # the mean of one run
     work = folder / "work"
-    for seed, base in (("0", work / "base"), ("1", work / "base-seed1")):
-        cache = work / "outline10" / f"seed{seed}" / "cache.safetensors"
-        assert cache.stat().st_ino == (base / "cache.safetensors").stat().st_ino
-        assert json.loads((base / "cache.json").read_text())["seed"] == int(seed)
+    info = json.loads((work / "outline10" / "seed1" / "out" / "toy_info.json").read_text())
+    assert info["args"]["outline_weight"] == 10.0 and info["args"]["seed"] == 1
+    # the autoencoder trained once (seed 0, in base/); seed 1's cache built once beside it and
+    # hard-linked into its runs
+    assert json.loads((work / "base" / "cache.json").read_text())["seed"] == 0
+    assert json.loads((work / "base-seed1" / "cache.json").read_text())["seed"] == 1
+    cache = work / "outline10" / "seed1" / "cache.safetensors"
+    assert cache.stat().st_ino == (work / "base-seed1" / "cache.safetensors").stat().st_ino
+    vae = work / "outline10" / "seed1" / "vae" / "diffusion_pytorch_model.safetensors"
+    assert (
+        vae.stat().st_ino
+        == (work / "base" / vae.relative_to(work / "outline10" / "seed1")).stat().st_ino
+    )
     table = (folder / "toy_recipe_sweep-smoke.md").read_text()
     shape = row["generation"]["one_object"]["shape"]
-    low, high = row["range"]["one_object"]["shape"]
-    assert (
-        f"| outline10 | `--outline-weight 10` | 2, 2 | {shape:.2f} ({low:.2f}-{high:.2f}) /"
-        in table
+    assert f"| outline10 | `--outline-weight 10` | 2 | {shape:.2f} /" in table
+    assert "training seeds 1," in table
+
+
+def test_recipe_sweep_reports_the_mean_and_range_over_seeds_and_names_failed_runs():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import toy_recipe_sweep
+
+    def scores(shape: float, iou: float) -> dict:
+        rates = {"colour": 1.0, "shape": shape, "setting": 1.0, "pattern": 0.5}
+        generation = {"one_object": rates, "two_objects": {**rates, "shape": shape / 2}}
+        return {
+            "steps": 9,
+            "generation": generation,
+            "attention_iou": {"train": iou, "heldout": iou},
+        }
+
+    row = toy_recipe_sweep.summarize(
+        {"0": scores(0.6, 0.4), "1": {"failed": "out of memory"}, "2": scores(0.8, 0.5)}
     )
-    assert "training seeds 0, 1" in table
+    assert row["steps"] == [9, 9]  # the failed run counts nowhere
+    assert row["generation"]["one_object"]["shape"] == pytest.approx(0.7)
+    assert row["range"]["one_object"]["shape"] == [0.6, 0.8]
+    assert row["range"]["two_objects"]["shape"] == [0.3, 0.4]
+    assert row["attention_iou"]["heldout"] == pytest.approx(0.45)
+    assert "failed" not in row and row["runs"]["1"] == {"failed": "out of memory"}
+    assert toy_recipe_sweep.summarize({"0": {"failed": "x"}})["failed"] == "every seed failed"
+
+    report = {
+        "mode": "full", "machine": {"device": "cpu"}, "minutes": 4.5, "date": "2026-11-30",
+        "seeds": [0, 1, 2],
+        "variants": {"a": {"flags": "--outline-weight 10", **row},
+                     "b": {"flags": "", **toy_recipe_sweep.summarize({"0": {"failed": "x"}})}},
+    }  # fmt: skip
+    table = toy_recipe_sweep.markdown(report)
+    assert "| a | `--outline-weight 10` | 9, 9 | 0.70 (0.60-0.80) / 0.35 (0.30-0.40) |" in table
+    assert "| b | (defaults) | failed |" in table
+    assert "a, seed 1: failed" in table and "training seeds 0, 1, 2" in table
 
 
 def test_recipe_sweep_reads_variants_and_names_a_bad_list():
@@ -768,6 +798,7 @@ def test_train_step_benchmark_times_each_variant_against_eager(tmp_path, one_tor
     assert script.main(["--smoke", "--threads", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "toy_train_step-smoke.json").read_text())
     assert list(report["summary"]) == ["eager", "bf16"] and report["steps"] == 2
+    assert report["batch"] == 2 and report["machine"]["cpu"]  # the smoke's batch; the CPU named
     eager = report["summary"]["eager"]["seconds_per_step"]
     for v in report["summary"].values():
         assert len(v["rounds"]) == 1 and v["seconds_per_step"] > 0
@@ -775,8 +806,12 @@ def test_train_step_benchmark_times_each_variant_against_eager(tmp_path, one_tor
     assert report["summary"]["eager"]["ratio_to_eager"] == pytest.approx(1.0)
     assert "| bf16 |" in (tmp_path / "toy_train_step-smoke.md").read_text()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        script.main(["--variants", "eager,fp8", "--out", str(tmp_path / "bad")])
-    assert exit_info.value.code == 2
-    assert "--variants 'eager,fp8': choose from" in capsys.readouterr().err
-    assert not (tmp_path / "bad").exists()  # refused before anything ran
+    for flags, message in (
+        (["--variants", "eager,fp8"], "--variants 'eager,fp8': choose from"),
+        (["--batch", "0"], "--batch 0: give 1 or more"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([*flags, "--out", str(tmp_path / "bad")])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()  # refused before anything ran
