@@ -15,7 +15,7 @@ random latents and targets):
 
 * ``eager``: fp32, as ``train_base`` trains;
 * ``bf16``: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (on a CPU without
-  bf16 instructions, such as an AVX2-only AMD EPYC, about 11 times eager's time);
+  bf16 instructions, such as an AVX2-only AMD EPYC, 11 to 12 times eager's time);
 * ``compile``: the UNet wrapped in ``torch.compile`` (inductor; the first steps compile, and are
   not timed).
 
