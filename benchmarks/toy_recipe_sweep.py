@@ -248,7 +248,8 @@ def _rate(row: dict[str, Any], part: str, key: str, with_range: bool) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The report as a markdown table, one row per variant (with several seeds: each rate's
     mean over the seeds, its lowest and highest in brackets)."""
-    seeds = report.get("seeds", [0])
+    seeds = report["seeds"]
+    several = len(seeds) > 1
     lines = [
         f"Toy base model recipes, mode `{report['mode']}`, {report['machine']['device']}, "
         f"{report['minutes']} min per run (all side by side), training seeds "
@@ -267,7 +268,6 @@ def markdown(report: dict[str, Any]) -> str:
         if "failed" in row:
             lines.append(f"| {variant} | {flags} | failed | | | | | |")
             continue
-        several = len(seeds) > 1
         cells = [
             f"{_rate(row, 'one_object', k, several)} / {_rate(row, 'two_objects', k, several)}"
             for k in ("shape", "colour", "setting", "pattern")
@@ -282,7 +282,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "1 / 2: one-object prompts / per object in two-object prompts (benchmarks/toy_model.py).",
     ]
-    if len(seeds) > 1:
+    if several:
         lines.append(
             "With several training seeds: each rate is the mean of the runs, (lowest-highest) "
             "beside it; steps: each run's; attention IoU: the mean of the runs."
@@ -301,19 +301,6 @@ def _variants(text: str | None) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``; distinct non-negative integers (``train_base --seed``)."""
-    try:
-        seeds = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        seeds = ()
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give distinct non-negative integers separated by commas, e.g. 0,1,2"
-        )
-    return seeds
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny stages and 2 steps (tests)")
@@ -327,8 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--seeds",
-        type=_seeds,
-        default=(0,),
+        default=None,
         help="training seeds, comma-separated: every variant trains once per seed (default: 0)",
     )
     parser.add_argument("--autoencoder", type=Path, default=None, help="a train_base work folder")
@@ -336,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default=None, help="output file stem")
     args = parser.parse_args(argv)
+    seeds = tuple(reports.int_list(parser, "--seeds", args.seeds) or (0,))
+    if len(set(seeds)) != len(seeds):  # one work folder and one report entry per seed
+        parser.error(f"--seeds {args.seeds}: give each seed once")
     for part in ("vae", "vae_decoder") if args.autoencoder is not None else ():
         if not (args.autoencoder / part / "config.json").is_file():
             parser.error(f"--autoencoder {args.autoencoder}: no {part}/config.json in it")
@@ -356,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps,
         work,
         args.autoencoder,
-        args.seeds,
+        seeds,
     )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
